@@ -1,0 +1,537 @@
+"""Batch Normalization on numpy arrays: validation, the (N, C, S) view, dispatch.
+
+Every array with a channel axis is, in memory, a block (N, C, S): N is every
+axis stored before the channel axis, S every axis stored after it. The C
+kernels see only that block. This module finds it without copying whenever the
+memory already has that form (C-contiguous arrays, and arrays C-contiguous in
+another axis order such as a PyTorch channels_last tensor seen through numpy or
+an ``np.moveaxis`` view); otherwise it makes one contiguous copy. Outputs are
+allocated in the same memory order as x.
+
+Conventions (PyTorch's):
+- ``axis`` is the channel axis; every other axis is reduced.
+- Normalising uses the biased batch variance; ``running_var`` is updated with
+  the unbiased one: ``r = (1 - momentum) * r + momentum * batch_stat``.
+  ONNX and Keras call ``1 - momentum`` "momentum".
+- ``invstd = 1 / sqrt(var + eps)``.
+- float32 and float64 only, accumulation in double; outputs have x's dtype.
+
+Errors: ``TypeError`` for wrong dtypes and types, ``ValueError`` for wrong
+shapes, axes and values, ``FloatingPointError`` when a training batch has
+non-finite statistics (running statistics are then left unchanged).
+Inputs are never modified, except ``out`` and the running statistics.
+"""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from bnfast import _kernels
+from bnfast._threads import get_num_threads
+
+__all__ = [
+    "batch_norm_train", "batch_norm_backward", "batch_norm_infer",
+    "batch_norm_stats", "merge_stats", "batch_norm_apply",
+    "batch_norm_backward_reduce", "batch_norm_backward_apply", "scale_shift",
+]
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------
+
+def _dtype_hint(name, dtype):
+    if dtype.kind == "c":
+        return (f"BatchNorm is defined for real data; if the imaginary part is zero pass "
+                f"{name}.real.astype(np.float64)")
+    if dtype.kind == "O":
+        return (f"an object array usually comes from ragged or mixed lists; build a numeric "
+                f"array, e.g. np.asarray({name}, dtype=np.float32)")
+    if dtype == np.float16:
+        return f"float16 is too short for the kernels; cast with {name}.astype(np.float32)"
+    if dtype.kind == "f":
+        return f"cast with {name}.astype(np.float64)"
+    return f"cast with {name}.astype(np.float32)"
+
+
+def _as_tensor(x, name):
+    """x as a float32/float64 ndarray (array-likes such as CPU torch tensors are converted)."""
+    if not isinstance(x, np.ndarray):
+        if x is None:
+            raise TypeError(f"{name} must be a float32 or float64 array, got None")
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be a float32 or float64 array, got "
+                            f"{type(x).__name__} that numpy cannot convert ({err})") from None
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}; "
+                        f"{_dtype_hint(name, x.dtype)}")
+    return x
+
+
+def _channel_axis(axis, ndim):
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
+    if ndim == 0:
+        raise ValueError("x must have a channel axis, got a 0-d array")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array with {ndim} dimensions; "
+                         f"use 1 (channels first), -1 (channels last) or another axis in "
+                         f"[{-ndim}, {ndim - 1}]")
+    return axis % ndim
+
+
+def _channel_param(a, name, C, dtype):
+    """A per-channel parameter (C,) in x's dtype, cast only where that is safe."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating array, got {a.dtype}; "
+                        f"{_dtype_hint(name, a.dtype)}")
+    if a.shape != (C,):
+        raise ValueError(f"{name} must have shape (C,) = ({C},) to match x's {C} channels, "
+                         f"got {a.shape}")
+    if a.dtype != dtype:
+        if not np.can_cast(a.dtype, dtype, casting="safe"):
+            raise TypeError(f"{name} is {a.dtype} but x is {dtype}, and casting would lose "
+                            f"precision; pass {name}.astype(np.{dtype}) or "
+                            f"x.astype(np.{a.dtype})")
+        a = a.astype(dtype)
+    return np.ascontiguousarray(a)
+
+
+def _channel_stat(a, name, C):
+    """A per-channel statistic (C,) as float64 (mean, invstd, gradient sums)."""
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating array, got {a.dtype}; "
+                        f"{_dtype_hint(name, a.dtype)}")
+    if a.shape != (C,):
+        raise ValueError(f"{name} must have shape (C,) = ({C},) to match x's {C} channels, "
+                         f"got {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _running_stat(a, name, C, dtype):
+    """A running statistic, updated in place: an exact, writeable, contiguous match."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} is updated in place, so it must be a numpy array, "
+                        f"got {type(a).__name__}")
+    if a.shape != (C,):
+        raise ValueError(f"{name} must have shape (C,) = ({C},) to match x's {C} channels, "
+                         f"got {a.shape}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} is {a.dtype} but x is {dtype}; running statistics are "
+                        f"updated in place and must have x's dtype: keep them as "
+                        f"np.{dtype} arrays")
+    if not a.flags.writeable:
+        raise ValueError(f"{name} is read-only but is updated in place; pass a writeable copy")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be contiguous to be updated in place; "
+                         f"pass np.ascontiguousarray({name}) and keep that array")
+    return a
+
+
+def _real(value, name, low, high):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------
+# the (N, C, S) view
+# --------------------------------------------------------------------------
+
+def _memory_order(a):
+    """Axes of `a` from slowest to fastest in memory if `a` is one contiguous
+    block in that order (C order, or e.g. channels_last), else None."""
+    if a.flags.c_contiguous:
+        return tuple(range(a.ndim))
+    order = tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
+    return order if a.transpose(order).flags.c_contiguous else None
+
+
+def _flat(a, order):
+    """1-D view of `a` laid out in `order`; a copy only if memory is not already so."""
+    return np.ascontiguousarray(a.transpose(order)).reshape(-1)
+
+
+class _Block:
+    """x seen as a flat (N, C, S) block, and outputs laid out the same way."""
+
+    def __init__(self, x, axis):
+        order = _memory_order(x)
+        if order is None:
+            x = np.ascontiguousarray(x)
+            order = tuple(range(x.ndim))
+        k = order.index(axis)
+        self.order = order
+        self.shape = x.shape
+        self.dtype = x.dtype
+        self.N = math.prod(x.shape[i] for i in order[:k])
+        self.C = x.shape[axis]
+        self.S = math.prod(x.shape[i] for i in order[k + 1:])
+        self.x = _flat(x, order)
+
+    def flat(self, a):
+        """Another input (e.g. dy) in the same layout as x."""
+        return _flat(a, self.order)
+
+    def empty(self):
+        """A fresh array of x's shape and dtype, in x's memory order."""
+        stored = np.empty([self.shape[i] for i in self.order], dtype=self.dtype)
+        return stored.transpose(np.argsort(self.order))
+
+    def output(self, out, reads, name="out"):
+        """Where the kernel writes: returns (result, flat view to write, array to copy
+        the result into afterwards or None). `reads` are the flat inputs; `out` may
+        be one of them exactly (in place) but must not overlap them otherwise."""
+        if out is None:
+            y = self.empty()
+            return y, _flat(y, self.order), None
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
+        if out.shape != self.shape:
+            raise ValueError(f"{name} must have x's shape {self.shape}, got {out.shape}")
+        if out.dtype != self.dtype:
+            raise TypeError(f"{name} must have x's dtype {self.dtype}, got {out.dtype}; "
+                            f"allocate it with np.empty_like(x)")
+        if not out.flags.writeable:
+            raise ValueError(f"{name} is read-only; pass a writeable array")
+        stored = out.transpose(self.order)
+        if stored.flags.c_contiguous:
+            y_flat = stored.reshape(-1)
+            ptr = y_flat.__array_interface__["data"][0]
+            if all(not np.may_share_memory(y_flat, r)
+                   or r.__array_interface__["data"][0] == ptr for r in reads):
+                return out, y_flat, None
+        y = self.empty()   # other layout or partial overlap: compute, then copy
+        return y, _flat(y, self.order), out
+
+
+def _finish(result, copy_to):
+    if copy_to is None:
+        return result
+    np.copyto(copy_to, result)
+    return copy_to
+
+
+def _check_status(status):
+    if status < 0:
+        raise MemoryError("bnfast could not allocate per-channel scratch memory")
+
+
+def _nonfinite_channels(block):
+    """Channels whose batch statistics are not finite (the slow, rare path)."""
+    mean = np.empty(block.C)
+    m2 = np.empty(block.C)
+    _check_status(_kernels.collect_stats(mean, m2, block.x, block.N, block.C, block.S,
+                                         get_num_threads()))
+    return np.flatnonzero(~(np.isfinite(mean) & np.isfinite(m2)))
+
+
+# --------------------------------------------------------------------------
+# fused calls
+# --------------------------------------------------------------------------
+
+def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.1,
+                     running_mean=None, running_var=None, out=None):
+    """Training forward: normalise x with its own batch statistics.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``, with mean and biased
+    variance taken per channel over every axis but ``axis``.
+
+    Parameters
+    ----------
+    x : float32 or float64 array, any shape; ``x.shape[axis]`` is C.
+    weight, bias : (C,) arrays or None (1 and 0). Cast to x's dtype when safe.
+    axis : the channel axis (1 channels-first, -1 channels-last, or any other).
+    eps : added to the variance, >= 0.
+    momentum : PyTorch convention, in [0, 1]:
+        ``running = (1 - momentum) * running + momentum * batch_stat``.
+    running_mean, running_var : (C,) arrays of x's dtype, updated in place
+        (running_var with the unbiased batch variance), or None.
+    out : array of x's shape and dtype to write y into; may be x itself.
+
+    Returns
+    -------
+    y, save_mean, save_invstd : y like x; (C,) batch mean and
+        ``1 / sqrt(var + eps)`` in x's dtype, for ``batch_norm_backward``.
+
+    Raises
+    ------
+    ValueError : fewer than 2 values per channel, bad axis or shapes.
+    FloatingPointError : some channel's statistics are not finite (NaN or inf
+        in the batch, or overflow); running statistics are left unchanged and
+        the content of ``out`` is then undefined.
+    """
+    x = _as_tensor(x, "x")
+    axis = _channel_axis(axis, x.ndim)
+    C = x.shape[axis]
+    weight = _channel_param(weight, "weight", C, x.dtype)
+    bias = _channel_param(bias, "bias", C, x.dtype)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
+    if running_mean is not None:
+        running_mean = _running_stat(running_mean, "running_mean", C, x.dtype)
+        running_var = _running_stat(running_var, "running_var", C, x.dtype)
+    eps = _real(eps, "eps", 0.0, math.inf)
+    momentum = _real(momentum, "momentum", 0.0, 1.0)
+    count = math.prod(n for i, n in enumerate(x.shape) if i != axis)
+    if count == 0:
+        raise ValueError(f"x of shape {x.shape} has no values per channel; training needs "
+                         f"a non-empty batch")
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"of shape {x.shape}")
+
+    block = _Block(x, axis)
+    y, y_flat, copy_to = block.output(out, [block.x])
+    save_mean = np.empty(C, dtype=x.dtype)
+    save_invstd = np.empty(C, dtype=x.dtype)
+    if C == 0:
+        return _finish(y, copy_to), save_mean, save_invstd
+    status = _kernels.forward_train(y_flat, save_mean, save_invstd, running_mean, running_var,
+                                    block.x, weight, bias, block.N, C, block.S, eps, momentum,
+                                    get_num_threads())
+    _check_status(status)
+    if status > 0:
+        bad = _nonfinite_channels(block)
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise FloatingPointError(
+            f"batch statistics are not finite in {len(bad)} of {C} channels ({shown}): the "
+            f"batch holds NaN or inf, or values whose square overflows; running statistics "
+            f"were left unchanged")
+    return _finish(y, copy_to), save_mean, save_invstd
+
+
+def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=1e-5,
+                     out=None):
+    """Inference forward with running statistics (ONNX BatchNormalization).
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``,
+    computed as one multiply-add per element with per-channel scale and shift.
+
+    x : float32/float64 array; weight, bias : (C,) or None; running_mean,
+    running_var : (C,) arrays (read only). out : as in ``batch_norm_train``.
+    Returns y, x's shape and dtype. Non-finite values propagate.
+    """
+    x = _as_tensor(x, "x")
+    axis = _channel_axis(axis, x.ndim)
+    C = x.shape[axis]
+    weight = _channel_param(weight, "weight", C, x.dtype)
+    bias = _channel_param(bias, "bias", C, x.dtype)
+    if running_mean is None or running_var is None:
+        raise ValueError("inference needs running_mean and running_var; without running "
+                         "statistics use batch_norm_train")
+    running_mean = _channel_param(running_mean, "running_mean", C, x.dtype)
+    running_var = _channel_param(running_var, "running_var", C, x.dtype)
+    eps = _real(eps, "eps", 0.0, math.inf)
+
+    block = _Block(x, axis)
+    y, y_flat, copy_to = block.output(out, [block.x])
+    if x.size:
+        _check_status(_kernels.forward_infer(y_flat, block.x, weight, bias, running_mean,
+                                             running_var, block.N, C, block.S, eps,
+                                             get_num_threads()))
+    return _finish(y, copy_to)
+
+
+def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=None):
+    """Backward of ``batch_norm_train``.
+
+    With xhat = (x - save_mean) * save_invstd and M values per channel:
+    ``dbias = sum(dy)``, ``dweight = sum(dy * xhat)``,
+    ``dx = weight * save_invstd * (dy - dbias / M - xhat * dweight / M)``.
+
+    dy, x : same shape and dtype; weight : (C,) or None (1);
+    save_mean, save_invstd : (C,) from ``batch_norm_train``.
+    out : array for dx (may be dy or x itself).
+    Returns dx (like x), dweight and dbias ((C,), x's dtype; always returned).
+    """
+    x = _as_tensor(x, "x")
+    dy = _as_tensor(dy, "dy")
+    axis = _channel_axis(axis, x.ndim)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy is {dy.dtype} but x is {x.dtype}; pass both in one dtype, "
+                        f"e.g. dy.astype(x.dtype)")
+    C = x.shape[axis]
+    weight = _channel_param(weight, "weight", C, x.dtype)
+    save_mean = _channel_param(save_mean, "save_mean", C, x.dtype)
+    save_invstd = _channel_param(save_invstd, "save_invstd", C, x.dtype)
+
+    block = _Block(x, axis)
+    dy_flat = block.flat(dy)
+    dx, dx_flat, copy_to = block.output(out, [block.x, dy_flat])
+    dweight = np.zeros(C, dtype=x.dtype)
+    dbias = np.zeros(C, dtype=x.dtype)
+    if x.size:
+        _check_status(_kernels.backward(dx_flat, dweight, dbias, dy_flat, block.x, weight,
+                                        save_mean, save_invstd, block.N, C, block.S,
+                                        get_num_threads()))
+    return _finish(dx, copy_to), dweight, dbias
+
+
+# --------------------------------------------------------------------------
+# step-wise calls, for synchronized BN and other backends
+# --------------------------------------------------------------------------
+
+def batch_norm_stats(x, axis=1):
+    """Per-channel statistics of one part of a batch.
+
+    Returns ``count, mean, m2``: the number of values per channel (int), and
+    (C,) float64 arrays of the mean and ``m2 = sum((x - mean)**2)``. Parts
+    combine with ``merge_stats``; the biased variance is ``m2 / count``.
+    """
+    x = _as_tensor(x, "x")
+    axis = _channel_axis(axis, x.ndim)
+    C = x.shape[axis]
+    count = math.prod(n for i, n in enumerate(x.shape) if i != axis)
+    mean = np.zeros(C)
+    m2 = np.zeros(C)
+    if x.size:
+        block = _Block(x, axis)
+        _check_status(_kernels.collect_stats(mean, m2, block.x, block.N, C, block.S,
+                                             get_num_threads()))
+    return count, mean, m2
+
+
+def merge_stats(counts, means, m2s):
+    """Combine per-part statistics into those of the whole (Chan et al., 1979).
+
+    counts : (P,) values per channel in each part (or (P, C));
+    means, m2s : (P, C) from ``batch_norm_stats`` of each part.
+    Returns ``count, mean, m2`` of the union: count an int (or (C,) array),
+    mean and m2 (C,) float64. Parts with count 0 contribute nothing.
+
+    mean = sum(n_i mean_i) / n;  m2 = sum(m2_i + n_i (mean_i - mean)^2)
+    """
+    means = np.asarray(means, dtype=np.float64)
+    m2s = np.asarray(m2s, dtype=np.float64)
+    counts = np.asarray(counts)
+    if means.ndim != 2 or m2s.shape != means.shape:
+        raise ValueError(f"means and m2s must both have shape (P, C), got {means.shape} "
+                         f"and {m2s.shape}")
+    if counts.dtype.kind not in "iu" or counts.shape not in ((means.shape[0],), means.shape):
+        raise ValueError(f"counts must be integers of shape (P,) = ({means.shape[0]},) or "
+                         f"(P, C), got {counts.dtype} {counts.shape}")
+    if np.any(counts < 0):
+        raise ValueError("counts must be >= 0")
+    n_i = (counts if counts.ndim == 2 else counts[:, None]).astype(np.float64)
+    total = n_i.sum(axis=0)
+    safe_total = np.where(total > 0, total, 1.0)
+    mean = (n_i * means).sum(axis=0) / safe_total
+    m2 = (np.where(n_i > 0, m2s, 0.0) + n_i * (means - mean) ** 2).sum(axis=0)
+    count = int(counts.sum()) if counts.ndim == 1 else counts.sum(axis=0)
+    return count, mean, m2
+
+
+def scale_shift(weight, bias, mean, var, eps):
+    """Per-channel affine map equal to inference BN: ``y = x * alpha + beta``.
+
+    ``alpha = weight / sqrt(var + eps)``, ``beta = bias - mean * alpha``, in
+    float64. weight, bias may be None (1, 0). The inference kernel and the
+    folding functions use this same algebra (``bn_scale_shift`` in C).
+    """
+    mean = np.ascontiguousarray(mean, dtype=np.float64)
+    if mean.ndim != 1:
+        raise ValueError(f"mean must have shape (C,), got {mean.shape}")
+    C = mean.shape[0]
+    var = _channel_stat(var, "var", C)
+    weight = None if weight is None else _channel_stat(weight, "weight", C)
+    bias = None if bias is None else _channel_stat(bias, "bias", C)
+    eps = _real(eps, "eps", 0.0, math.inf)
+    alpha = np.empty(C)
+    beta = np.empty(C)
+    if C:
+        invstd = 1.0 / np.sqrt(var + eps)
+        _kernels.scale_shift(alpha, beta, weight, bias, mean, invstd)
+    return alpha, beta
+
+
+def batch_norm_apply(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
+    """Normalise with given statistics: ``y = (x - mean) * invstd * weight + bias``.
+
+    mean, invstd : (C,) (e.g. from ``merge_stats``: ``invstd = 1 /
+    sqrt(m2 / count + eps)``), used in float64. weight, bias : (C,) or None.
+    Returns y like x (or ``out``).
+    """
+    x = _as_tensor(x, "x")
+    axis = _channel_axis(axis, x.ndim)
+    C = x.shape[axis]
+    mean = _channel_stat(mean, "mean", C)
+    invstd = _channel_stat(invstd, "invstd", C)
+    weight = None if weight is None else _channel_stat(weight, "weight", C)
+    bias = None if bias is None else _channel_stat(bias, "bias", C)
+    block = _Block(x, axis)
+    y, y_flat, copy_to = block.output(out, [block.x])
+    if x.size:
+        alpha = np.empty(C)
+        beta = np.empty(C)
+        _kernels.scale_shift(alpha, beta, weight, bias, mean, invstd)
+        _kernels.apply(y_flat, block.x, alpha, beta, block.N, C, block.S, get_num_threads())
+    return _finish(y, copy_to)
+
+
+def batch_norm_backward_reduce(dy, x, mean, invstd, axis=1):
+    """The two reductions of backward, per channel: ``sum_dy = sum(dy)`` and
+    ``sum_dy_xhat = sum(dy * (x - mean) * invstd)`` ((C,) float64 each; they
+    are dbias and dweight). Sum them over parts before ``batch_norm_backward_apply``.
+    """
+    x = _as_tensor(x, "x")
+    dy = _as_tensor(dy, "dy")
+    axis = _channel_axis(axis, x.ndim)
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise ValueError(f"dy must match x in shape and dtype, got {dy.shape} {dy.dtype} "
+                         f"for x {x.shape} {x.dtype}")
+    C = x.shape[axis]
+    mean = _channel_stat(mean, "mean", C)
+    invstd = _channel_stat(invstd, "invstd", C)
+    sum_dy = np.zeros(C)
+    sum_dy_xhat = np.zeros(C)
+    if x.size:
+        block = _Block(x, axis)
+        _check_status(_kernels.backward_reduce(sum_dy, sum_dy_xhat, block.flat(dy), block.x,
+                                               mean, invstd, block.N, C, block.S,
+                                               get_num_threads()))
+    return sum_dy, sum_dy_xhat
+
+
+def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
+                              axis=1, out=None):
+    """The pass that writes dx from the reductions over ``count`` values per channel
+    (the whole batch, across every part):
+    ``dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``.
+    """
+    x = _as_tensor(x, "x")
+    dy = _as_tensor(dy, "dy")
+    axis = _channel_axis(axis, x.ndim)
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise ValueError(f"dy must match x in shape and dtype, got {dy.shape} {dy.dtype} "
+                         f"for x {x.shape} {x.dtype}")
+    C = x.shape[axis]
+    mean = _channel_stat(mean, "mean", C)
+    invstd = _channel_stat(invstd, "invstd", C)
+    weight = _channel_param(weight, "weight", C, x.dtype)
+    sum_dy = _channel_stat(sum_dy, "sum_dy", C)
+    sum_dy_xhat = _channel_stat(sum_dy_xhat, "sum_dy_xhat", C)
+    count = _real(count, "count", 1.0, math.inf)
+    block = _Block(x, axis)
+    dy_flat = block.flat(dy)
+    dx, dx_flat, copy_to = block.output(out, [block.x, dy_flat])
+    if x.size:
+        _kernels.backward_apply(dx_flat, dy_flat, block.x, mean, invstd, weight, sum_dy,
+                                sum_dy_xhat, count, block.N, C, block.S, get_num_threads())
+    return _finish(dx, copy_to)

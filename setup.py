@@ -1,0 +1,106 @@
+"""Build bnfast's C kernels (src_c/) through one Cython module.
+
+OpenMP is detected by compiling and running a tiny program, as scikit-learn
+does; where the compiler has none the build warns and goes serial from the same
+source. BNFAST_NO_OPENMP=1 forces the serial build. BNFAST_DEBUG=1 turns
+Cython's bounds checks back on and builds with -O0 -g.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+import warnings
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+OPENMP_PROBE = textwrap.dedent("""
+    #include <omp.h>
+    #include <stdio.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        printf("%d", n > 0);
+        return 0;
+    }
+""")
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _compiler():
+    return os.environ.get("CC") or sysconfig.get_config_var("CC").split()[0] or "cc"
+
+
+def _compiles_and_runs(source, flags):
+    """True if `source` builds with `flags` and prints 1."""
+    tmp = tempfile.mkdtemp(prefix="bnfast-probe-")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        exe = os.path.join(tmp, "probe")
+        with open(src, "w") as f:
+            f.write(source)
+        subprocess.run([_compiler(), src, "-o", exe, *flags], check=True,
+                       capture_output=True, timeout=120)
+        out = subprocess.run([exe], check=True, capture_output=True, timeout=60)
+        return out.stdout.strip() == b"1"
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def openmp_flags():
+    """Compile/link flags for OpenMP, or None for a serial build."""
+    if _env_flag("BNFAST_NO_OPENMP"):
+        print("bnfast: BNFAST_NO_OPENMP is set, building the serial kernels", file=sys.stderr)
+        return None
+    if _compiles_and_runs(OPENMP_PROBE, ["-fopenmp"]):
+        return ["-fopenmp"]
+    warnings.warn(
+        "\n\n*** bnfast: this compiler cannot build OpenMP programs; building the SERIAL "
+        "kernels (one thread). Install an OpenMP runtime (e.g. libgomp, or libomp with "
+        "clang) and reinstall for parallel kernels. ***\n",
+        stacklevel=1,
+    )
+    return None
+
+
+def extensions():
+    debug = _env_flag("BNFAST_DEBUG")
+    omp = openmp_flags()
+    compile_args = ["-O0", "-g"] if debug else ["-O3"]
+    link_args = []
+    if omp:
+        compile_args += omp
+        link_args += omp
+    elif _compiles_and_runs('#include <stdio.h>\nint main(void){printf("1");return 0;}',
+                            ["-fopenmp-simd"]):
+        compile_args.append("-fopenmp-simd")   # keep `omp simd` vectorisation when serial
+    ext = Extension(
+        "bnfast._kernels",
+        sources=["bnfast/_kernels.pyx", "src_c/bn.c"],
+        include_dirs=["src_c", numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        depends=["src_c/bn.h", "src_c/bn_kernels.h"],
+    )
+    directives = {
+        "language_level": 3,
+        "boundscheck": debug,
+        "wraparound": False,
+        "cdivision": True,
+        "initializedcheck": debug,
+    }
+    return cythonize([ext], compiler_directives=directives)
+
+
+setup(ext_modules=extensions())

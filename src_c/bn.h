@@ -1,0 +1,93 @@
+/*
+ * bnfast kernels: channel-wise Batch Normalization over an (N, C, S) block.
+ *
+ * Legend (as train_gpt2.c defines B, T, C):
+ *   N  outer size: every axis before the channel axis in memory, flattened
+ *   C  number of channels
+ *   S  inner size: every axis after the channel axis in memory, flattened
+ *   M  = N * S, the number of values per channel
+ *
+ * Channels-first NCHW is (N, C, H*W); channels-last NHWC is (N*H*W, C, 1);
+ * BatchNorm1d on (N, C) is (N, C, 1). Every kernel picks its channels-first
+ * sibling when S > 1 and its channels-last sibling when S == 1.
+ *
+ * Conventions (PyTorch's; ONNX's momentum is the complement):
+ *   var      biased batch variance, used to normalise
+ *   invstd   1 / sqrt(var + eps)
+ *   running  r = (1 - momentum) * r + momentum * batch_stat, with the
+ *            unbiased variance M / (M - 1) * var for running_var
+ *
+ * Per-channel statistics that cross kernels (mean, invstd, m2, gradient sums)
+ * are double; tensors and per-channel parameters are float or double (suffix
+ * _f32 / _f64). Accumulation is always in double. Sizes are int64_t, so any
+ * tensor that fits in memory is indexed correctly. y may be the same array
+ * as x (in place); it must not overlap x in any other way.
+ *
+ * Return values: 0 on success, -1 if C-sized scratch could not be allocated,
+ * and for bn_forward_train_* a positive count of channels whose batch
+ * statistics are not finite (the running statistics are then left untouched).
+ */
+#ifndef BNFAST_BN_H
+#define BNFAST_BN_H
+
+#include <stdint.h>
+
+int bn_openmp_enabled(void);
+int bn_max_threads(void);   /* omp_get_max_threads() of the calling thread; 1 serial */
+int bn_num_procs(void);     /* omp_get_num_procs(); 1 serial */
+
+/* alpha = weight * invstd, beta = bias - mean * alpha (weight, bias NULL = 1, 0) */
+void bn_scale_shift(double *alpha, double *beta, const double *weight, const double *bias,
+                    const double *mean, const double *invstd, int64_t C);
+
+int  bn_collect_stats_f32(double *mean, double *m2, const float *x,
+                          int64_t N, int64_t C, int64_t S, int n_threads);
+int  bn_forward_train_f32(float *y, float *save_mean, float *save_invstd,
+                          float *running_mean, float *running_var,
+                          const float *x, const float *weight, const float *bias,
+                          int64_t N, int64_t C, int64_t S,
+                          double eps, double momentum, int n_threads);
+int  bn_forward_infer_f32(float *y, const float *x, const float *weight, const float *bias,
+                          const float *running_mean, const float *running_var,
+                          int64_t N, int64_t C, int64_t S, double eps, int n_threads);
+void bn_apply_f32(float *y, const float *x, const double *alpha, const double *beta,
+                  int64_t N, int64_t C, int64_t S, int n_threads);
+int  bn_backward_reduce_f32(double *sum_dy, double *sum_dy_xhat,
+                            const float *dy, const float *x,
+                            const double *mean, const double *invstd,
+                            int64_t N, int64_t C, int64_t S, int n_threads);
+void bn_backward_apply_f32(float *dx, const float *dy, const float *x,
+                           const double *mean, const double *invstd, const float *weight,
+                           const double *sum_dy, const double *sum_dy_xhat, double count,
+                           int64_t N, int64_t C, int64_t S, int n_threads);
+int  bn_backward_f32(float *dx, float *dweight, float *dbias,
+                     const float *dy, const float *x, const float *weight,
+                     const float *save_mean, const float *save_invstd,
+                     int64_t N, int64_t C, int64_t S, int n_threads);
+
+int  bn_collect_stats_f64(double *mean, double *m2, const double *x,
+                          int64_t N, int64_t C, int64_t S, int n_threads);
+int  bn_forward_train_f64(double *y, double *save_mean, double *save_invstd,
+                          double *running_mean, double *running_var,
+                          const double *x, const double *weight, const double *bias,
+                          int64_t N, int64_t C, int64_t S,
+                          double eps, double momentum, int n_threads);
+int  bn_forward_infer_f64(double *y, const double *x, const double *weight, const double *bias,
+                          const double *running_mean, const double *running_var,
+                          int64_t N, int64_t C, int64_t S, double eps, int n_threads);
+void bn_apply_f64(double *y, const double *x, const double *alpha, const double *beta,
+                  int64_t N, int64_t C, int64_t S, int n_threads);
+int  bn_backward_reduce_f64(double *sum_dy, double *sum_dy_xhat,
+                            const double *dy, const double *x,
+                            const double *mean, const double *invstd,
+                            int64_t N, int64_t C, int64_t S, int n_threads);
+void bn_backward_apply_f64(double *dx, const double *dy, const double *x,
+                           const double *mean, const double *invstd, const double *weight,
+                           const double *sum_dy, const double *sum_dy_xhat, double count,
+                           int64_t N, int64_t C, int64_t S, int n_threads);
+int  bn_backward_f64(double *dx, double *dweight, double *dbias,
+                     const double *dy, const double *x, const double *weight,
+                     const double *save_mean, const double *save_invstd,
+                     int64_t N, int64_t C, int64_t S, int n_threads);
+
+#endif

@@ -1,0 +1,491 @@
+/*
+ * Kernel bodies, included by bn.c once per element type `real` (float, double);
+ * FN(name) appends the type suffix. See bn.h for N, C, S, M and conventions.
+ *
+ * Each job has a channels-first sibling (S > 1: parallel over channels or over
+ * (n, c) slices, unit-stride over S) and a channels-last sibling (S == 1:
+ * parallel over rows of C, per-thread partial sums of size C for reductions).
+ */
+
+/* ------------------------------------------------------------------ */
+/* statistics                                                          */
+/* ------------------------------------------------------------------ */
+
+/* Shifted sums of channel c of an (N, C, S) block, shift = its first value.
+ * x: (N, C, S); writes shift, s1 = sum(x - shift), s2 = sum((x - shift)^2). */
+static void FN(channel_sums_cf)(double *shift, double *s1, double *s2,
+                                const real *x, int64_t N, int64_t C, int64_t S, int64_t c)
+{
+    const double k = N * S > 0 ? (double)x[c * S] : 0.0;
+    double sum = 0.0, sum_sq = 0.0;
+    for (int64_t n = 0; n < N; n++) {
+        const real *x_nc = x + (n * C + c) * S;
+        #pragma omp simd reduction(+:sum, sum_sq)
+        for (int64_t s = 0; s < S; s++) {
+            double d = (double)x_nc[s] - k;
+            sum += d;
+            sum_sq += d * d;
+        }
+    }
+    *shift = k;
+    *s1 = sum;
+    *s2 = sum_sq;
+}
+
+/* Per-channel mean and M2 of a channels-first block, parallel over channels.
+ * mean, m2: (C,); x: (N, C, S). */
+static void FN(collect_stats_cf)(double *mean, double *m2, const real *x,
+                                 int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    int nt = team_size(n_threads, N * C * S);
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t c = 0; c < C; c++) {
+        double shift, s1, s2;
+        FN(channel_sums_cf)(&shift, &s1, &s2, x, N, C, S, c);
+        shifted_moments(&mean[c], &m2[c], shift, s1, s2, N * S);
+    }
+}
+
+/* Per-channel mean and M2 of a channels-last block: x is R rows of C values.
+ * Each thread sums its rows into private partials of size 2C (shift = row 0),
+ * then the partials are added over threads. Returns -1 if scratch fails. */
+static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
+                                int64_t R, int64_t C, int n_threads)
+{
+    int nt = team_size(n_threads, R * C);
+    double *partial = calloc((size_t)(2 * nt * C), sizeof(double));
+    if (!partial) return -1;
+    const real *shift = x;
+    if (R == 0) {
+        for (int64_t c = 0; c < C; c++) mean[c] = m2[c] = 0.0;
+        free(partial);
+        return 0;
+    }
+
+    #pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        double *restrict s1 = partial + 2 * C * THREAD_ID();
+        double *restrict s2 = s1 + C;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            const real *x_r = x + r * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                double d = (double)x_r[c] - (double)shift[c];
+                s1[c] += d;
+                s2[c] += d * d;
+            }
+        }
+    }
+
+    /* reduce the partials over threads */
+    for (int64_t c = 0; c < C; c++) {
+        double sum = 0.0, sum_sq = 0.0;
+        for (int t = 0; t < nt; t++) {
+            sum += partial[2 * C * t + c];
+            sum_sq += partial[2 * C * t + C + c];
+        }
+        shifted_moments(&mean[c], &m2[c], (double)shift[c], sum, sum_sq, R);
+    }
+    free(partial);
+    return 0;
+}
+
+/* Per-channel mean and M2 = sum((x - mean)^2) over N and S.
+ * mean, m2: (C,) double; x: (N, C, S). */
+int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
+                         int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, n_threads);
+    FN(collect_stats_cf)(mean, m2, x, N, C, S, n_threads);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* normalise: y = x * alpha + beta                                     */
+/* ------------------------------------------------------------------ */
+
+/* One channel slice of S values, computed in double. y may be x. */
+static inline void FN(apply_slice)(real *y_nc, const real *x_nc, double alpha, double beta,
+                                   int64_t S)
+{
+    #pragma omp simd
+    for (int64_t s = 0; s < S; s++) {
+        y_nc[s] = (real)((double)x_nc[s] * alpha + beta);
+    }
+}
+
+static void FN(apply_cf)(real *y, const real *x, const double *alpha, const double *beta,
+                         int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    int nt = team_size(n_threads, N * C * S);
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        int64_t c = nc % C;
+        FN(apply_slice)(y + nc * S, x + nc * S, alpha[c], beta[c], S);
+    }
+}
+
+static void FN(apply_cl)(real *y, const real *x, const double *restrict alpha,
+                         const double *restrict beta, int64_t R, int64_t C, int n_threads)
+{
+    int nt = team_size(n_threads, R * C);
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t r = 0; r < R; r++) {
+        real *y_r = y + r * C;
+        const real *x_r = x + r * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            y_r[c] = (real)((double)x_r[c] * alpha[c] + beta[c]);
+        }
+    }
+}
+
+/* Per-channel affine map y = x * alpha[c] + beta[c].
+ * y, x: (N, C, S); alpha, beta: (C,). y may be x. */
+void FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
+                  int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    if (S == 1) FN(apply_cl)(y, x, alpha, beta, N, C, n_threads);
+    else FN(apply_cf)(y, x, alpha, beta, N, C, S, n_threads);
+}
+
+/* ------------------------------------------------------------------ */
+/* inference                                                           */
+/* ------------------------------------------------------------------ */
+
+/* y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, folded first
+ * into alpha, beta so each element costs one multiply-add (ONNX
+ * BatchNormalization, inference). y, x: (N, C, S); parameters: (C,), weight and
+ * bias may be NULL. */
+int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real *bias,
+                         const real *running_mean, const real *running_var,
+                         int64_t N, int64_t C, int64_t S, double eps, int n_threads)
+{
+    double *alpha = malloc((size_t)(2 * C) * sizeof(double));
+    if (!alpha) return -1;
+    double *beta = alpha + C;
+
+    /* scale and shift per channel */
+    for (int64_t c = 0; c < C; c++) {
+        channel_scale_shift(&alpha[c], &beta[c], weight ? (double)weight[c] : 1.0,
+                            bias ? (double)bias[c] : 0.0, (double)running_mean[c],
+                            invstd_of((double)running_var[c], eps));
+    }
+
+    FN(bn_apply)(y, x, alpha, beta, N, C, S, n_threads);
+    free(alpha);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* training forward                                                    */
+/* ------------------------------------------------------------------ */
+
+/* Running statistics, PyTorch convention: r = (1 - momentum) r + momentum b,
+ * with the unbiased variance. Only when every channel's batch statistics are
+ * finite: one bad batch must not corrupt them. Returns the count of bad channels. */
+static int FN(update_running_stats)(real *running_mean, real *running_var,
+                                    const double *batch_mean, const double *batch_var,
+                                    int64_t M, int64_t C, double momentum)
+{
+    int n_bad = 0;
+    for (int64_t c = 0; c < C; c++) {
+        n_bad += !(isfinite(batch_mean[c]) && isfinite(batch_var[c]));
+    }
+    if (n_bad || !running_mean) return n_bad;
+
+    double unbias = M > 1 ? (double)M / (double)(M - 1) : 1.0;
+    for (int64_t c = 0; c < C; c++) {
+        running_mean[c] = (real)((1.0 - momentum) * running_mean[c] + momentum * batch_mean[c]);
+        running_var[c] = (real)((1.0 - momentum) * running_var[c]
+                                + momentum * unbias * batch_var[c]);
+    }
+    return 0;
+}
+
+/* Channels-first: parallel over channels; each thread reads its channel once for
+ * the statistics and again, while it is still in cache, to normalise it. */
+static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
+                                 double *batch_mean, double *batch_var,
+                                 const real *x, const real *weight, const real *bias,
+                                 int64_t N, int64_t C, int64_t S, double eps, int n_threads)
+{
+    const int64_t M = N * S;
+    int nt = team_size(n_threads, N * C * S);
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t c = 0; c < C; c++) {
+        /* mean and biased variance over N and S */
+        double shift, s1, s2, m2;
+        FN(channel_sums_cf)(&shift, &s1, &s2, x, N, C, S, c);
+        shifted_moments(&batch_mean[c], &m2, shift, s1, s2, M);
+        batch_var[c] = m2 / (double)M;
+
+        /* save for backward, fold into scale and shift */
+        double invstd = invstd_of(batch_var[c], eps);
+        save_mean[c] = (real)batch_mean[c];
+        save_invstd[c] = (real)invstd;
+        double alpha, beta;
+        channel_scale_shift(&alpha, &beta, weight ? (double)weight[c] : 1.0,
+                            bias ? (double)bias[c] : 0.0, batch_mean[c], invstd);
+
+        /* normalise the channel, slice by slice */
+        for (int64_t n = 0; n < N; n++) {
+            int64_t offset = (n * C + c) * S;
+            FN(apply_slice)(y + offset, x + offset, alpha, beta, S);
+        }
+    }
+}
+
+/* Channels-last: statistics with per-thread partials, then one pass over rows. */
+static int FN(forward_train_cl)(real *y, real *save_mean, real *save_invstd,
+                                double *batch_mean, double *batch_var,
+                                const real *x, const real *weight, const real *bias,
+                                int64_t R, int64_t C, double eps, int n_threads)
+{
+    double *alpha = malloc((size_t)(2 * C) * sizeof(double));
+    if (!alpha) return -1;
+    double *beta = alpha + C;
+
+    /* mean and biased variance over rows */
+    if (FN(collect_stats_cl)(batch_mean, batch_var, x, R, C, n_threads) != 0) {
+        free(alpha);
+        return -1;
+    }
+    for (int64_t c = 0; c < C; c++) {
+        batch_var[c] /= (double)R;
+        double invstd = invstd_of(batch_var[c], eps);
+        save_mean[c] = (real)batch_mean[c];
+        save_invstd[c] = (real)invstd;
+        channel_scale_shift(&alpha[c], &beta[c], weight ? (double)weight[c] : 1.0,
+                            bias ? (double)bias[c] : 0.0, batch_mean[c], invstd);
+    }
+
+    /* normalise */
+    FN(apply_cl)(y, x, alpha, beta, R, C, n_threads);
+    free(alpha);
+    return 0;
+}
+
+/* Training forward with batch statistics:
+ *   mean = E[x], var = E[(x - mean)^2] (biased), invstd = 1 / sqrt(var + eps)
+ *   y = (x - mean) * invstd * weight + bias
+ * (PyTorch BatchNorm, training mode). Writes y: (N, C, S), save_mean and
+ * save_invstd: (C,), and updates running_mean, running_var: (C,) in place unless
+ * NULL or some channel's statistics are not finite (then returns their count).
+ * weight, bias may be NULL. y may be x. */
+int FN(bn_forward_train)(real *y, real *save_mean, real *save_invstd,
+                         real *running_mean, real *running_var,
+                         const real *x, const real *weight, const real *bias,
+                         int64_t N, int64_t C, int64_t S,
+                         double eps, double momentum, int n_threads)
+{
+    double *batch_mean = malloc((size_t)(2 * C) * sizeof(double));
+    if (!batch_mean) return -1;
+    double *batch_var = batch_mean + C;
+
+    if (S == 1) {
+        if (FN(forward_train_cl)(y, save_mean, save_invstd, batch_mean, batch_var, x,
+                                 weight, bias, N, C, eps, n_threads) != 0) {
+            free(batch_mean);
+            return -1;
+        }
+    } else {
+        FN(forward_train_cf)(y, save_mean, save_invstd, batch_mean, batch_var, x,
+                             weight, bias, N, C, S, eps, n_threads);
+    }
+
+    int n_bad = FN(update_running_stats)(running_mean, running_var, batch_mean, batch_var,
+                                         N * S, C, momentum);
+    free(batch_mean);
+    return n_bad;
+}
+
+/* ------------------------------------------------------------------ */
+/* backward                                                            */
+/* ------------------------------------------------------------------ */
+
+/* The two reductions of channel c: sum(dy) and sum(dy * xhat), xhat = (x - mean) * invstd. */
+static void FN(channel_backward_sums_cf)(double *sum_dy, double *sum_dy_xhat,
+                                         const real *dy, const real *x, double mean,
+                                         double invstd, int64_t N, int64_t C, int64_t S,
+                                         int64_t c)
+{
+    double a = 0.0, b = 0.0;
+    for (int64_t n = 0; n < N; n++) {
+        const real *dy_nc = dy + (n * C + c) * S;
+        const real *x_nc = x + (n * C + c) * S;
+        #pragma omp simd reduction(+:a, b)
+        for (int64_t s = 0; s < S; s++) {
+            a += (double)dy_nc[s];
+            b += (double)dy_nc[s] * ((double)x_nc[s] - mean);
+        }
+    }
+    *sum_dy = a;
+    *sum_dy_xhat = b * invstd;
+}
+
+/* dx of channel c in one slice:
+ *   dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count) */
+static inline void FN(backward_apply_slice)(real *dx_nc, const real *dy_nc, const real *x_nc,
+                                            double mean, double invstd, double weight,
+                                            double sum_dy, double sum_dy_xhat,
+                                            double count, int64_t S)
+{
+    const double k = weight * invstd;
+    const double mean_dy = sum_dy / count;
+    const double mean_dy_xhat = sum_dy_xhat / count;
+    #pragma omp simd
+    for (int64_t s = 0; s < S; s++) {
+        double xhat = ((double)x_nc[s] - mean) * invstd;
+        dx_nc[s] = (real)(k * ((double)dy_nc[s] - mean_dy - xhat * mean_dy_xhat));
+    }
+}
+
+static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
+                                  const real *dy, const real *x,
+                                  const double *restrict mean, const double *restrict invstd,
+                                  int64_t R, int64_t C, int n_threads)
+{
+    int nt = team_size(n_threads, R * C);
+    double *partial = calloc((size_t)(2 * nt * C), sizeof(double));
+    if (!partial) return -1;
+
+    #pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        double *restrict a = partial + 2 * C * THREAD_ID();
+        double *restrict b = a + C;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            const real *dy_r = dy + r * C;
+            const real *x_r = x + r * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                a[c] += (double)dy_r[c];
+                b[c] += (double)dy_r[c] * ((double)x_r[c] - mean[c]);
+            }
+        }
+    }
+
+    /* reduce the partials over threads */
+    for (int64_t c = 0; c < C; c++) {
+        double a = 0.0, b = 0.0;
+        for (int t = 0; t < nt; t++) {
+            a += partial[2 * C * t + c];
+            b += partial[2 * C * t + C + c];
+        }
+        sum_dy[c] = a;
+        sum_dy_xhat[c] = b * invstd[c];
+    }
+    free(partial);
+    return 0;
+}
+
+/* The two reductions of backward, per channel over N and S:
+ *   sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean) * invstd)
+ * They are dbias and dweight. dy, x: (N, C, S); the rest (C,) double. */
+int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
+                           const real *dy, const real *x,
+                           const double *mean, const double *invstd,
+                           int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    if (S == 1) {
+        return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C,
+                                      n_threads);
+    }
+    int nt = team_size(n_threads, N * C * S);
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t c = 0; c < C; c++) {
+        FN(channel_backward_sums_cf)(&sum_dy[c], &sum_dy_xhat[c], dy, x, mean[c],
+                                     invstd[c], N, C, S, c);
+    }
+    return 0;
+}
+
+/* The pass that writes dx, given the two reductions over `count` values per
+ * channel (count may exceed N * S when the sums come from several processes):
+ *   dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
+ * dx, dy, x: (N, C, S); weight: (C,) or NULL; the rest (C,) double. dx may be dy or x. */
+void FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
+                           const double *mean, const double *invstd, const real *weight,
+                           const double *sum_dy, const double *sum_dy_xhat, double count,
+                           int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    int nt = team_size(n_threads, N * C * S);
+    if (S == 1) {
+        #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+        for (int64_t r = 0; r < N; r++) {
+            real *dx_r = dx + r * C;
+            const real *dy_r = dy + r * C;
+            const real *x_r = x + r * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                double k = (weight ? (double)weight[c] : 1.0) * invstd[c];
+                double xhat = ((double)x_r[c] - mean[c]) * invstd[c];
+                dx_r[c] = (real)(k * ((double)dy_r[c] - sum_dy[c] / count
+                                      - xhat * sum_dy_xhat[c] / count));
+            }
+        }
+        return;
+    }
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        int64_t c = nc % C;
+        FN(backward_apply_slice)(dx + nc * S, dy + nc * S, x + nc * S, mean[c], invstd[c],
+                                 weight ? (double)weight[c] : 1.0, sum_dy[c],
+                                 sum_dy_xhat[c], count, S);
+    }
+}
+
+/* Backward of the training forward: two reductions, then one pass that writes dx.
+ *   dbias = sum(dy), dweight = sum(dy * xhat)
+ *   dx = weight * invstd * (dy - dbias / M - xhat * dweight / M)
+ * dx, dy, x: (N, C, S); dweight, dbias, weight, save_mean, save_invstd: (C,);
+ * weight may be NULL. dx may be dy or x. */
+int FN(bn_backward)(real *dx, real *dweight, real *dbias,
+                    const real *dy, const real *x, const real *weight,
+                    const real *save_mean, const real *save_invstd,
+                    int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    const int64_t M = N * S;
+    double *scratch = malloc((size_t)(4 * C) * sizeof(double));
+    if (!scratch) return -1;
+    double *mean = scratch, *invstd = scratch + C;
+    double *sum_dy = scratch + 2 * C, *sum_dy_xhat = scratch + 3 * C;
+    for (int64_t c = 0; c < C; c++) {
+        mean[c] = (double)save_mean[c];
+        invstd[c] = (double)save_invstd[c];
+    }
+
+    if (S == 1) {
+        /* channels-last: reduce with per-thread partials, then one pass over rows */
+        if (FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C,
+                                   n_threads) != 0) {
+            free(scratch);
+            return -1;
+        }
+        FN(bn_backward_apply)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                              (double)M, N, C, S, n_threads);
+    } else {
+        /* channels-first: each channel reduced and written while in cache */
+        int nt = team_size(n_threads, N * C * S);
+        #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+        for (int64_t c = 0; c < C; c++) {
+            FN(channel_backward_sums_cf)(&sum_dy[c], &sum_dy_xhat[c], dy, x, mean[c],
+                                         invstd[c], N, C, S, c);
+            for (int64_t n = 0; n < N; n++) {
+                int64_t offset = (n * C + c) * S;
+                FN(backward_apply_slice)(dx + offset, dy + offset, x + offset, mean[c],
+                                         invstd[c], weight ? (double)weight[c] : 1.0,
+                                         sum_dy[c], sum_dy_xhat[c], (double)M, S);
+            }
+        }
+    }
+
+    for (int64_t c = 0; c < C; c++) {
+        dbias[c] = (real)sum_dy[c];
+        dweight[c] = (real)sum_dy_xhat[c];
+    }
+    free(scratch);
+    return 0;
+}
