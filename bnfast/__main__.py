@@ -1,0 +1,5 @@
+import sys
+
+from bnfast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""Shared fixtures: shapes and layouts that stress the kernels, and the torch gate."""
+import numpy as np
+import pytest
+
+DTYPES = [np.float32, np.float64]
+
+# (shape, axis): every rank, channels first and last, C=1, N=1, inner=1,
+# odd sizes that leave SIMD tails, a channel axis in the middle.
+SHAPES = [
+    ((2, 3), 1), ((7, 1), 1), ((5, 17), -1), ((1, 9), 0),
+    ((4, 3, 5), 1), ((1, 4, 33), 1), ((3, 7, 2), -1), ((6, 1, 1), 1),
+    ((2, 3, 4, 5), 1), ((1, 5, 3, 3), 1), ((2, 6, 7, 9), -1), ((3, 1, 2, 17), 1),
+    ((2, 3, 4, 5), 2),
+    ((2, 3, 2, 3, 4), 1), ((1, 2, 3, 4, 3), -1),
+]
+
+
+def shape_id(case):
+    shape, axis = case
+    return f"{'x'.join(map(str, shape))}-axis{axis}"
+
+
+def random_input(shape, dtype, seed=0, offset=0.5, scale=2.0):
+    rng = np.random.default_rng(seed)
+    return (offset + scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def random_params(C, dtype, seed=1):
+    rng = np.random.default_rng(seed)
+    weight = (1 + 0.5 * rng.standard_normal(C)).astype(dtype)
+    bias = rng.standard_normal(C).astype(dtype)
+    running_mean = rng.standard_normal(C).astype(dtype)
+    running_var = rng.uniform(0.5, 2.0, C).astype(dtype)
+    return weight, bias, running_mean, running_var
+
+
+def tolerance(dtype):
+    return dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-11)
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch", reason="PyTorch is not installed; comparisons with "
+                               "torch are skipped (.ci/run installs torch==2.13.0)")
