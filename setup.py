@@ -86,12 +86,14 @@ def extensions():
         compile_args.append("-fopenmp-simd")   # keep `omp simd` vectorisation when serial
     ext = Extension(
         "bnfast._kernels",
-        sources=["bnfast/_kernels.pyx", "src_c/bn.c"],
+        sources=["bnfast/_kernels.pyx", "src_c/bn.c", "src_c/bn_kernels_baseline.c",
+                 "src_c/bn_kernels_avx2.c"],
         include_dirs=["src_c", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=["src_c/bn.h", "src_c/bn_kernels.h"],
+        depends=["src_c/bn.h", "src_c/bn_internal.h", "src_c/bn_kernels.h",
+                 "src_c/bn_variants.h", "src_c/bn_dispatch.h"],
     )
     directives = {
         "language_level": 3,

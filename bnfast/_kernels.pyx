@@ -11,6 +11,11 @@ from libc.stdint cimport int64_t
 
 
 cdef extern from "bn.h" nogil:
+    int BN_ISA_BASELINE, BN_ISA_AVX2
+    int bn_isa_supported(int isa)
+    int bn_best_isa()
+    int bn_get_isa()
+    int bn_set_isa(int isa)
     int bn_openmp_enabled()
     int bn_max_threads()
     int bn_num_procs()
@@ -67,6 +72,25 @@ cdef extern from "bn.h" nogil:
                         const double *dy, const double *x, const double *weight,
                         const double *save_mean, const double *save_invstd,
                         int64_t N, int64_t C, int64_t S, int n_threads)
+
+
+ISA_CODES = {"baseline": BN_ISA_BASELINE, "avx2": BN_ISA_AVX2}
+
+
+def isa_supported(int isa):
+    return bool(bn_isa_supported(isa))
+
+
+def best_isa():
+    return bn_best_isa()
+
+
+def get_isa():
+    return bn_get_isa()
+
+
+def set_isa(int isa):
+    return bn_set_isa(isa)
 
 
 def openmp_enabled():

@@ -28,7 +28,7 @@ import operator
 import numpy as np
 
 from bnfast import _kernels
-from bnfast._threads import get_num_threads
+from bnfast._runtime import get_num_threads
 
 __all__ = [
     "batch_norm_train", "batch_norm_backward", "batch_norm_infer",

@@ -2,24 +2,16 @@
  * bnfast kernels, see bn.h for the legend (N, C, S, M) and conventions.
  *
  * The kernels are written once, in bn_kernels.h, against a type `real`, and
- * compiled here twice: for float (suffix _f32) and for double (_f64).
+ * compiled for float (_f32) and double (_f64) in two builds:
+ *   bn_kernels_baseline.c  the compiler's default target (any CPU)
+ *   bn_kernels_avx2.c      x86-64 with AVX2 and FMA, where the compiler can
+ * The public functions below pick a build per call from `selected_isa`, set
+ * once when the module loads (bn_best_isa) and changeable for tests.
  * Without OpenMP the same source builds serially: `omp parallel` pragmas are
  * ignored, `omp simd` still vectorises under -fopenmp-simd.
  */
-#include <math.h>
-#include <stdlib.h>
-
 #include "bn.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#define THREAD_ID() omp_get_thread_num()
-#else
-#define THREAD_ID() 0
-#endif
-
-/* Below this many elements per thread a thread team costs more than it saves. */
-#define MIN_ELEMENTS_PER_THREAD 32768
+#include "bn_internal.h"
 
 int bn_openmp_enabled(void)
 {
@@ -48,29 +40,6 @@ int bn_num_procs(void)
 #endif
 }
 
-/* Threads worth starting for n_elements of streaming work: tiny tensors run on one. */
-static int team_size(int n_threads, int64_t n_elements)
-{
-    int64_t useful = n_elements / MIN_ELEMENTS_PER_THREAD;
-    if (useful < 1 || n_threads < 1) return 1;
-    return useful < n_threads ? (int)useful : n_threads;
-}
-
-/* invstd = 1 / sqrt(var + eps) */
-static inline double invstd_of(double var, double eps)
-{
-    return 1.0 / sqrt(var + eps);
-}
-
-/* Inference as one multiply-add: y = x * alpha + beta, with
- * alpha = weight * invstd and beta = bias - mean * alpha. */
-static inline void channel_scale_shift(double *alpha, double *beta, double weight, double bias,
-                                       double mean, double invstd)
-{
-    *alpha = weight * invstd;
-    *beta = bias - mean * *alpha;
-}
-
 void bn_scale_shift(double *alpha, double *beta, const double *weight, const double *bias,
                     const double *mean, const double *invstd, int64_t C)
 {
@@ -80,32 +49,76 @@ void bn_scale_shift(double *alpha, double *beta, const double *weight, const dou
     }
 }
 
-/* Mean and M2 = sum((x - mean)^2) from sums shifted by one value of the channel:
- * s1 = sum(x - shift), s2 = sum((x - shift)^2). Because the shift is a data
- * point, (mean - shift)^2 <= M2, so the subtraction below loses at most a
- * factor M of double precision, and in practice almost none. */
-static inline void shifted_moments(double *mean, double *m2, double shift,
-                                   double s1, double s2, int64_t M)
+/* ------------------------------------------------------------------ */
+/* instruction sets                                                    */
+/* ------------------------------------------------------------------ */
+
+static int selected_isa = BN_ISA_BASELINE;
+
+int bn_isa_supported(int isa)
 {
-    if (M == 0) {
-        *mean = 0.0;
-        *m2 = 0.0;
-        return;
+    if (isa == BN_ISA_BASELINE) return 1;
+#if BN_HAVE_AVX2_BUILD
+    if (isa == BN_ISA_AVX2) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     }
-    double d = s1 / (double)M;
-    double centred = s2 - s1 * d;
-    *mean = shift + d;
-    *m2 = centred > 0.0 ? centred : 0.0;
+#endif
+    return 0;
 }
 
+int bn_best_isa(void)
+{
+    return bn_isa_supported(BN_ISA_AVX2) ? BN_ISA_AVX2 : BN_ISA_BASELINE;
+}
+
+int bn_get_isa(void)
+{
+    return selected_isa;
+}
+
+int bn_set_isa(int isa)
+{
+    if (!bn_isa_supported(isa)) return -1;
+    selected_isa = isa;
+    return 0;
+}
+
+#define PASTE_(a, b) a##b
+#define PASTE(a, b) PASTE_(a, b)
+#if BN_HAVE_AVX2_BUILD
+#define VARIANT(name) (selected_isa == BN_ISA_AVX2 ? PASTE(name, _avx2) : PASTE(name, _baseline))
+#else
+#define VARIANT(name) PASTE(name, _baseline)
+#endif
+
+/* prototypes of every compiled variant */
+#define real float
+#define FN(name) name##_f32_baseline
+#include "bn_variants.h"
+#undef FN
+#define FN(name) name##_f32_avx2
+#include "bn_variants.h"
+#undef FN
+#undef real
+#define real double
+#define FN(name) name##_f64_baseline
+#include "bn_variants.h"
+#undef FN
+#define FN(name) name##_f64_avx2
+#include "bn_variants.h"
+#undef FN
+#undef real
+
+/* the public functions */
 #define real float
 #define FN(name) name##_f32
-#include "bn_kernels.h"
+#include "bn_dispatch.h"
 #undef real
 #undef FN
 
 #define real double
 #define FN(name) name##_f64
-#include "bn_kernels.h"
+#include "bn_dispatch.h"
 #undef real
 #undef FN

@@ -32,6 +32,19 @@
 
 #include <stdint.h>
 
+/* Instruction sets the kernels are compiled for. The AVX2 build exists on
+ * x86-64 with GCC or clang; bn_set_isa refuses one the CPU lacks (-1). */
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define BN_HAVE_AVX2_BUILD 1
+#else
+#define BN_HAVE_AVX2_BUILD 0
+#endif
+enum { BN_ISA_BASELINE = 0, BN_ISA_AVX2 = 1 };
+int bn_isa_supported(int isa);
+int bn_best_isa(void);
+int bn_get_isa(void);
+int bn_set_isa(int isa);
+
 int bn_openmp_enabled(void);
 int bn_max_threads(void);   /* omp_get_max_threads() of the calling thread; 1 serial */
 int bn_num_procs(void);     /* omp_get_num_procs(); 1 serial */

@@ -1,6 +1,7 @@
 /*
- * Kernel bodies, included by bn.c once per element type `real` (float, double);
- * FN(name) appends the type suffix. See bn.h for N, C, S, M and conventions.
+ * Kernel bodies, included by bn_kernels_<isa>.c once per element type `real`
+ * (float, double); FN(name) appends the type and instruction-set suffix.
+ * See bn.h for N, C, S, M and conventions.
  *
  * Each job has a channels-first sibling (S > 1: parallel over channels or over
  * (n, c) slices, unit-stride over S) and a channels-last sibling (S == 1:

@@ -1,0 +1,63 @@
+/*
+ * Helpers shared by every compilation of the kernels (see bn_kernels.h).
+ * Static inline, so each instruction-set build gets its own copy.
+ */
+#ifndef BNFAST_BN_INTERNAL_H
+#define BNFAST_BN_INTERNAL_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_ID() omp_get_thread_num()
+#else
+#define THREAD_ID() 0
+#endif
+
+/* Below this many elements per thread a thread team costs more than it saves. */
+#define MIN_ELEMENTS_PER_THREAD 32768
+
+/* Threads worth starting for n_elements of streaming work: tiny tensors run on one. */
+static inline int team_size(int n_threads, int64_t n_elements)
+{
+    int64_t useful = n_elements / MIN_ELEMENTS_PER_THREAD;
+    if (useful < 1 || n_threads < 1) return 1;
+    return useful < n_threads ? (int)useful : n_threads;
+}
+
+/* invstd = 1 / sqrt(var + eps) */
+static inline double invstd_of(double var, double eps)
+{
+    return 1.0 / sqrt(var + eps);
+}
+
+/* Inference as one multiply-add: y = x * alpha + beta, with
+ * alpha = weight * invstd and beta = bias - mean * alpha. */
+static inline void channel_scale_shift(double *alpha, double *beta, double weight, double bias,
+                                       double mean, double invstd)
+{
+    *alpha = weight * invstd;
+    *beta = bias - mean * *alpha;
+}
+
+/* Mean and M2 = sum((x - mean)^2) from sums shifted by one value of the channel:
+ * s1 = sum(x - shift), s2 = sum((x - shift)^2). Because the shift is a data
+ * point, (mean - shift)^2 <= M2, so the subtraction below loses at most a
+ * factor M of double precision, and in practice almost none. */
+static inline void shifted_moments(double *mean, double *m2, double shift,
+                                   double s1, double s2, int64_t M)
+{
+    if (M == 0) {
+        *mean = 0.0;
+        *m2 = 0.0;
+        return;
+    }
+    double d = s1 / (double)M;
+    double centred = s2 - s1 * d;
+    *mean = shift + d;
+    *m2 = centred > 0.0 ? centred : 0.0;
+}
+
+#endif

@@ -1,0 +1,43 @@
+/*
+ * The same kernels compiled for x86-64 CPUs with AVX2 and FMA (x86-64-v3:
+ * Intel since Haswell, AMD since Excavator/Zen). Suffix _avx2; bn.c calls
+ * them only after checking the running CPU has both. Elsewhere (other
+ * architectures, other compilers) this file compiles to nothing.
+ */
+#include "bn.h"
+
+#if BN_HAVE_AVX2_BUILD
+
+/* system headers first, with the default target */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push (__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC target("avx2,fma")
+#endif
+
+#include "bn_internal.h"
+
+#define real float
+#define FN(name) name##_f32_avx2
+#include "bn_kernels.h"
+#undef real
+#undef FN
+
+#define real double
+#define FN(name) name##_f64_avx2
+#include "bn_kernels.h"
+#undef real
+#undef FN
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+
+#endif
