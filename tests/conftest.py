@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from bnfast import _runtime
+
 DTYPES = [np.float32, np.float64]
 
 # (shape, axis): every rank, channels first and last, C=1, N=1, inner=1,
@@ -42,3 +44,12 @@ def tolerance(dtype):
 def torch():
     return pytest.importorskip("torch", reason="PyTorch is not installed; comparisons with "
                                "torch are skipped (.ci/run installs torch==2.13.0)")
+
+
+@pytest.fixture(params=_runtime.available_isas())
+def isa(request):
+    """Run a test once per instruction set this CPU can run (baseline, avx2)."""
+    before = _runtime.get_isa()
+    _runtime.set_isa(request.param)
+    yield request.param
+    _runtime.set_isa(before)

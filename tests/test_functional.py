@@ -15,7 +15,7 @@ CASES = [pytest.param(case, id=shape_id(case)) for case in SHAPES]
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("track", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_train_matches_reference(case, dtype, affine, track):
+def test_train_matches_reference(case, dtype, affine, track, isa):
     shape, axis = case
     x = random_input(shape, dtype)
     C = x.shape[axis]
@@ -43,7 +43,7 @@ def test_train_matches_reference(case, dtype, affine, track):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_infer_matches_reference(case, dtype, affine):
+def test_infer_matches_reference(case, dtype, affine, isa):
     shape, axis = case
     x = random_input(shape, dtype)
     weight, bias, rmean, rvar = random_params(x.shape[axis], dtype)
@@ -58,14 +58,13 @@ def test_infer_matches_reference(case, dtype, affine):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_backward_matches_reference(case, dtype, affine):
+def test_backward_matches_reference(case, dtype, affine, isa):
     shape, axis = case
     x = random_input(shape, dtype)
     dy = random_input(shape, dtype, seed=5, offset=0.1)
     C = x.shape[axis]
     weight = random_params(C, dtype)[0] if affine else None
-    _, mean, invstd = ref.batch_stats(x, axis)[1], *ref.train(x, axis=axis)[1:3]
-    mean, invstd = mean.astype(dtype), invstd.astype(dtype)
+    mean, invstd = (a.astype(dtype) for a in ref.train(x, axis=axis)[1:3])
     dx, dweight, dbias = bnfast.batch_norm_backward(dy, x, weight, mean, invstd, axis=axis)
     dx_ref, dw_ref, db_ref = ref.backward(dy, x, weight, mean, invstd, axis=axis)
     assert dx.dtype == dweight.dtype == dbias.dtype == dtype
@@ -76,7 +75,7 @@ def test_backward_matches_reference(case, dtype, affine):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_train_variance_is_exact_for_data_with_large_offset(dtype):
+def test_train_variance_is_exact_for_data_with_large_offset(dtype, isa):
     # a naive sum of squares in float32 loses every digit here
     rng = np.random.default_rng(3)
     x = (1e4 + rng.standard_normal((16, 8, 500))).astype(dtype)
@@ -89,7 +88,7 @@ def test_train_variance_is_exact_for_data_with_large_offset(dtype):
 
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 @pytest.mark.parametrize("offset,rtol", [(0.0, 1e-6), (1e4, 1e-6), (1e6, 1e-4)])
-def test_float32_batch_variance_accurate_at_offsets(layout, offset, rtol):
+def test_float32_batch_variance_accurate_at_offsets(layout, offset, rtol, isa):
     rng = np.random.default_rng(11)
     x = (offset + rng.standard_normal((8, 16, 24, 24))).astype(np.float32)
     if layout == "channels_last":
@@ -256,3 +255,42 @@ def test_non_finite_inference_input_propagates():
     y = bnfast.batch_norm_infer(x, None, None, np.zeros(3, np.float32), np.ones(3, np.float32))
     assert np.isnan(y[0, 1, 2]) and np.isposinf(y[1, 2, 0])
     assert np.isfinite(np.delete(y.ravel(), [1 * 4 + 2, 12 + 8 + 0])).all()
+
+
+# Big enough that every kernel starts a thread team (>= 2 * 32768 elements),
+# with thread counts that split rows and channels unevenly.
+THREADED = [((8, 5, 48, 41), 1), ((8, 5, 48, 41), -1), ((70001, 3), 1), ((3, 40000, 2), 1)]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("case", [pytest.param(c, id=shape_id(c)) for c in THREADED])
+def test_thread_teams_match_reference(case, n_threads, isa):
+    shape, axis = case
+    x = random_input(shape, np.float32, offset=3.0)
+    dy = random_input(shape, np.float32, seed=7)
+    C = x.shape[axis]
+    w, b, rm, rv = random_params(C, np.float32)
+    rm_ref, rv_ref = rm.astype(np.float64), rv.astype(np.float64)
+    bnfast.set_num_threads(n_threads)
+    try:
+        y, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, running_mean=rm,
+                                                  running_var=rv)
+        dx, dw, db = bnfast.batch_norm_backward(dy, x, w, mean, invstd, axis=axis)
+        y_infer = bnfast.batch_norm_infer(x, w, b, rm, rv, axis=axis)
+    finally:
+        bnfast.set_num_threads(None)
+    y_ref, mean_ref, invstd_ref, rm_ref, rv_ref = ref.train(x, w, b, axis=axis,
+                                                           running_mean=rm_ref,
+                                                           running_var=rv_ref)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(invstd, invstd_ref, rtol=1e-6)
+    np.testing.assert_allclose(rm, rm_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rv, rv_ref, rtol=1e-6)
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, w, mean, invstd, axis=axis)
+    scale = np.abs(dy).sum() / C
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(y_infer, ref.infer(x, w, b, rm, rv, axis=axis), rtol=1e-5,
+                               atol=1e-5)

@@ -1,0 +1,290 @@
+"""Every kind of bad input gets a clear TypeError/ValueError/FloatingPointError
+that names the argument, what arrived and what to do; none crashes."""
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast import functional as F
+
+from conftest import random_input, random_params
+
+
+def _params(C=3, dtype=np.float32):
+    return random_params(C, dtype)
+
+
+@pytest.mark.parametrize("dtype,hint", [
+    (np.int64, "x.astype(np.float32)"),
+    (np.int8, "x.astype(np.float32)"),
+    (np.uint16, "x.astype(np.float32)"),
+    (np.bool_, "x.astype(np.float32)"),
+    (np.complex64, "x.real.astype"),
+    (np.float16, "x.astype(np.float32)"),
+])
+def test_rejects_non_float_input_and_says_how_to_cast(dtype, hint):
+    x = np.ones((4, 3, 2), dtype=dtype)
+    for call in (lambda: bnfast.batch_norm_train(x),
+                 lambda: bnfast.batch_norm_infer(x, None, None, np.zeros(3), np.ones(3)),
+                 lambda: F.batch_norm_stats(x)):
+        with pytest.raises(TypeError, match="x must be float32 or float64") as err:
+            call()
+        assert hint in str(err.value)
+        assert np.dtype(dtype).name in str(err.value)
+
+
+def test_rejects_object_array_with_a_hint():
+    x = np.empty((4, 3), dtype=object)
+    x[...] = 1.0
+    with pytest.raises(TypeError, match="object.*np.asarray"):
+        bnfast.batch_norm_train(x)
+
+
+def test_rejects_none_as_input():
+    with pytest.raises(TypeError, match="x must be a float32 or float64 array, got None"):
+        bnfast.batch_norm_train(None)
+
+
+def test_rejects_integer_dy():
+    x = random_input((4, 3), np.float32)
+    with pytest.raises(TypeError, match="dy must be float32 or float64, got int32"):
+        bnfast.batch_norm_backward(np.ones((4, 3), np.int32), x, None, np.zeros(3),
+                                   np.ones(3))
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (bnfast.BatchNorm1d, (2, 3, 4, 5)), (bnfast.BatchNorm1d, (3,)),
+    (bnfast.BatchNorm2d, (2, 3, 4)), (bnfast.BatchNorm2d, (2, 3, 4, 5, 6)),
+    (bnfast.BatchNorm3d, (2, 3, 4, 5)),
+])
+def test_layer_rejects_wrong_ndim(layer, shape):
+    bn = layer(3)
+    expected = rf"{layer.__name__} expected .* \(got {len(shape)}D input"
+    with pytest.raises(ValueError, match=expected):
+        bn(np.ones(shape, np.float32))
+
+
+def test_layer_rejects_wrong_channel_count():
+    bn = bnfast.BatchNorm2d(4)
+    with pytest.raises(ValueError, match=r"BatchNorm2d\(4\) got 3 channels on axis 1"):
+        bn(random_input((2, 3, 4, 4), np.float32))
+
+
+def test_layer_rejects_input_of_another_dtype_and_says_how_to_fix():
+    bn = bnfast.BatchNorm1d(3)
+    with pytest.raises(TypeError, match=r"float32 parameters but x is float64.*"
+                                        r"dtype=np.float64"):
+        bn(random_input((4, 3), np.float64))
+
+
+@pytest.mark.parametrize("axis", [3, -4, 10])
+def test_rejects_axis_out_of_range(axis):
+    with pytest.raises(ValueError, match=f"axis {axis} is out of range for an array with 3 "
+                                         "dimensions"):
+        bnfast.batch_norm_train(random_input((2, 3, 4), np.float32), axis=axis)
+
+
+def test_rejects_non_integer_axis():
+    with pytest.raises(TypeError, match="axis must be an int, got float"):
+        bnfast.batch_norm_train(random_input((2, 3, 4), np.float32), axis=1.0)
+
+
+def test_rejects_zero_dimensional_input():
+    with pytest.raises(ValueError, match="channel axis"):
+        bnfast.batch_norm_train(np.float32(1.0).reshape(()), axis=0)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+@pytest.mark.parametrize("shape", [(4,), (3, 1), ()])
+def test_rejects_parameters_not_of_shape_c(name, shape):
+    x = random_input((5, 3, 2), np.float32)
+    kwargs = {name: np.ones(shape, np.float32)}
+    with pytest.raises(ValueError, match=rf"{name} must have shape \(C,\) = \(3,\)"):
+        bnfast.batch_norm_train(x, **kwargs)
+
+
+def test_rejects_running_stats_of_wrong_shape():
+    x = random_input((5, 3, 2), np.float32)
+    with pytest.raises(ValueError, match=r"running_var must have shape \(C,\) = \(3,\)"):
+        bnfast.batch_norm_train(x, running_mean=np.zeros(3, np.float32),
+                                running_var=np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=r"running_mean must have shape"):
+        bnfast.batch_norm_infer(x, None, None, np.zeros(2, np.float32), np.ones(3, np.float32))
+
+
+def test_rejects_float64_parameters_for_float32_input():
+    x = random_input((5, 3), np.float32)
+    w = np.ones(3, np.float64)
+    with pytest.raises(TypeError, match=r"weight is float64 but x is float32, and casting "
+                                        r"would lose precision; pass weight.astype"):
+        bnfast.batch_norm_train(x, w)
+
+
+def test_rejects_integer_parameters():
+    with pytest.raises(TypeError, match="bias must be a floating array, got int64"):
+        bnfast.batch_norm_train(random_input((5, 3), np.float32), None, np.zeros(3, np.int64))
+
+
+def test_rejects_running_stats_that_cannot_be_updated_in_place():
+    x = random_input((5, 3), np.float32)
+    with pytest.raises(TypeError, match="running_mean is float64 but x is float32"):
+        bnfast.batch_norm_train(x, running_mean=np.zeros(3), running_var=np.ones(3))
+    with pytest.raises(TypeError, match="running_mean is updated in place, so it must be a "
+                                        "numpy array, got list"):
+        bnfast.batch_norm_train(x, running_mean=[0.0] * 3, running_var=np.ones(3, np.float32))
+    frozen = np.zeros(3, np.float32)
+    frozen.setflags(write=False)
+    with pytest.raises(ValueError, match="running_mean is read-only"):
+        bnfast.batch_norm_train(x, running_mean=frozen, running_var=np.ones(3, np.float32))
+    strided = np.zeros(6, np.float32)[::2]
+    with pytest.raises(ValueError, match="running_var must be contiguous"):
+        bnfast.batch_norm_train(x, running_mean=np.zeros(3, np.float32), running_var=strided)
+    with pytest.raises(ValueError, match="pass both running_mean and running_var"):
+        bnfast.batch_norm_train(x, running_mean=np.zeros(3, np.float32))
+
+
+def test_rejects_mismatched_dy():
+    x = random_input((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"dy must have x's shape \(5, 3\), got \(5, 4\)"):
+        bnfast.batch_norm_backward(random_input((5, 4), np.float32), x, None, np.zeros(3),
+                                   np.ones(3))
+    with pytest.raises(TypeError, match="dy is float64 but x is float32"):
+        bnfast.batch_norm_backward(random_input((5, 3), np.float64), x, None,
+                                   np.zeros(3, np.float32), np.ones(3, np.float32))
+
+
+def test_rejects_out_of_wrong_shape():
+    x = random_input((5, 3, 2), np.float32)
+    with pytest.raises(ValueError, match=r"out must have x's shape \(5, 3, 2\), got \(5, 3\)"):
+        bnfast.batch_norm_train(x, out=np.empty((5, 3), np.float32))
+
+
+def test_rejects_out_of_wrong_dtype():
+    x = random_input((5, 3, 2), np.float32)
+    with pytest.raises(TypeError, match="out must have x's dtype float32, got float64; "
+                                        "allocate it with np.empty_like"):
+        bnfast.batch_norm_infer(x, None, None, np.zeros(3, np.float32),
+                                np.ones(3, np.float32), out=np.empty((5, 3, 2)))
+
+
+def test_rejects_read_only_out_and_leaves_it_unchanged():
+    x = random_input((5, 3, 2), np.float32)
+    out = np.zeros_like(x)
+    out.setflags(write=False)
+    with pytest.raises(ValueError, match="out is read-only"):
+        bnfast.batch_norm_train(x, out=out)
+    assert not out.any()
+
+
+def test_rejects_out_that_is_not_an_array():
+    with pytest.raises(TypeError, match="out must be a numpy array, got list"):
+        bnfast.batch_norm_train(random_input((5, 3), np.float32), out=[0.0] * 15)
+
+
+def test_rejects_zero_size_batch_in_training():
+    with pytest.raises(ValueError, match=r"x of shape \(0, 3, 4\) has no values per channel; "
+                                         r"training needs a non-empty batch"):
+        bnfast.batch_norm_train(np.empty((0, 3, 4), np.float32))
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
+def test_rejects_one_value_per_channel_in_training(shape):
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when "
+                                         "training"):
+        bnfast.batch_norm_train(np.ones(shape, np.float32))
+    bn = bnfast.BatchNorm1d(3) if len(shape) < 4 else bnfast.BatchNorm2d(3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        bn(np.ones(shape, np.float32))
+    bn.eval()   # inference with running statistics takes a single sample, as in PyTorch
+    assert bn(np.ones(shape, np.float32)).shape == shape
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("eps", -1e-5, r"eps must be in \[0.0, inf\]"),
+    ("eps", float("nan"), "eps must be in"),
+    ("momentum", 1.5, r"momentum must be in \[0.0, 1.0\]"),
+    ("momentum", "0.1", "momentum must be a real number, got str"),
+])
+def test_rejects_bad_scalars(name, value, match):
+    err = TypeError if isinstance(value, str) else ValueError
+    with pytest.raises(err, match=match):
+        bnfast.batch_norm_train(random_input((5, 3), np.float32), **{name: value})
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_batch_raises_and_leaves_running_stats_untouched(layout, bad):
+    x = random_input((4, 5, 6, 7), np.float32)
+    x[2, 1, 3, 3] = bad
+    x[0, 4, 0, 0] = bad
+    axis = 1
+    if layout == "channels_last":
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        axis = -1
+    rm = np.arange(5, dtype=np.float32)
+    rv = np.arange(1, 6, dtype=np.float32)
+    with pytest.raises(FloatingPointError, match=r"not finite in 2 of 5 channels \(1, 4\).*"
+                                                 r"running statistics were left unchanged"):
+        bnfast.batch_norm_train(x, axis=axis, running_mean=rm, running_var=rv)
+    np.testing.assert_array_equal(rm, np.arange(5))
+    np.testing.assert_array_equal(rv, np.arange(1, 6))
+
+
+def test_overflowing_float64_batch_raises():
+    x = random_input((8, 2), np.float64) * 1e200
+    with pytest.raises(FloatingPointError, match="square overflows"):
+        bnfast.batch_norm_train(x)
+
+
+def test_layer_keeps_its_state_after_a_non_finite_batch():
+    bn = bnfast.BatchNorm2d(3)
+    bn(random_input((4, 3, 5, 5), np.float32))
+    before = bn.state_dict()
+    x = random_input((4, 3, 5, 5), np.float32)
+    x[1, 2, 0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match=r"\(2\)"):
+        bn(x)
+    for key, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+def test_merge_stats_rejects_bad_parts():
+    with pytest.raises(ValueError, match=r"means and m2s must both have shape \(P, C\)"):
+        F.merge_stats([2, 3], np.zeros(3), np.zeros(3))
+    with pytest.raises(ValueError, match="counts must be integers"):
+        F.merge_stats([2.5, 3.0], np.zeros((2, 3)), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        F.merge_stats([2, -3], np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_set_num_threads_rejects_zero_and_non_integers():
+    with pytest.raises(ValueError, match="n_threads=0 is not a thread count"):
+        bnfast.set_num_threads(0)
+    with pytest.raises(TypeError, match="n_threads must be an int or None, got float"):
+        bnfast.set_num_threads(2.0)
+
+
+def test_layer_constructor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_features must be a positive int"):
+        bnfast.BatchNorm2d(0)
+    with pytest.raises(TypeError, match="dtype must be float32 or float64, got int32"):
+        bnfast.BatchNorm2d(3, dtype=np.int32)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        bnfast.BatchNorm2d(3, momentum=2.0)
+
+
+def test_load_state_dict_rejects_bad_state_and_loads_nothing():
+    bn = bnfast.BatchNorm1d(3)
+    good = bn.state_dict()
+    with pytest.raises(KeyError, match=r"missing keys \['running_var'\]"):
+        bn.load_state_dict({k: v for k, v in good.items() if k != "running_var"})
+    bad = dict(good, weight=np.full(3, 5.0, np.float32), running_var=np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=r"running_var must have shape \(3,\), got \(4,\)"):
+        bn.load_state_dict(bad)
+    np.testing.assert_array_equal(bn.weight, 1.0)   # nothing half-loaded
+    with pytest.raises(ValueError, match="num_batches_tracked must be one integer"):
+        bn.load_state_dict(dict(good, num_batches_tracked=np.array([1.5])))
+
+
+def test_backward_before_forward_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="backward called before forward"):
+        bnfast.BatchNorm1d(3).backward(np.ones((2, 3), np.float32))

@@ -1,0 +1,160 @@
+"""Threads and instruction sets: OMP_NUM_THREADS, threadpoolctl, set_num_threads,
+BNFAST_ISA; results agree whatever runs them."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast import _runtime
+
+from conftest import random_input
+
+needs_openmp = pytest.mark.skipif(not bnfast.openmp_enabled(),
+                                  reason="serial build: there is no thread pool to limit")
+
+
+def _run_python(code, **env):
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_build_reports_version_and_openmp():
+    assert isinstance(bnfast.openmp_enabled(), bool)
+    assert bnfast.__version__.count(".") >= 2
+
+
+@needs_openmp
+def test_omp_num_threads_is_honoured():
+    assert _run_python("import bnfast; print(bnfast.get_num_threads())",
+                       OMP_NUM_THREADS="1") == "1"
+    assert _run_python("import bnfast; print(bnfast.get_num_threads())",
+                       OMP_NUM_THREADS="3") == "3"
+
+
+@needs_openmp
+def test_threadpoolctl_sees_and_limits_bnfast_openmp_pool():
+    code = """
+import bnfast, threadpoolctl
+from bnfast import _kernels
+pools = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "openmp"]
+mine = [p for p in pools if p["filepath"] in open("/proc/self/maps").read()]
+assert mine, pools
+with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+    inside = bnfast.get_num_threads()
+print(inside, bnfast.get_num_threads() == _kernels.num_procs())
+"""
+    assert _run_python(code, OMP_NUM_THREADS="") .split() == ["1", "True"]
+
+
+def test_set_num_threads_overrides_and_resets():
+    try:
+        bnfast.set_num_threads(3)
+        assert bnfast.get_num_threads() == (3 if bnfast.openmp_enabled() else 1)
+        bnfast.set_num_threads(-1)
+        expected = os.cpu_count() if bnfast.openmp_enabled() else 1
+        assert bnfast.get_num_threads() == expected
+    finally:
+        bnfast.set_num_threads(None)
+    assert bnfast.get_num_threads() == (bnfast._kernels.max_threads()
+                                        if bnfast.openmp_enabled() else 1)
+
+
+@needs_openmp
+def test_set_num_threads_covers_other_python_threads():
+    import threading
+    seen = []
+    bnfast.set_num_threads(1)
+    try:
+        t = threading.Thread(target=lambda: seen.append(bnfast.get_num_threads()))
+        t.start()
+        t.join()
+    finally:
+        bnfast.set_num_threads(None)
+    assert seen == [1]
+
+
+def test_results_agree_across_thread_counts_and_instruction_sets():
+    x = random_input((16, 8, 30, 30), np.float32, offset=2.0)
+    results = []
+    for isa in _runtime.available_isas():
+        for n in (1, 2):
+            _runtime.set_isa(isa)
+            bnfast.set_num_threads(n)
+            try:
+                results.append(bnfast.batch_norm_train(x)[0])
+            finally:
+                bnfast.set_num_threads(None)
+                _runtime.set_isa(None)
+    for y in results[1:]:
+        np.testing.assert_allclose(y, results[0], rtol=1e-6, atol=1e-6)
+
+
+def test_bnfast_isa_environment_variable_forces_baseline():
+    assert _run_python("from bnfast import _runtime; print(_runtime.get_isa())",
+                       BNFAST_ISA="baseline") == "baseline"
+
+
+def test_unknown_isa_is_refused():
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
+        _runtime.set_isa("sse9")
+
+
+def test_concurrent_calls_from_two_threads_are_correct():
+    import threading
+    x = random_input((8, 16, 64, 64), np.float32)
+    expected = bnfast.batch_norm_train(x)[0]
+    out = [None, None]
+
+    def work(i):
+        out[i] = bnfast.batch_norm_train(x)[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for y in out:
+        np.testing.assert_array_equal(y, expected)
+
+
+def test_kernels_release_the_gil():
+    """Python code in another thread keeps running while a kernel runs: were the
+    GIL held, the counting loop would stall for the whole kernel call."""
+    import threading
+    import time
+    x = random_input((64, 64, 64, 64), np.float32)     # ~64 MB: tens of ms per call
+    y = np.empty_like(x)
+
+    def count_for(seconds):
+        n, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+    alone = count_for(0.2)
+    done = threading.Event()
+
+    def kernels():
+        while not done.is_set():
+            bnfast.batch_norm_infer(x, None, None, np.zeros(64, np.float32),
+                                    np.ones(64, np.float32), out=y)
+
+    bnfast.set_num_threads(1)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)   # a held GIL would leave the counter ~1% of the time
+    worker = threading.Thread(target=kernels)
+    try:
+        worker.start()
+        time.sleep(0.05)
+        beside = count_for(0.2)
+    finally:
+        done.set()
+        worker.join()
+        sys.setswitchinterval(interval)
+        bnfast.set_num_threads(None)
+    assert beside > 0.25 * alone, (beside, alone)
