@@ -11,7 +11,7 @@ import sys
 from bnfast import __version__
 from bnfast.errors import CheckFailed, UsageError
 
-COMMANDS = ("demo", "export", "fold")
+COMMANDS = ("demo", "export", "fold", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
