@@ -1,12 +1,153 @@
-"""Placeholder: being written (see the open issue)."""
-from bnfast.errors import UsageError
+"""`bnfast export NET.npz -o NET.onnx`: a saved bnfast.nn network as an ONNX model.
 
-HELP = "(not written yet)"
+--check runs the model in onnxruntime on random inputs and compares its outputs
+with bnfast's own forward in eval mode; above tolerance it exits 1 and writes
+nothing.
+"""
+import argparse
+import os
+
+from bnfast.errors import CheckFailed, UsageError
+
+HELP = "export a saved bnfast.nn network (.npz) to ONNX, optionally with BN folded"
+
+CHECK_BATCH = 16
+# float32: onnxruntime and numpy sum in different orders; folding rounds once more
+TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-10, 1e-10)}   # (atol, rtol)
+
+
+def _shape(text):
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(n < 1 for n in shape):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, "
+                                         f"such as 1,8,8; got {text!r}")
+    return shape
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("net", metavar="NET.npz", help="a network saved with net.save()")
+    parser.add_argument("-o", "--output", required=True, metavar="NET.onnx",
+                        help="where to write the ONNX model")
+    parser.add_argument("--opset", type=int, default=17,
+                        help="ONNX opset, 9 to the newest the installed onnx knows "
+                             "(default 17)")
+    parser.add_argument("--fold", action="store_true",
+                        help="fold each BatchNorm into the Conv/Linear before it")
+    parser.add_argument("--check", action="store_true",
+                        help="compare onnxruntime's outputs with bnfast's on random inputs; "
+                             "exit 1 above tolerance")
+    parser.add_argument("--input-shape", type=_shape, metavar="C,H,W",
+                        help="shape of one input sample, if NET.npz does not record it")
 
 
 def run(args):
-    raise UsageError("this command is not written yet")
+    from bnfast import nn
+    from bnfast._files import atomic_output
+    from bnfast.onnx.export import MIN_OPSET, max_opset, to_model
+
+    if not MIN_OPSET <= args.opset <= max_opset():
+        raise UsageError(f"--opset must be between {MIN_OPSET} and {max_opset()}, "
+                         f"got {args.opset}")
+    try:
+        net = nn.load(args.net)
+    except FileNotFoundError:
+        raise UsageError(f"{args.net}: no such file") from None
+    except nn.LoadError as err:
+        raise UsageError(str(err)) from None
+    sample_shape = args.input_shape or net.input_shape or _shape_from_first_layer(net)
+    if sample_shape is None:
+        raise UsageError(f"{args.net} does not record its input shape; pass "
+                         f"--input-shape C,H,W (the shape of one sample)")
+    if os.path.isdir(args.output):
+        raise UsageError(f"-o {args.output} is a directory; give a file name such as "
+                         f"{os.path.join(args.output, 'net.onnx')}")
+    try:
+        # the temporary file is made first, so an unwritable path fails before any work,
+        # and the model appears under its name only once built (and checked)
+        with atomic_output(args.output) as tmp:
+            try:
+                model = to_model(net, input_shape=(1, *sample_shape), opset=args.opset,
+                                 fold=args.fold)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+            data = model.SerializeToString()
+            if args.check:
+                check(net, data, sample_shape)
+            with open(tmp, "wb") as f:
+                f.write(data)
+    except OSError as err:
+        raise UsageError(f"cannot write {args.output}: {err.strerror or err}") from None
+
+    ops = [node.op_type for node in model.graph.node]
+    print(f"wrote {args.output}: opset {args.opset}, {len(ops)} nodes "
+          f"({ops.count('BatchNormalization')} BatchNormalization"
+          f"{', BN folded' if args.fold else ''}), {len(data)} bytes")
+    return 0
+
+
+def _shape_from_first_layer(net):
+    from bnfast import nn
+    first = net[0] if len(net) else None
+    return (first.in_features,) if isinstance(first, nn.Linear) else None
+
+
+def check(net, model, sample_shape, seed=0):
+    """Run ``model`` (a path or serialized bytes) in onnxruntime on random inputs and
+    compare with ``net`` in eval mode (its modes are restored afterwards).
+
+    Prints the max abs and rel differences; raises CheckFailed above tolerance.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    dtype = np.dtype(net.parameters()[0].dtype if net.parameters() else np.float32)
+    x = np.random.default_rng(seed).standard_normal((CHECK_BATCH, *sample_shape)).astype(dtype)
+    modes = [layer.training for layer in net]
+    try:
+        expected = net.eval()(x)
+    finally:
+        for layer, mode in zip(net, modes):
+            layer.train(mode)
+    try:
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    except Exception as err:   # onnxruntime's errors share no useful base class
+        raise UsageError(f"onnxruntime cannot run this model ({_first_line(err)}); note that "
+                         f"its CPU kernels run convolutions in float32 only") from None
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    max_abs, max_rel, ok, tolerance = compare_outputs(got, expected)
+    print(f"check: onnxruntime vs bnfast on {CHECK_BATCH} random inputs: max abs diff "
+          f"{max_abs:.2e}, max rel diff {max_rel:.2e} (tolerance {tolerance:.2e})")
+    if not ok:
+        raise CheckFailed(f"onnxruntime's outputs differ from bnfast's by up to {max_abs:.3g}, "
+                          f"above the tolerance {tolerance:.3g}; nothing written")
+
+
+def compare_outputs(got, expected):
+    """Max abs diff, max rel diff (relative to the largest |expected|), pass/fail, tolerance.
+
+    Passes when max |got - expected| <= atol + rtol * max |expected|, with atol
+    and rtol by dtype (TOLERANCE). Shapes must match.
+    """
+    import numpy as np
+
+    got = np.asarray(got, dtype=np.float64)
+    expected_f = np.asarray(expected, dtype=np.float64)
+    if got.shape != expected_f.shape:
+        return float("inf"), float("inf"), False, 0.0
+    atol, rtol = TOLERANCE.get(np.asarray(expected).dtype.name, TOLERANCE["float32"])
+    scale = float(np.abs(expected_f).max()) if expected_f.size else 0.0
+    diff = np.abs(got - expected_f)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    if not np.all(np.isfinite(diff)):
+        max_abs = float("inf")
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    tolerance = atol + rtol * scale
+    return max_abs, max_rel, max_abs <= tolerance, tolerance
+
+
+def _first_line(err):
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
