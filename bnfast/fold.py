@@ -30,7 +30,8 @@ import numpy as np
 
 from bnfast.functional import _dtype_hint, scale_shift
 
-__all__ = ["fold_conv_bn", "fold_linear_bn", "fold_conv_transpose_bn", "fold_bn_conv"]
+__all__ = ["fold_conv_bn", "fold_linear_bn", "fold_conv_transpose_bn", "fold_bn_conv",
+           "bn_affine"]
 
 
 # --------------------------------------------------------------------------
@@ -95,6 +96,21 @@ def _bn_map(bn_weight, bn_bias, running_mean, running_var, eps, C, channels):
                          f"{C} channels ({shown}); running_var + eps must be > 0 and every "
                          f"parameter finite")
     return alpha, beta
+
+
+def bn_affine(bn_weight, bn_bias, running_mean, running_var, eps):
+    """The per-channel map of inference BN, ``bn(z) = z * alpha + beta``.
+
+    Parameters are (C,) arrays (bn_weight, bn_bias may be None). Returns alpha
+    and beta as (C,) float64; ValueError if a channel's map is not finite. For
+    layers whose bias is not a plain (C,) vector (ONNX Gemm's C, a MatMul's Add).
+    """
+    running_mean = _array(running_mean, "running_mean")
+    if running_mean.ndim != 1:
+        raise ValueError(f"running_mean must have shape (C,), got {running_mean.shape}")
+    C = running_mean.shape[0]
+    return _bn_map(bn_weight, bn_bias, running_mean, running_var, eps, C,
+                   f"running_mean's {C} channels")
 
 
 def _bias(b, C, channels):

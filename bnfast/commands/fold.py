@@ -1,12 +1,318 @@
-"""Placeholder: being written (see the open issue)."""
-from bnfast.errors import UsageError
+"""`bnfast fold IN.onnx -o OUT.onnx`: fold BatchNormalization into neighbouring layers.
 
-HELP = "(not written yet)"
+Loads the model (with its external data), runs ``bnfast.onnx.fold_model``,
+writes the result atomically (with external data when the input had it or
+the result passes the 2 GB protobuf limit), and with ``--check`` compares both
+models in onnxruntime on random inputs. Exit 0 on success, 1 when the check
+finds a difference above tolerance, 2 on bad input.
+"""
+import os
+import re
+import sys
+
+from bnfast._files import atomic_output
+from bnfast.errors import CheckFailed, UsageError
+
+HELP = "fold BatchNormalization into the layers next to it in an ONNX model"
+
+# Above these a model counts as large: progress is shown.
+LARGE_BYTES = 100 * 2 ** 20
+LARGE_NODES = 2000
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("input", metavar="IN.onnx", help="the model to fold")
+    parser.add_argument("-o", "--output", metavar="OUT.onnx", required=True,
+                        help="where to write the folded model")
+    parser.add_argument("--check", action="store_true",
+                        help="compare both models in onnxruntime (graph optimizations off) on "
+                             "random inputs; exit 1 if they differ above tolerance")
+    parser.add_argument("--report", metavar="REPORT.json",
+                        help="write what was folded, what was left and why, sizes and the "
+                             "check as JSON")
+    parser.add_argument("--bn-before-conv", action="store_true",
+                        help="also fold a BN into the Conv after it when that Conv has no "
+                             "padding")
+    parser.add_argument("--force", action="store_true",
+                        help="allow OUT.onnx to be IN.onnx (overwrite the input)")
+    parser.add_argument("--dim", metavar="NAME=SIZE", action="append", default=[],
+                        help="size of a named dynamic input dimension for --check (repeat "
+                             "for several); unnamed dynamic dimensions are 2 on the first "
+                             "axis, 16 elsewhere")
+    parser.add_argument("--rtol", type=float, default=None,
+                        help="relative tolerance of --check, against each output's largest "
+                             "|value| (default by dtype: 1e-4 for float32)")
+    parser.add_argument("--atol", type=float, default=None,
+                        help="absolute tolerance of --check (default by dtype: 1e-5 for "
+                             "float32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--progress", action="store_true",
+                        help="show progress (shown anyway for large models)")
 
 
 def run(args):
-    raise UsageError("this command is not written yet")
+    import onnx
+
+    from bnfast.onnx import check
+    from bnfast.onnx.fold import PROTOBUF_LIMIT, InvalidModel, fold_model
+
+    dims = _parse_dims(args.dim, args.check)
+    _check_tolerances(args)
+    overwrite = _refuse_overwrite(args.input, args.output, args.force)
+    if args.report:
+        _require_directory(args.report, "--report")
+    _require_directory(args.output, "-o")
+
+    model, external, size_before = _load(args.input)
+    large = size_before >= LARGE_BYTES or len(model.graph.node) >= LARGE_NODES
+    huge = model.ByteSize() > PROTOBUF_LIMIT
+    if huge:   # fold_model can check models this large only through their file
+        try:
+            onnx.checker.check_model(args.input)
+        except onnx.checker.ValidationError as err:
+            raise UsageError(f"{args.input}: not a valid ONNX model: {err}") from None
+    if args.check:
+        if huge and overwrite:
+            raise UsageError("--check compares with the input, which -o would overwrite, and "
+                             "a model over 2 GB cannot be kept in memory for it; write to "
+                             "another file")
+        try:
+            check.input_shapes(model, dims)
+        except ValueError as err:
+            raise UsageError(f"--check: {err}") from None
+
+    try:
+        folded, report = fold_model(model, bn_before_conv=args.bn_before_conv,
+                                    progress=args.progress or large)
+    except InvalidModel as err:
+        raise UsageError(f"{args.input}: {err}") from None
+    # onnxruntime reads models with external data (and huge ones) from their files
+    reference = args.input if huge or (external and not overwrite) else model
+    _say(large, f"writing {args.output}")
+    report.size_before = size_before
+    report.size_after, candidate = _write_model(folded, args.output,
+                                                external or folded.ByteSize() > PROTOBUF_LIMIT)
+
+    if args.check:
+        _say(large, "checking in onnxruntime")
+        try:
+            result = check.compare(reference, candidate, dims=dims, seed=args.seed,
+                                   rtol=args.rtol, atol=args.atol)
+        except (ValueError, RuntimeError) as err:
+            raise UsageError(f"--check: {err}") from None
+        report.check = result.to_dict()
+    if args.report:
+        _write_text(args.report, report.to_json() + "\n")
+    _print_summary(args, report)
+    if report.check is not None and not report.check["passed"]:
+        worst, diff = next((k, o) for k, o in report.check["outputs"].items() if not o["passed"])
+        raise CheckFailed(f"{args.output} differs from {args.input}: max abs diff "
+                          f"{diff['max_abs_diff']:.3g}, max rel diff {diff['max_rel_diff']:.3g} "
+                          f"on output '{worst}' (tolerance rtol={diff['rtol']:g}, "
+                          f"atol={diff['atol']:g}); the folded model was written for inspection")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# arguments
+# --------------------------------------------------------------------------
+
+def _parse_dims(items, checking):
+    dims = {}
+    for item in items:
+        match = re.fullmatch(r"\s*([^=\s]+)\s*=\s*(\d+)\s*", item)
+        if not match or int(match.group(2)) < 1:
+            raise UsageError(f"--dim {item!r}: expected NAME=SIZE with SIZE >= 1, e.g. "
+                             f"--dim batch=2")
+        dims[match.group(1)] = int(match.group(2))
+    if dims and not checking:
+        raise UsageError("--dim sets input sizes for --check; add --check")
+    return dims
+
+
+def _check_tolerances(args):
+    for name in ("rtol", "atol"):
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 and value != float("inf")):
+            raise UsageError(f"--{name} must be a finite number >= 0, got {value}")
+
+
+def _refuse_overwrite(src, dst, force):
+    """Whether OUT is IN; UsageError if so without --force."""
+    same = os.path.abspath(src) == os.path.abspath(dst)
+    if not same and os.path.exists(src) and os.path.exists(dst):
+        same = os.path.samefile(src, dst)
+    if same and not force:
+        raise UsageError(f"refusing to overwrite the input {src}; choose another -o or pass "
+                         f"--force")
+    return same
+
+
+def _require_directory(path, option):
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{option} {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+
+
+# --------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------
+
+def _load(path):
+    """(model with external data loaded, whether it had external data, bytes on disk
+    with its data files); UsageError for anything that is not a readable ONNX model."""
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not an ONNX model file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except DecodeError:
+        raise UsageError(f"{path} is not an ONNX model: it does not parse as one (truncated, "
+                         f"or another format?)") from None
+    if model.ir_version < 1 or not model.HasField("graph") or not model.opset_import:
+        raise UsageError(f"{path} is not an ONNX model: it has no IR version, graph or opset "
+                         f"(empty, truncated, or another format?)")
+    external = any(uses_external_data(t) for t in _initializers(model.graph))
+    size = len(data) + _data_files_size(model, path)
+    if external:
+        _say(size >= LARGE_BYTES, f"loading the external data of {path}")
+        try:
+            load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        except (OSError, ValueError, onnx.checker.ValidationError) as err:
+            raise UsageError(f"{path} keeps weights in external data that cannot be read: "
+                             f"{err}") from None
+    return model, external, size
+
+
+def _write_model(model, path, external):
+    """Write `model` atomically; with its tensors in PATH.data when `external`.
+    Returns (bytes written, what onnxruntime should load: the model or the path)."""
+    import onnx
+
+    try:
+        if not external:
+            with atomic_output(path) as tmp:
+                onnx.save_model(model, tmp)
+                _usual_permissions(tmp)
+            return os.path.getsize(path), model
+        data_path = _save_external(model, path)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+    try:
+        onnx.checker.check_model(path)
+    except onnx.checker.ValidationError as err:
+        raise RuntimeError(f"bnfast wrote a model the ONNX checker rejects ({err}); this is "
+                           f"a bug in bnfast, please report it") from None
+    data_size = os.path.getsize(data_path) if os.path.isfile(data_path) else 0
+    return os.path.getsize(path) + data_size, path
+
+
+def _save_external(model, path):
+    """Save `model` with its tensors in PATH.data, both files written atomically
+    (the data file is renamed into place first). Returns the data file's path."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    data_name = os.path.basename(path) + ".data"
+    data_path = os.path.join(os.path.dirname(os.path.abspath(path)), data_name)
+    with atomic_output(path) as tmp_model, atomic_output(data_path) as tmp_data:
+        onnx.save_model(model, tmp_model, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
+        for tensor in _initializers(model.graph):     # point at the final data file
+            if uses_external_data(tensor):
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = data_name
+        onnx.save_model(model, tmp_model)
+        _usual_permissions(tmp_model)
+        _usual_permissions(tmp_data)
+    if os.path.getsize(data_path) == 0:   # every tensor was small enough to stay inline
+        os.remove(data_path)
+    return data_path
+
+
+def _write_text(path, text):
+    try:
+        with atomic_output(path) as tmp:
+            with open(tmp, "w") as f:
+                f.write(text)
+            _usual_permissions(tmp)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _usual_permissions(path):
+    """Temporary files are created private (0600); give the result the mode a
+    newly created file would have (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _initializers(graph):
+    from bnfast.onnx._graph import subgraphs
+
+    yield from graph.initializer
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from _initializers(sub)
+
+
+def _data_files_size(model, path):
+    """Bytes of the external data files a model (not yet loaded) names."""
+    from onnx.external_data_helper import uses_external_data
+
+    directory = os.path.dirname(os.path.abspath(path))
+    locations = {entry.value for t in _initializers(model.graph) if uses_external_data(t)
+                 for entry in t.external_data if entry.key == "location"}
+    files = [os.path.join(directory, location) for location in locations]
+    return sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+
+
+# --------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------
+
+def _say(large, text):
+    if large:
+        print(f"bnfast fold: {text}...", file=sys.stderr, flush=True)
+
+
+def _size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _print_summary(args, report):
+    total = len(report.folded) + len(report.left)
+    lines = [f"{args.input} -> {args.output}",
+             f"  folded {len(report.folded)} of {total} BatchNormalization nodes"]
+    for item in report.left:
+        name = f"'{item['node']}'" if item["node"] else f"(output '{item['output']}')"
+        lines.append(f"  left {name}: {item['reason']}")
+    lines.append(f"  nodes {report.nodes_before} -> {report.nodes_after}, "
+                 f"size {_size(report.size_before)} -> {_size(report.size_after)}")
+    if report.check is not None:
+        c = report.check
+        shapes = ", ".join(f"{k} {v}" for k, v in c["input_shapes"].items())
+        lines.append(f"  check (onnxruntime, optimizations off, inputs {shapes}): max abs diff "
+                     f"{c['max_abs_diff']:.3g}, max rel diff {c['max_rel_diff']:.3g}: "
+                     f"{'ok' if c['passed'] else 'ABOVE TOLERANCE'}")
+    if args.report:
+        lines.append(f"  report: {args.report}")
+    print("\n".join(lines))

@@ -1,5 +1,203 @@
-"""Placeholder: being written (see the open issue)."""
+"""Fold inference BatchNormalization nodes of an ONNX model into their neighbours.
+
+At inference a BatchNormalization is a per-channel affine map, so it can vanish
+into the weights of a linear layer next to it. ``fold_model`` runs two passes
+until neither changes the graph:
+
+- ``fold_bn_after``: BN into the layer before it (Conv of any rank, grouped or
+  depthwise; ConvTranspose, grouped too; Gemm with any transA, transB, alpha,
+  beta and C; MatMul with a constant 2-D weight, alone or followed by Add of a
+  constant bias). Chains such as Conv -> BN -> BN fold completely.
+- ``fold_bn_before`` (``bn_before_conv=True``): BN into the Conv after it, when
+  that Conv has no padding.
+
+New weights are computed in float64 by ``bnfast.fold`` and stored in the
+weights' dtype, so the output graph is final and never has more nodes than the
+input. A BN is left in place, with the reason in the report, when it is in
+training mode, has ``spatial=0``, has non-constant parameters, or its
+neighbour is not a layer it can fold into safely (the neighbour's output is
+read elsewhere, a graph output, or its weights are not constant). Weights that
+other nodes share are cloned, never changed under them. Graph inputs and
+outputs, value_info, opset imports, metadata and functions are kept; IR < 4
+models keep every initializer listed as a graph input. Only the main graph is
+folded: BN nodes inside subgraphs (If, Loop, Scan) and functions are reported
+as left.
+"""
+import dataclasses
+import json
+import sys
+
+import onnx
+from tqdm import tqdm
+
+from bnfast.onnx import fold_bn_after, fold_bn_before
+from bnfast.onnx._graph import Graph, in_default_domain, subgraphs
+from bnfast.onnx.fold_bn import label
+
+__all__ = ["fold_model", "FoldReport", "InvalidModel"]
+
+# The protobuf limit: larger models can only be checked and saved through files.
+PROTOBUF_LIMIT = 2 ** 31 - 1
 
 
-def fold_model(model, **options):
-    raise NotImplementedError("bnfast.onnx.fold_model is not written yet")
+class InvalidModel(ValueError):
+    """The model handed to fold_model is not a valid ONNX model."""
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """What fold_model did. ``folded`` and ``left`` hold one dict per BN node:
+    ``{"node", "output", "into"}`` and ``{"node", "output", "reason"}``. Sizes are
+    serialized model sizes in bytes (the CLI replaces them with file sizes);
+    ``check`` is filled by ``bnfast fold --check``."""
+    folded: list = dataclasses.field(default_factory=list)
+    left: list = dataclasses.field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    size_before: int = 0
+    size_after: int = 0
+    check: dict = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def fold_model(model, *, bn_before_conv=False, progress=False):
+    """Fold inference BatchNormalization nodes into neighbouring layers.
+
+    model : onnx.ModelProto with its weights loaded (``onnx.load`` loads
+        external data by default). It is not modified.
+    bn_before_conv : also fold a BN into the Conv after it when that Conv has
+        no padding (a BN that can go into the layer before it goes there first).
+    progress : show a progress bar on stderr.
+
+    Returns ``(folded_model, report)``: a new ModelProto and a FoldReport.
+    Raises TypeError if `model` is not a ModelProto and InvalidModel (a
+    ValueError) if it is not a valid ONNX model or its external data is not loaded.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"model must be an onnx.ModelProto, got {type(model).__name__}; "
+                        f"load a file with onnx.load(path)")
+    _require_loaded_data(model)
+    full_check = _validate(model)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    report = FoldReport(nodes_before=len(model.graph.node), size_before=model.ByteSize())
+
+    graph = Graph(folded)
+    passes = [fold_bn_after] + ([fold_bn_before] if bn_before_conv else [])
+    pending = [n for n in graph.proto.node
+               if n.op_type == "BatchNormalization" and in_default_domain(n)]
+    reasons = {}
+    show = progress and bool(pending)
+    with tqdm(total=len(pending), desc="folding BatchNormalization", unit="node",
+              disable=not show, file=sys.stderr) as bar:
+        while pending:
+            still = []
+            for node in pending:
+                fold_pass, match, why = _first_match(node, graph, passes)
+                if fold_pass is not None:
+                    fold_pass.rewrite(match, graph)
+                    report.folded.append({"node": node.name, "output": node.output[0],
+                                          "into": match.into})
+                    bar.update(1)
+                else:
+                    reasons[id(node)] = why
+                    still.append(node)
+            if len(still) == len(pending):   # a pass without a fold: nothing else will
+                break
+            pending = still
+        bar.update(len(pending))
+    for node in pending:
+        report.left.append({"node": node.name, "output": node.output[0],
+                            "reason": reasons[id(node)]})
+    report.left.extend(_nested_bns(folded))
+    graph.finish()
+
+    report.nodes_after = len(folded.graph.node)
+    report.size_after = folded.ByteSize()
+    _check_output(folded, full_check)
+    return folded, report
+
+
+def _first_match(node, graph, passes):
+    """(pass, match, None) for the first pass that folds `node`, else (None, None, why)."""
+    reasons = []
+    for fold_pass in passes:
+        match = fold_pass.matches(node, graph)
+        if match:
+            return fold_pass, match, None
+        reasons.append(match.reason)
+    if len(reasons) == 1:
+        return None, None, reasons[0]
+    return None, None, f"not into the layer before it: {reasons[0]}; not into the layer after " \
+                 f"it: {reasons[1]}"
+
+
+def _nested_bns(model):
+    """BN nodes the passes do not visit: inside subgraphs and functions."""
+    left = []
+
+    def visit(graph, where):
+        for node in graph.node:
+            for sub in subgraphs(node):
+                inner = f"{where}a subgraph of {node.op_type} {label(node)}"
+                for n in sub.node:
+                    if n.op_type == "BatchNormalization":
+                        left.append({"node": n.name, "output": n.output[0] if n.output else "",
+                                     "reason": f"inside {inner}; only the main graph is "
+                                               f"folded"})
+                visit(sub, f"{inner}, in ")
+
+    visit(model.graph, "")
+    for function in model.functions:
+        for n in function.node:
+            if n.op_type == "BatchNormalization":
+                left.append({"node": n.name, "output": n.output[0] if n.output else "",
+                             "reason": f"inside function {function.domain}:{function.name}; "
+                                       f"only the main graph is folded"})
+    return left
+
+
+def _require_loaded_data(model):
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
+            raise InvalidModel(f"initializer '{tensor.name}' is stored in an external data "
+                               f"file that is not loaded; load the model with onnx.load(path) "
+                               f"(which loads external data) or "
+                               f"onnx.load_external_data_for_model(model, directory)")
+
+
+def _validate(model):
+    """Raise InvalidModel unless the ONNX checker accepts `model`. Returns whether it
+    also passes the full check (with shape inference), which the output must then pass."""
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        return False     # the checker needs a file for these; the CLI checks the file
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise InvalidModel(f"not a valid ONNX model: {_first_line(err)}") from None
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        return False
+    return True
+
+
+def _check_output(model, full_check):
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        return
+    try:
+        onnx.checker.check_model(model, full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise RuntimeError(f"bnfast produced a model the ONNX checker rejects "
+                           f"({_first_line(err)}); this is a bug in bnfast, please report "
+                           f"it with the model") from err
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

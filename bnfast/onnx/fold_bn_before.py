@@ -1,0 +1,99 @@
+"""Graph pass (optional): fold an inference BatchNormalization into the Conv after it.
+
+Before:                                After:
+
+    X -> BN -> Z -> Conv(W, b) -> Y        X -> Conv(W', b') -> Y
+
+Conditions: the BN is in inference mode with constant parameters; the Conv is
+the only reader of Z, reads it as its input (not as a weight), Z is not a graph
+output, and the Conv's weights are constant; the Conv has no padding (``pads``
+all zero, or ``auto_pad`` VALID, or SAME with a 1x1 kernel, which pads nothing).
+With padding the Conv sees zeros around the *normalised* input; after folding
+it would see zeros around the raw input, which is a different value wherever
+the BN shift is not zero, so padded Convs are left alone.
+
+With ``alpha, beta_bn`` of the BN (over the Conv's input channels i) and input
+channel ``i = g * Cin/group + c`` of group g:
+
+    W'[o, c, ...] = W[o, c, ...] * alpha[i]
+    b'[o] = b[o] + sum_{c, k} W[o, c, k] * beta_bn[i]
+
+(``bnfast.fold.fold_bn_conv``). Stride and dilation do not matter.
+"""
+from dataclasses import dataclass
+
+import onnx
+
+from bnfast.fold import fold_bn_conv
+from bnfast.onnx._graph import NotConstant, attribute, in_default_domain
+from bnfast.onnx.fold_bn import NoMatch, label, read_bn
+
+
+@dataclass
+class Match:
+    bn: object               # fold_bn.BatchNorm
+    layer: onnx.NodeProto    # the Conv after it
+    weight: object
+    bias: object
+
+    def __bool__(self):
+        return True
+
+    @property
+    def into(self):
+        return f"Conv {label(self.layer)}"
+
+
+def matches(node, graph):
+    """A Match when BN `node` folds into the Conv reading its output, else NoMatch."""
+    bn = read_bn(node, graph)
+    if not bn:
+        return bn
+    conv = graph.only_reader(bn.Y)
+    if conv is None:
+        uses = graph.uses(bn.Y)
+        return NoMatch(f"its output '{bn.Y}' has {uses} readers or is a graph output; it "
+                       f"folds into a following Conv only when that Conv is its one reader")
+    if not in_default_domain(conv) or conv.op_type != "Conv":
+        return NoMatch(f"the node after it is {conv.op_type} {label(conv)}, not a Conv")
+    if conv.input[0] != bn.Y or list(conv.input).count(bn.Y) != 1:
+        return NoMatch(f"it feeds a weight of Conv {label(conv)}, not its input")
+    try:
+        W = graph.constant(conv.input[1])
+        b = graph.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    except NotConstant as err:
+        return NoMatch(f"a weight of the Conv {label(conv)} after it is not constant: {err}")
+    group = attribute(conv, "group", 1)
+    if W.dtype.kind != "f" or W.ndim < 3 or W.shape[1] * group != bn.channels:
+        return NoMatch(f"Conv {label(conv)} after it has weight {W.dtype} {W.shape} and "
+                       f"group={group}: not {bn.channels} float input channels")
+    try:
+        W2, b2 = fold_bn_conv(W, b, *bn.params, bn.eps, groups=group,
+                              padding=_padding(conv, W))
+    except ValueError as err:
+        return NoMatch(f"Conv {label(conv)} after it: {err}")
+    return Match(bn, conv, W2, b2)
+
+
+def rewrite(match, graph):
+    """Apply a Match: the Conv reads X with new weights, the BN goes. False if no match."""
+    if not match:
+        return False
+    conv, bn = match.layer, match.bn
+    graph.set_constant_input(conv, 1, match.weight, f"{conv.input[1]}_bnfolded")
+    graph.set_constant_input(conv, 2, match.bias, f"{conv.name or conv.output[0]}_bias_bnfolded")
+    graph.set_input(conv, 0, bn.X)
+    graph.drop(bn.node)
+    graph.forget_value_info(bn.Y)
+    return True
+
+
+def _padding(conv, W):
+    """The Conv's padding in the terms fold_bn_conv takes (ints, or "same")."""
+    auto_pad = attribute(conv, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return "valid"
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return 0 if all(k == 1 for k in W.shape[2:]) else "same"
+    return list(attribute(conv, "pads", [0]))
