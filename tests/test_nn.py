@@ -310,6 +310,14 @@ def test_sequential_rejects_a_core_batchnorm_layer_with_a_hint():
         nn.Sequential(bnfast.BatchNorm2d(3))
 
 
+@pytest.mark.parametrize("layer", [nn.Conv2d(1, 2, 3), nn.Linear(2, 2), nn.BatchNorm2d(2),
+                                   nn.ReLU(), nn.MaxPool2d(2), nn.GlobalAvgPool2d(),
+                                   nn.Flatten()], ids=lambda layer: type(layer).__name__)
+def test_backward_before_forward_raises_a_clear_error(layer):
+    with pytest.raises(RuntimeError, match="backward called before forward"):
+        layer.backward(np.zeros((1, 2, 4, 4), np.float32))
+
+
 def test_layer_constructors_reject_bad_arguments():
     with pytest.raises(ValueError, match="out_channels must be >= 1"):
         nn.Conv2d(1, 0, 3)

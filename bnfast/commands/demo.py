@@ -20,7 +20,8 @@ import time
 
 from bnfast.errors import CheckFailed, UsageError
 
-HELP = "train a small CNN with BatchNorm on bundled digits, export it to ONNX, check it in onnxruntime"
+HELP = ("train a small CNN with BatchNorm on bundled digits, export it to ONNX, check it "
+        "in onnxruntime")
 
 EPOCHS = 15
 BATCH = 32
@@ -222,7 +223,6 @@ def plot_curves(runs, path):
 
 def check_onnx(net, x_test, y_test, out):
     """Export plain and folded, run both in onnxruntime on the test set, compare."""
-    import numpy as np
     import onnxruntime as ort
 
     from bnfast.commands.export import compare_outputs
@@ -304,7 +304,7 @@ def _print_summary(summary, out, plot_note):
         ("epochs to 95 % test acc.", reached(bn["epochs_to_95"]),
          reached(plain["epochs_to_95"])),
         ("training time", f"{bn['train_seconds']:.1f} s", f"{plain['train_seconds']:.1f} s"),
-        ("", "", ""),
+        None,
         (f"ONNX (opset {onnx['opset']}), onnxruntime", "plain", "BN folded"),
         ("nodes (BatchNormalization)",
          f"{onnx['plain']['nodes']} ({onnx['plain']['batchnorm_nodes']})",
@@ -318,8 +318,8 @@ def _print_summary(summary, out, plot_note):
          f"{onnx['folded']['max_logit_diff']:.1e}"),
     ]
     print()
-    for label, a, b in rows:
-        print(f"  {label:<30}{a:>12}  {b:>12}")
+    for row in rows:
+        print("" if row is None else f"  {row[0]:<30}{row[1]:>12}  {row[2]:>12}")
     print()
     if plot_note:
         print(f"note: {plot_note}")

@@ -156,6 +156,12 @@ class Module:
         """Constructor arguments as JSON values (what ``save`` stores)."""
         return {}
 
+    def _saved(self, value):
+        """What forward kept for backward; a clear error if forward has not run."""
+        if value is None:
+            raise RuntimeError(f"{self!r}.backward called before forward")
+        return value
+
     @classmethod
     def state_shapes(cls, config):
         """The shape of each state array a layer built from ``config`` holds."""
@@ -231,9 +237,7 @@ class Conv2d(Module):
                                     .transpose(0, 3, 1, 2))
 
     def backward(self, dy):
-        if self._cache is None:
-            raise RuntimeError(f"{self!r}.backward called before forward")
-        x_shape, pad_shape, y_shape, cols = self._cache
+        x_shape, pad_shape, y_shape, cols = self._saved(self._cache)
         if np.shape(dy) != y_shape:
             raise ValueError(f"dy must have the shape of the last output {y_shape}, "
                              f"got {np.shape(dy)}")
@@ -294,9 +298,8 @@ class Linear(Module):
         return y
 
     def backward(self, dy):
-        if self._x is None:
-            raise RuntimeError(f"{self!r}.backward called before forward")
-        self.grad_weight = dy.T @ self._x
+        x = self._saved(self._x)
+        self.grad_weight = dy.T @ x
         if self.bias is not None:
             self.grad_bias = dy.sum(axis=0)
         return dy @ self.weight
@@ -351,6 +354,7 @@ class BatchNorm2d(core.BatchNorm2d, _BatchNormModule):
 
 class ReLU(Module):
     """y = max(x, 0)."""
+    _positive = None
 
     def forward(self, x):
         x = np.asarray(x)
@@ -358,7 +362,7 @@ class ReLU(Module):
         return np.where(self._positive, x, 0)
 
     def backward(self, dy):
-        return np.where(self._positive, dy, 0)
+        return np.where(self._saved(self._positive), dy, 0)
 
 
 class MaxPool2d(Module):
@@ -367,6 +371,7 @@ class MaxPool2d(Module):
     Output size floor((H + 2 p - k) / s) + 1, as ONNX's MaxPool with ceil_mode 0.
     The gradient goes to the first maximum of each window.
     """
+    _cache = None
 
     def __init__(self, kernel_size, stride=None, padding=0):
         self.kernel_size = _int_arg(kernel_size, "kernel_size", 1)
@@ -394,7 +399,7 @@ class MaxPool2d(Module):
         return np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
 
     def backward(self, dy):
-        x_shape, pad_shape, argmax = self._cache
+        x_shape, pad_shape, argmax = self._saved(self._cache)
         N, C, Hp, Wp = pad_shape
         k, s, p = self.kernel_size, self.stride, self.padding
         Ho, Wo = argmax.shape[2:]
@@ -411,6 +416,7 @@ class MaxPool2d(Module):
 
 class GlobalAvgPool2d(Module):
     """Mean over H and W: (N, C, H, W) -> (N, C, 1, 1), as ONNX's GlobalAveragePool."""
+    _shape = None
 
     def forward(self, x):
         x = _check_input(self, x, 4)
@@ -418,12 +424,13 @@ class GlobalAvgPool2d(Module):
         return x.mean(axis=(2, 3), keepdims=True, dtype=x.dtype)
 
     def backward(self, dy):
-        N, C, H, W = self._shape
-        return np.broadcast_to(dy / (H * W), self._shape).copy()
+        shape = self._saved(self._shape)
+        return np.broadcast_to(dy / (shape[2] * shape[3]), shape).copy()
 
 
 class Flatten(Module):
     """(N, ...) -> (N, prod(...)), as ONNX's Flatten with axis 1."""
+    _shape = None
 
     def forward(self, x):
         x = np.asarray(x)
@@ -434,7 +441,7 @@ class Flatten(Module):
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy):
-        return dy.reshape(self._shape)
+        return dy.reshape(self._saved(self._shape))
 
 
 # --------------------------------------------------------------------------
