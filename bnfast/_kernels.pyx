@@ -32,13 +32,13 @@ cdef extern from "bn.h" nogil:
     int bn_forward_infer_f32(float *y, const float *x, const float *weight, const float *bias,
                              const float *running_mean, const float *running_var,
                              int64_t N, int64_t C, int64_t S, double eps, int n_threads)
-    void bn_apply_f32(float *y, const float *x, const double *alpha, const double *beta,
+    int bn_apply_f32(float *y, const float *x, const double *alpha, const double *beta,
                       int64_t N, int64_t C, int64_t S, int n_threads)
     int bn_backward_reduce_f32(double *sum_dy, double *sum_dy_xhat,
                                const float *dy, const float *x,
                                const double *mean, const double *invstd,
                                int64_t N, int64_t C, int64_t S, int n_threads)
-    void bn_backward_apply_f32(float *dx, const float *dy, const float *x,
+    int bn_backward_apply_f32(float *dx, const float *dy, const float *x,
                                const double *mean, const double *invstd, const float *weight,
                                const double *sum_dy, const double *sum_dy_xhat, double count,
                                int64_t N, int64_t C, int64_t S, int n_threads)
@@ -58,13 +58,13 @@ cdef extern from "bn.h" nogil:
                              const double *bias, const double *running_mean,
                              const double *running_var,
                              int64_t N, int64_t C, int64_t S, double eps, int n_threads)
-    void bn_apply_f64(double *y, const double *x, const double *alpha, const double *beta,
+    int bn_apply_f64(double *y, const double *x, const double *alpha, const double *beta,
                       int64_t N, int64_t C, int64_t S, int n_threads)
     int bn_backward_reduce_f64(double *sum_dy, double *sum_dy_xhat,
                                const double *dy, const double *x,
                                const double *mean, const double *invstd,
                                int64_t N, int64_t C, int64_t S, int n_threads)
-    void bn_backward_apply_f64(double *dx, const double *dy, const double *x,
+    int bn_backward_apply_f64(double *dx, const double *dy, const double *x,
                                const double *mean, const double *invstd, const double *weight,
                                const double *sum_dy, const double *sum_dy_xhat, double count,
                                int64_t N, int64_t C, int64_t S, int n_threads)
@@ -187,12 +187,13 @@ def apply(floating[::1] y,                  # OUT (N*C*S,)
           const double[::1] alpha,          # IN  (C,)
           const double[::1] beta,           # IN  (C,)
           int64_t N, int64_t C, int64_t S, int n_threads):
+    cdef int status
     with nogil:
         if floating is float:
-            bn_apply_f32(&y[0], &x[0], &alpha[0], &beta[0], N, C, S, n_threads)
+            status = bn_apply_f32(&y[0], &x[0], &alpha[0], &beta[0], N, C, S, n_threads)
         else:
-            bn_apply_f64(&y[0], &x[0], &alpha[0], &beta[0], N, C, S, n_threads)
-    return 0
+            status = bn_apply_f64(&y[0], &x[0], &alpha[0], &beta[0], N, C, S, n_threads)
+    return status
 
 
 def backward_reduce(double[::1] sum_dy,          # OUT (C,)
@@ -223,14 +224,17 @@ def backward_apply(floating[::1] dx,                # OUT (N*C*S,)
                    const double[::1] sum_dy_xhat,   # IN  (C,)
                    double count,
                    int64_t N, int64_t C, int64_t S, int n_threads):
+    cdef int status
     with nogil:
         if floating is float:
-            bn_backward_apply_f32(&dx[0], &dy[0], &x[0], &mean[0], &invstd[0], cptr(weight),
-                                  &sum_dy[0], &sum_dy_xhat[0], count, N, C, S, n_threads)
+            status = bn_backward_apply_f32(&dx[0], &dy[0], &x[0], &mean[0], &invstd[0],
+                                           cptr(weight), &sum_dy[0], &sum_dy_xhat[0], count,
+                                           N, C, S, n_threads)
         else:
-            bn_backward_apply_f64(&dx[0], &dy[0], &x[0], &mean[0], &invstd[0], cptr(weight),
-                                  &sum_dy[0], &sum_dy_xhat[0], count, N, C, S, n_threads)
-    return 0
+            status = bn_backward_apply_f64(&dx[0], &dy[0], &x[0], &mean[0], &invstd[0],
+                                           cptr(weight), &sum_dy[0], &sum_dy_xhat[0], count,
+                                           N, C, S, n_threads)
+    return status
 
 
 def backward(floating[::1] dx,                  # OUT (N*C*S,)

@@ -481,7 +481,8 @@ def batch_norm_apply(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
         alpha = np.empty(C)
         beta = np.empty(C)
         _kernels.scale_shift(alpha, beta, weight, bias, mean, invstd)
-        _kernels.apply(y_flat, block.x, alpha, beta, block.N, C, block.S, get_num_threads())
+        _check_status(_kernels.apply(y_flat, block.x, alpha, beta, block.N, C, block.S,
+                                     get_num_threads()))
     return _finish(y, copy_to)
 
 
@@ -532,6 +533,7 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     dy_flat = block.flat(dy)
     dx, dx_flat, copy_to = block.output(out, [block.x, dy_flat])
     if x.size:
-        _kernels.backward_apply(dx_flat, dy_flat, block.x, mean, invstd, weight, sum_dy,
-                                sum_dy_xhat, count, block.N, C, block.S, get_num_threads())
+        _check_status(_kernels.backward_apply(dx_flat, dy_flat, block.x, mean, invstd, weight,
+                                              sum_dy, sum_dy_xhat, count, block.N, C, block.S,
+                                              get_num_threads()))
     return _finish(dx, copy_to)

@@ -63,13 +63,13 @@ int  bn_forward_train_f32(float *y, float *save_mean, float *save_invstd,
 int  bn_forward_infer_f32(float *y, const float *x, const float *weight, const float *bias,
                           const float *running_mean, const float *running_var,
                           int64_t N, int64_t C, int64_t S, double eps, int n_threads);
-void bn_apply_f32(float *y, const float *x, const double *alpha, const double *beta,
+int  bn_apply_f32(float *y, const float *x, const double *alpha, const double *beta,
                   int64_t N, int64_t C, int64_t S, int n_threads);
 int  bn_backward_reduce_f32(double *sum_dy, double *sum_dy_xhat,
                             const float *dy, const float *x,
                             const double *mean, const double *invstd,
                             int64_t N, int64_t C, int64_t S, int n_threads);
-void bn_backward_apply_f32(float *dx, const float *dy, const float *x,
+int  bn_backward_apply_f32(float *dx, const float *dy, const float *x,
                            const double *mean, const double *invstd, const float *weight,
                            const double *sum_dy, const double *sum_dy_xhat, double count,
                            int64_t N, int64_t C, int64_t S, int n_threads);
@@ -88,13 +88,13 @@ int  bn_forward_train_f64(double *y, double *save_mean, double *save_invstd,
 int  bn_forward_infer_f64(double *y, const double *x, const double *weight, const double *bias,
                           const double *running_mean, const double *running_var,
                           int64_t N, int64_t C, int64_t S, double eps, int n_threads);
-void bn_apply_f64(double *y, const double *x, const double *alpha, const double *beta,
+int  bn_apply_f64(double *y, const double *x, const double *alpha, const double *beta,
                   int64_t N, int64_t C, int64_t S, int n_threads);
 int  bn_backward_reduce_f64(double *sum_dy, double *sum_dy_xhat,
                             const double *dy, const double *x,
                             const double *mean, const double *invstd,
                             int64_t N, int64_t C, int64_t S, int n_threads);
-void bn_backward_apply_f64(double *dx, const double *dy, const double *x,
+int  bn_backward_apply_f64(double *dx, const double *dy, const double *x,
                            const double *mean, const double *invstd, const double *weight,
                            const double *sum_dy, const double *sum_dy_xhat, double count,
                            int64_t N, int64_t C, int64_t S, int n_threads);

@@ -9,10 +9,10 @@ int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
     return VARIANT(FN(bn_collect_stats))(mean, m2, x, N, C, S, n_threads);
 }
 
-void FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
-                  int64_t N, int64_t C, int64_t S, int n_threads)
+int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
+                 int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    VARIANT(FN(bn_apply))(y, x, alpha, beta, N, C, S, n_threads);
+    return VARIANT(FN(bn_apply))(y, x, alpha, beta, N, C, S, n_threads);
 }
 
 int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real *bias,
@@ -43,13 +43,13 @@ int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
                                            N, C, S, n_threads);
 }
 
-void FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
-                           const double *mean, const double *invstd, const real *weight,
-                           const double *sum_dy, const double *sum_dy_xhat, double count,
-                           int64_t N, int64_t C, int64_t S, int n_threads)
+int FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
+                          const double *mean, const double *invstd, const real *weight,
+                          const double *sum_dy, const double *sum_dy_xhat, double count,
+                          int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    VARIANT(FN(bn_backward_apply))(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
-                                   count, N, C, S, n_threads);
+    return VARIANT(FN(bn_backward_apply))(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                          count, N, C, S, n_threads);
 }
 
 int FN(bn_backward)(real *dx, real *dweight, real *dbias,

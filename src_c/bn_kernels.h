@@ -48,33 +48,44 @@ static void FN(collect_stats_cf)(double *mean, double *m2, const real *x,
 }
 
 /* Per-channel mean and M2 of a channels-last block: x is R rows of C values.
- * Each thread sums its rows into private partials of size 2C (shift = row 0),
- * then the partials are added over threads. Returns -1 if scratch fails. */
+ * Each thread sums its rows into private partials of size 2C, shifted by row 0,
+ * then the partials are added over threads. Rows go by in blocks and channels
+ * in chunks, so a chunk's partial sums stay in L1 however large C is.
+ * Returns -1 if scratch fails. */
 static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
                                 int64_t R, int64_t C, int n_threads)
 {
-    int nt = team_size(n_threads, R * C);
-    double *partial = calloc((size_t)(2 * nt * C), sizeof(double));
-    if (!partial) return -1;
-    const real *shift = x;
     if (R == 0) {
         for (int64_t c = 0; c < C; c++) mean[c] = m2[c] = 0.0;
-        free(partial);
         return 0;
     }
+    int nt = team_size(n_threads, R * C);
+    double *partial = calloc((size_t)((2 * nt + 1) * C), sizeof(double));
+    if (!partial) return -1;
+    double *shift = partial + 2 * nt * C;
+    for (int64_t c = 0; c < C; c++) shift[c] = (double)x[c];
 
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        double *restrict s1 = partial + 2 * C * THREAD_ID();
-        double *restrict s2 = s1 + C;
+        double *s1 = partial + 2 * C * THREAD_ID();
+        double *s2 = s1 + C;
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; r++) {
-            const real *x_r = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                double d = (double)x_r[c] - (double)shift[c];
-                s1[c] += d;
-                s2[c] += d * d;
+        for (int64_t r0 = 0; r0 < R; r0 += CL_ROW_BLOCK) {
+            int64_t r1 = r0 + CL_ROW_BLOCK < R ? r0 + CL_ROW_BLOCK : R;
+            for (int64_t c0 = 0; c0 < C; c0 += CL_CHANNEL_CHUNK) {
+                int64_t nc = C - c0 < CL_CHANNEL_CHUNK ? C - c0 : CL_CHANNEL_CHUNK;
+                double *restrict s1_c = s1 + c0;
+                double *restrict s2_c = s2 + c0;
+                const double *restrict shift_c = shift + c0;
+                for (int64_t r = r0; r < r1; r++) {
+                    const real *restrict x_rc = x + r * C + c0;
+                    #pragma omp simd
+                    for (int64_t c = 0; c < nc; c++) {
+                        double d = (double)x_rc[c] - shift_c[c];
+                        s1_c[c] += d;
+                        s2_c[c] += d * d;
+                    }
+                }
             }
         }
     }
@@ -86,7 +97,7 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
             sum += partial[2 * C * t + c];
             sum_sq += partial[2 * C * t + C + c];
         }
-        shifted_moments(&mean[c], &m2[c], (double)shift[c], sum, sum_sq, R);
+        shifted_moments(&mean[c], &m2[c], shift[c], sum, sum_sq, R);
     }
     free(partial);
     return 0;
@@ -127,9 +138,28 @@ static void FN(apply_cf)(real *y, const real *x, const double *alpha, const doub
     }
 }
 
-static void FN(apply_cl)(real *y, const real *x, const double *restrict alpha,
-                         const double *restrict beta, int64_t R, int64_t C, int n_threads)
+/* Channels-last, computed in the tensor's own type for the full SIMD width:
+ *   y = (x - pivot) * scale + offset
+ * with pivot = -beta / alpha rounded to `real` (the x that maps to 0),
+ * scale = alpha and offset = beta + pivot * alpha (a small residual, in double).
+ * This equals x * alpha + beta but never subtracts two large terms, so float32
+ * keeps its precision for data with any offset. R rows of C values; y may be x.
+ * Returns -1 if C-sized scratch cannot be allocated. */
+static int FN(apply_cl)(real *y, const real *x, const double *alpha, const double *beta,
+                        int64_t R, int64_t C, int n_threads)
 {
+    real *pivot = malloc((size_t)(3 * C) * sizeof(real));
+    if (!pivot) return -1;
+    real *scale = pivot + C;
+    real *offset = pivot + 2 * C;
+    for (int64_t c = 0; c < C; c++) {
+        double p = alpha[c] != 0.0 ? (double)(real)(-beta[c] / alpha[c]) : 0.0;
+        if (!isfinite(p)) p = 0.0;
+        pivot[c] = (real)p;
+        scale[c] = (real)alpha[c];
+        offset[c] = (real)(beta[c] + p * alpha[c]);
+    }
+
     int nt = team_size(n_threads, R * C);
     #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t r = 0; r < R; r++) {
@@ -137,18 +167,21 @@ static void FN(apply_cl)(real *y, const real *x, const double *restrict alpha,
         const real *x_r = x + r * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-            y_r[c] = (real)((double)x_r[c] * alpha[c] + beta[c]);
+            y_r[c] = (x_r[c] - pivot[c]) * scale[c] + offset[c];
         }
     }
+    free(pivot);
+    return 0;
 }
 
 /* Per-channel affine map y = x * alpha[c] + beta[c].
- * y, x: (N, C, S); alpha, beta: (C,). y may be x. */
-void FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
-                  int64_t N, int64_t C, int64_t S, int n_threads)
+ * y, x: (N, C, S); alpha, beta: (C,). y may be x. Returns -1 if scratch fails. */
+int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
+                 int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    if (S == 1) FN(apply_cl)(y, x, alpha, beta, N, C, n_threads);
-    else FN(apply_cf)(y, x, alpha, beta, N, C, S, n_threads);
+    if (S == 1) return FN(apply_cl)(y, x, alpha, beta, N, C, n_threads);
+    FN(apply_cf)(y, x, alpha, beta, N, C, S, n_threads);
+    return 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -174,9 +207,9 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
                             invstd_of((double)running_var[c], eps));
     }
 
-    FN(bn_apply)(y, x, alpha, beta, N, C, S, n_threads);
+    int status = FN(bn_apply)(y, x, alpha, beta, N, C, S, n_threads);
     free(alpha);
-    return 0;
+    return status;
 }
 
 /* ------------------------------------------------------------------ */
@@ -263,9 +296,9 @@ static int FN(forward_train_cl)(real *y, real *save_mean, real *save_invstd,
     }
 
     /* normalise */
-    FN(apply_cl)(y, x, alpha, beta, R, C, n_threads);
+    int status = FN(apply_cl)(y, x, alpha, beta, R, C, n_threads);
     free(alpha);
-    return 0;
+    return status;
 }
 
 /* Training forward with batch statistics:
@@ -343,9 +376,10 @@ static inline void FN(backward_apply_slice)(real *dx_nc, const real *dy_nc, cons
     }
 }
 
+/* Channels-last reductions: per-thread partials, rows in blocks, channels in chunks. */
 static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   const real *dy, const real *x,
-                                  const double *restrict mean, const double *restrict invstd,
+                                  const double *mean, const double *invstd,
                                   int64_t R, int64_t C, int n_threads)
 {
     int nt = team_size(n_threads, R * C);
@@ -354,16 +388,25 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
 
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        double *restrict a = partial + 2 * C * THREAD_ID();
-        double *restrict b = a + C;
+        double *a = partial + 2 * C * THREAD_ID();
+        double *b = a + C;
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; r++) {
-            const real *dy_r = dy + r * C;
-            const real *x_r = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                a[c] += (double)dy_r[c];
-                b[c] += (double)dy_r[c] * ((double)x_r[c] - mean[c]);
+        for (int64_t r0 = 0; r0 < R; r0 += CL_ROW_BLOCK) {
+            int64_t r1 = r0 + CL_ROW_BLOCK < R ? r0 + CL_ROW_BLOCK : R;
+            for (int64_t c0 = 0; c0 < C; c0 += CL_CHANNEL_CHUNK) {
+                int64_t nc = C - c0 < CL_CHANNEL_CHUNK ? C - c0 : CL_CHANNEL_CHUNK;
+                double *restrict a_c = a + c0;
+                double *restrict b_c = b + c0;
+                const double *restrict mean_c = mean + c0;
+                for (int64_t r = r0; r < r1; r++) {
+                    const real *restrict dy_rc = dy + r * C + c0;
+                    const real *restrict x_rc = x + r * C + c0;
+                    #pragma omp simd
+                    for (int64_t c = 0; c < nc; c++) {
+                        a_c[c] += (double)dy_rc[c];
+                        b_c[c] += (double)dy_rc[c] * ((double)x_rc[c] - mean_c[c]);
+                    }
+                }
             }
         }
     }
@@ -403,32 +446,76 @@ int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
     return 0;
 }
 
+/* Per-channel coefficients of the dx pass, so channels-last costs two
+ * multiply-adds per element:
+ *   dx = k * (dy - mean_dy - xhat * mean_dy_xhat),  xhat = (x - mean) * invstd
+ *      = dy * k - k_mean_dy - (x - mean) * k_invstd_mean_dy_xhat
+ * with k = weight * invstd, mean_dy = sum_dy / count, mean_dy_xhat = sum_dy_xhat / count. */
+static void FN(backward_coefficients)(double *k, double *k_mean_dy,
+                                      double *k_invstd_mean_dy_xhat, const real *weight,
+                                      const double *invstd, const double *sum_dy,
+                                      const double *sum_dy_xhat, double count, int64_t C)
+{
+    for (int64_t c = 0; c < C; c++) {
+        k[c] = (weight ? (double)weight[c] : 1.0) * invstd[c];
+        k_mean_dy[c] = k[c] * sum_dy[c] / count;
+        k_invstd_mean_dy_xhat[c] = k[c] * invstd[c] * sum_dy_xhat[c] / count;
+    }
+}
+
+/* The dx pass over R rows of C values, rows in blocks, channels in chunks. */
+static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
+                                  const double *mean, const double *k, const double *k_mean_dy,
+                                  const double *k_invstd_mean_dy_xhat,
+                                  int64_t R, int64_t C, int n_threads)
+{
+    int nt = team_size(n_threads, R * C);
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t r0 = 0; r0 < R; r0 += CL_ROW_BLOCK) {
+        int64_t r1 = r0 + CL_ROW_BLOCK < R ? r0 + CL_ROW_BLOCK : R;
+        for (int64_t c0 = 0; c0 < C; c0 += CL_CHANNEL_CHUNK) {
+            int64_t nc = C - c0 < CL_CHANNEL_CHUNK ? C - c0 : CL_CHANNEL_CHUNK;
+            const double *restrict mean_c = mean + c0;
+            const double *restrict k_c = k + c0;
+            const double *restrict k_mean_dy_c = k_mean_dy + c0;
+            const double *restrict k_invstd_mean_dy_xhat_c = k_invstd_mean_dy_xhat + c0;
+            for (int64_t r = r0; r < r1; r++) {
+                real *dx_rc = dx + r * C + c0;
+                const real *dy_rc = dy + r * C + c0;
+                const real *x_rc = x + r * C + c0;
+                #pragma omp simd
+                for (int64_t c = 0; c < nc; c++) {
+                    dx_rc[c] = (real)((double)dy_rc[c] * k_c[c] - k_mean_dy_c[c]
+                                      - ((double)x_rc[c] - mean_c[c])
+                                        * k_invstd_mean_dy_xhat_c[c]);
+                }
+            }
+        }
+    }
+}
+
 /* The pass that writes dx, given the two reductions over `count` values per
  * channel (count may exceed N * S when the sums come from several processes):
  *   dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
- * dx, dy, x: (N, C, S); weight: (C,) or NULL; the rest (C,) double. dx may be dy or x. */
-void FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
-                           const double *mean, const double *invstd, const real *weight,
-                           const double *sum_dy, const double *sum_dy_xhat, double count,
-                           int64_t N, int64_t C, int64_t S, int n_threads)
+ * dx, dy, x: (N, C, S); weight: (C,) or NULL; the rest (C,) double. dx may be dy or x.
+ * Returns -1 if C-sized scratch cannot be allocated. */
+int FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
+                          const double *mean, const double *invstd, const real *weight,
+                          const double *sum_dy, const double *sum_dy_xhat, double count,
+                          int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    int nt = team_size(n_threads, N * C * S);
     if (S == 1) {
-        #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-        for (int64_t r = 0; r < N; r++) {
-            real *dx_r = dx + r * C;
-            const real *dy_r = dy + r * C;
-            const real *x_r = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                double k = (weight ? (double)weight[c] : 1.0) * invstd[c];
-                double xhat = ((double)x_r[c] - mean[c]) * invstd[c];
-                dx_r[c] = (real)(k * ((double)dy_r[c] - sum_dy[c] / count
-                                      - xhat * sum_dy_xhat[c] / count));
-            }
-        }
-        return;
+        double *k = malloc((size_t)(3 * C) * sizeof(double));
+        if (!k) return -1;
+        double *k_mean_dy = k + C, *k_invstd_mean_dy_xhat = k + 2 * C;
+        FN(backward_coefficients)(k, k_mean_dy, k_invstd_mean_dy_xhat, weight, invstd,
+                                  sum_dy, sum_dy_xhat, count, C);
+        FN(backward_apply_cl)(dx, dy, x, mean, k, k_mean_dy, k_invstd_mean_dy_xhat, N, C,
+                              n_threads);
+        free(k);
+        return 0;
     }
+    int nt = team_size(n_threads, N * C * S);
     #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t nc = 0; nc < N * C; nc++) {
         int64_t c = nc % C;
@@ -436,6 +523,7 @@ void FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
                                  weight ? (double)weight[c] : 1.0, sum_dy[c],
                                  sum_dy_xhat[c], count, S);
     }
+    return 0;
 }
 
 /* Backward of the training forward: two reductions, then one pass that writes dx.
@@ -465,8 +553,11 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
             free(scratch);
             return -1;
         }
-        FN(bn_backward_apply)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
-                              (double)M, N, C, S, n_threads);
+        if (FN(bn_backward_apply)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                  (double)M, N, C, S, n_threads) != 0) {
+            free(scratch);
+            return -1;
+        }
     } else {
         /* channels-first: each channel reduced and written while in cache */
         int nt = team_size(n_threads, N * C * S);

@@ -5,7 +5,7 @@
  */
 int  FN(bn_collect_stats)(double *mean, double *m2, const real *x,
                           int64_t N, int64_t C, int64_t S, int n_threads);
-void FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
+int  FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
                   int64_t N, int64_t C, int64_t S, int n_threads);
 int  FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real *bias,
                           const real *running_mean, const real *running_var,
@@ -19,7 +19,7 @@ int  FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
                             const real *dy, const real *x,
                             const double *mean, const double *invstd,
                             int64_t N, int64_t C, int64_t S, int n_threads);
-void FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
+int  FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
                            const double *mean, const double *invstd, const real *weight,
                            const double *sum_dy, const double *sum_dy_xhat, double count,
                            int64_t N, int64_t C, int64_t S, int n_threads);

@@ -294,3 +294,22 @@ def test_thread_teams_match_reference(case, n_threads, isa):
     np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(y_infer, ref.infer(x, w, b, rm, rv, axis=axis), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("offset", [0.0, 1e4, -3e5])
+def test_float32_output_keeps_precision_for_data_with_large_offset(layout, offset, isa):
+    rng = np.random.default_rng(5)
+    x = (offset + rng.standard_normal((16, 8, 12, 12))).astype(np.float32)
+    if layout == "channels_last":
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    axis = 1 if layout == "channels_first" else -1
+    w = np.linspace(0.5, 2.0, 8).astype(np.float32)
+    b = np.linspace(-1.0, 1.0, 8).astype(np.float32)
+    y, _, _ = bnfast.batch_norm_train(x, w, b, axis=axis)
+    count, mean, m2 = F.batch_norm_stats(x, axis=axis)     # float64 statistics
+    y_best = ref.infer(x, w, b, mean, m2 / count, axis=axis)
+    assert np.max(np.abs(y - y_best)) < 4e-6               # a few ulp of |y| ~ 1
+    rm, rv = mean.astype(np.float32), (m2 / count).astype(np.float32)
+    y_infer = bnfast.batch_norm_infer(x, w, b, rm, rv, axis=axis)
+    assert np.max(np.abs(y_infer - ref.infer(x, w, b, rm, rv, axis=axis))) < 4e-6
