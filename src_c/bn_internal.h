@@ -19,12 +19,6 @@
 /* Below this many elements per thread a thread team costs more than it saves. */
 #define MIN_ELEMENTS_PER_THREAD 32768
 
-/* Channels-last kernels walk rows in blocks and, within a block, channels in
- * chunks, so per-channel arrays of one chunk stay in L1 whatever C is, while
- * the block's rows stay in L2 across chunks. */
-#define CL_ROW_BLOCK 1
-#define CL_CHANNEL_CHUNK 1000000
-
 /* Threads worth starting for n_elements of streaming work: tiny tensors run on one. */
 static inline int team_size(int n_threads, int64_t n_elements)
 {

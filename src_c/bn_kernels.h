@@ -49,9 +49,7 @@ static void FN(collect_stats_cf)(double *mean, double *m2, const real *x,
 
 /* Per-channel mean and M2 of a channels-last block: x is R rows of C values.
  * Each thread sums its rows into private partials of size 2C, shifted by row 0,
- * then the partials are added over threads. Rows go by in blocks and channels
- * in chunks, so a chunk's partial sums stay in L1 however large C is.
- * Returns -1 if scratch fails. */
+ * then the partials are added over threads. Returns -1 if scratch fails. */
 static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
                                 int64_t R, int64_t C, int n_threads)
 {
@@ -67,25 +65,16 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
 
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        double *s1 = partial + 2 * C * THREAD_ID();
-        double *s2 = s1 + C;
+        double *restrict s1 = partial + 2 * C * THREAD_ID();
+        double *restrict s2 = s1 + C;
         #pragma omp for schedule(static)
-        for (int64_t r0 = 0; r0 < R; r0 += CL_ROW_BLOCK) {
-            int64_t r1 = r0 + CL_ROW_BLOCK < R ? r0 + CL_ROW_BLOCK : R;
-            for (int64_t c0 = 0; c0 < C; c0 += CL_CHANNEL_CHUNK) {
-                int64_t nc = C - c0 < CL_CHANNEL_CHUNK ? C - c0 : CL_CHANNEL_CHUNK;
-                double *restrict s1_c = s1 + c0;
-                double *restrict s2_c = s2 + c0;
-                const double *restrict shift_c = shift + c0;
-                for (int64_t r = r0; r < r1; r++) {
-                    const real *restrict x_rc = x + r * C + c0;
-                    #pragma omp simd
-                    for (int64_t c = 0; c < nc; c++) {
-                        double d = (double)x_rc[c] - shift_c[c];
-                        s1_c[c] += d;
-                        s2_c[c] += d * d;
-                    }
-                }
+        for (int64_t r = 0; r < R; r++) {
+            const real *restrict x_r = x + r * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                double d = (double)x_r[c] - shift[c];
+                s1[c] += d;
+                s2[c] += d * d;
             }
         }
     }
@@ -376,7 +365,7 @@ static inline void FN(backward_apply_slice)(real *dx_nc, const real *dy_nc, cons
     }
 }
 
-/* Channels-last reductions: per-thread partials, rows in blocks, channels in chunks. */
+/* Channels-last reductions: per-thread partials of size 2C, then added over threads. */
 static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   const real *dy, const real *x,
                                   const double *mean, const double *invstd,
@@ -388,25 +377,16 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
 
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        double *a = partial + 2 * C * THREAD_ID();
-        double *b = a + C;
+        double *restrict a = partial + 2 * C * THREAD_ID();
+        double *restrict b = a + C;
         #pragma omp for schedule(static)
-        for (int64_t r0 = 0; r0 < R; r0 += CL_ROW_BLOCK) {
-            int64_t r1 = r0 + CL_ROW_BLOCK < R ? r0 + CL_ROW_BLOCK : R;
-            for (int64_t c0 = 0; c0 < C; c0 += CL_CHANNEL_CHUNK) {
-                int64_t nc = C - c0 < CL_CHANNEL_CHUNK ? C - c0 : CL_CHANNEL_CHUNK;
-                double *restrict a_c = a + c0;
-                double *restrict b_c = b + c0;
-                const double *restrict mean_c = mean + c0;
-                for (int64_t r = r0; r < r1; r++) {
-                    const real *restrict dy_rc = dy + r * C + c0;
-                    const real *restrict x_rc = x + r * C + c0;
-                    #pragma omp simd
-                    for (int64_t c = 0; c < nc; c++) {
-                        a_c[c] += (double)dy_rc[c];
-                        b_c[c] += (double)dy_rc[c] * ((double)x_rc[c] - mean_c[c]);
-                    }
-                }
+        for (int64_t r = 0; r < R; r++) {
+            const real *restrict dy_r = dy + r * C;
+            const real *restrict x_r = x + r * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                a[c] += (double)dy_r[c];
+                b[c] += (double)dy_r[c] * ((double)x_r[c] - mean[c]);
             }
         }
     }
@@ -463,7 +443,7 @@ static void FN(backward_coefficients)(double *k, double *k_mean_dy,
     }
 }
 
-/* The dx pass over R rows of C values, rows in blocks, channels in chunks. */
+/* The dx pass over R rows of C values. */
 static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
                                   const double *mean, const double *k, const double *k_mean_dy,
                                   const double *k_invstd_mean_dy_xhat,
@@ -471,25 +451,14 @@ static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
 {
     int nt = team_size(n_threads, R * C);
     #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t r0 = 0; r0 < R; r0 += CL_ROW_BLOCK) {
-        int64_t r1 = r0 + CL_ROW_BLOCK < R ? r0 + CL_ROW_BLOCK : R;
-        for (int64_t c0 = 0; c0 < C; c0 += CL_CHANNEL_CHUNK) {
-            int64_t nc = C - c0 < CL_CHANNEL_CHUNK ? C - c0 : CL_CHANNEL_CHUNK;
-            const double *restrict mean_c = mean + c0;
-            const double *restrict k_c = k + c0;
-            const double *restrict k_mean_dy_c = k_mean_dy + c0;
-            const double *restrict k_invstd_mean_dy_xhat_c = k_invstd_mean_dy_xhat + c0;
-            for (int64_t r = r0; r < r1; r++) {
-                real *dx_rc = dx + r * C + c0;
-                const real *dy_rc = dy + r * C + c0;
-                const real *x_rc = x + r * C + c0;
-                #pragma omp simd
-                for (int64_t c = 0; c < nc; c++) {
-                    dx_rc[c] = (real)((double)dy_rc[c] * k_c[c] - k_mean_dy_c[c]
-                                      - ((double)x_rc[c] - mean_c[c])
-                                        * k_invstd_mean_dy_xhat_c[c]);
-                }
-            }
+    for (int64_t r = 0; r < R; r++) {
+        real *dx_r = dx + r * C;
+        const real *dy_r = dy + r * C;
+        const real *x_r = x + r * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            dx_r[c] = (real)((double)dy_r[c] * k[c] - k_mean_dy[c]
+                             - ((double)x_r[c] - mean[c]) * k_invstd_mean_dy_xhat[c]);
         }
     }
 }
