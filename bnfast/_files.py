@@ -10,7 +10,9 @@ def atomic_output(path):
 
     The temporary file lives in the same directory, so the final rename is
     atomic on POSIX. If the body raises, the temporary file is removed and
-    ``path`` is left as it was (absent, or its old content).
+    ``path`` is left as it was (absent, or its old content). The result gets
+    the permissions a plain ``open(path, "w")`` would give it (0666 less the
+    umask), not mkstemp's private 0600.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -19,8 +21,16 @@ def atomic_output(path):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _umask():
+    """The process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
