@@ -235,6 +235,25 @@ def test_refuses_to_overwrite_its_input(model_path, capsys):
     assert model_path.read_bytes() == before
 
 
+def test_refuses_a_report_path_that_is_a_model(model_path, tmp_path, capsys):
+    before = model_path.read_bytes()
+    assert fold(model_path, "-o", tmp_path / "o.onnx", "--report", model_path) == 2
+    assert_one_line_error(capsys, "would overwrite the model")
+    assert model_path.read_bytes() == before
+
+
+def test_refuses_to_write_over_the_inputs_external_data(tmp_path, capsys):
+    # in.onnx keeps its weights in out.onnx.data: writing out.onnx would replace them
+    path = tmp_path / "in.onnx"
+    onnx.save_model(conv_bn_model(cin=8, cout=16), path, save_as_external_data=True,
+                    location="out.onnx.data", size_threshold=0)
+    data = (tmp_path / "out.onnx.data").read_bytes()
+    assert fold(path, "-o", tmp_path / "out.onnx") == 2
+    assert_one_line_error(capsys, "external data of", "--force")
+    assert (tmp_path / "out.onnx.data").read_bytes() == data
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_missing_output_directory_exits_2(model_path, tmp_path, capsys):
     assert fold(model_path, "-o", tmp_path / "no" / "o.onnx") == 2
     assert_one_line_error(capsys, "does not exist")

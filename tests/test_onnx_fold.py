@@ -210,6 +210,23 @@ def test_folds_gemm(trans_a, trans_b, bias):
     assert ops(folded) == ["Gemm"]
 
 
+def test_folds_gemm_of_an_ir3_model_whose_bias_changes_shape():
+    # a scalar C becomes a (N,) vector: a new initializer, listed as a graph input
+    r = rng(3)
+    inits = [const("B", r.standard_normal((4, 5))), const("C", 0.5)] + bn_params("bn", 5)
+    inputs = [info("a", [3, 4])] + [info(t.name, list(t.dims)) for t in inits]
+    nodes = [helper.make_node("Gemm", ["a", "B", "C"], ["z"], name="gemm", beta=2.0),
+             bn("z", "y", "bn")]
+    model = make_model(nodes, inputs, [info("y", [3, 5])], inits, opset=8, ir_version=3)
+    folded, report = fold_and_compare(model)
+    assert_folded_all(folded, report, 1)
+    shapes = {t.name: list(t.dims) for t in folded.graph.initializer}
+    declared = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in folded.graph.input}
+    assert shapes["B"] == [4, 5] and "C" not in shapes
+    assert all(declared[name] == dims for name, dims in shapes.items())
+
+
 def test_folds_matmul_with_constant_weight_into_a_gemm():
     r = rng(4)
     nodes = [helper.make_node("MatMul", ["a", "W"], ["z"], name="mm"), bn("z", "y", "bn")]
@@ -220,7 +237,8 @@ def test_folds_matmul_with_constant_weight_into_a_gemm():
     assert ops(folded) == ["Gemm"] and report.folded[0]["into"] == "Gemm 'mm'"
 
 
-@pytest.mark.parametrize("bias_shape", [(6,), (1, 6), ()], ids=["vector", "row", "scalar"])
+@pytest.mark.parametrize("bias_shape", [(6,), (1, 6), (), (3, 1), (3, 6)],
+                         ids=["vector", "row", "scalar", "per-row", "full"])
 @pytest.mark.parametrize("bias_first", [False, True])
 def test_folds_matmul_followed_by_add_of_constant_bias(bias_shape, bias_first):
     r = rng(5)

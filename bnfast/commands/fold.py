@@ -61,9 +61,13 @@ def run(args):
     overwrite = _refuse_overwrite(args.input, args.output, args.force)
     if args.report:
         _require_directory(args.report, "--report")
+        if _same_file(args.report, args.input) or _same_file(args.report, args.output):
+            raise UsageError(f"--report {args.report} would overwrite the model; give the "
+                             f"report its own file")
     _require_directory(args.output, "-o")
 
-    model, external, size_before = _load(args.input)
+    model, data_files, size_before = _load(args.input)
+    external = bool(data_files)
     large = size_before >= LARGE_BYTES or len(model.graph.node) >= LARGE_NODES
     huge = model.ByteSize() > PROTOBUF_LIMIT
     if huge:   # fold_model can check models this large only through their file
@@ -88,10 +92,15 @@ def run(args):
         raise UsageError(f"{args.input}: {err}") from None
     # onnxruntime reads models with external data (and huge ones) from their files
     reference = args.input if huge or (external and not overwrite) else model
+    as_external = external or folded.ByteSize() > PROTOBUF_LIMIT
+    if as_external and not args.force and any(_same_file(_data_path(args.output), f)
+                                              for f in data_files):
+        raise UsageError(f"the output's data file {_data_path(args.output)} is the external "
+                         f"data of {args.input}, which writing would change; choose another "
+                         f"-o or pass --force")
     _say(large, f"writing {args.output}")
     report.size_before = size_before
-    report.size_after, candidate = _write_model(folded, args.output,
-                                                external or folded.ByteSize() > PROTOBUF_LIMIT)
+    report.size_after, candidate = _write_model(folded, args.output, as_external)
 
     if args.check:
         _say(large, "checking in onnxruntime")
@@ -137,11 +146,15 @@ def _check_tolerances(args):
             raise UsageError(f"--{name} must be a finite number >= 0, got {value}")
 
 
+def _same_file(a, b):
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def _refuse_overwrite(src, dst, force):
     """Whether OUT is IN; UsageError if so without --force."""
-    same = os.path.abspath(src) == os.path.abspath(dst)
-    if not same and os.path.exists(src) and os.path.exists(dst):
-        same = os.path.samefile(src, dst)
+    same = _same_file(src, dst)
     if same and not force:
         raise UsageError(f"refusing to overwrite the input {src}; choose another -o or pass "
                          f"--force")
@@ -161,11 +174,11 @@ def _require_directory(path, option):
 # --------------------------------------------------------------------------
 
 def _load(path):
-    """(model with external data loaded, whether it had external data, bytes on disk
-    with its data files); UsageError for anything that is not a readable ONNX model."""
+    """(model with external data loaded, the external data files it names, bytes on
+    disk with those files); UsageError for anything that is not a readable ONNX model."""
     import onnx
     from google.protobuf.message import DecodeError
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+    from onnx.external_data_helper import load_external_data_for_model
 
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not an ONNX model file")
@@ -185,16 +198,16 @@ def _load(path):
     if model.ir_version < 1 or not model.HasField("graph") or not model.opset_import:
         raise UsageError(f"{path} is not an ONNX model: it has no IR version, graph or opset "
                          f"(empty, truncated, or another format?)")
-    external = any(uses_external_data(t) for t in _initializers(model.graph))
-    size = len(data) + _data_files_size(model, path)
-    if external:
+    data_files = _data_files(model, path)
+    size = len(data) + sum(os.path.getsize(f) for f in data_files if os.path.isfile(f))
+    if data_files:
         _say(size >= LARGE_BYTES, f"loading the external data of {path}")
         try:
             load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         except (OSError, ValueError, onnx.checker.ValidationError) as err:
             raise UsageError(f"{path} keeps weights in external data that cannot be read: "
                              f"{err}") from None
-    return model, external, size
+    return model, data_files, size
 
 
 def _write_model(model, path, external):
@@ -226,8 +239,8 @@ def _save_external(model, path):
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    data_name = os.path.basename(path) + ".data"
-    data_path = os.path.join(os.path.dirname(os.path.abspath(path)), data_name)
+    data_path = _data_path(path)
+    data_name = os.path.basename(data_path)
     with atomic_output(path) as tmp_model, atomic_output(data_path) as tmp_data:
         onnx.save_model(model, tmp_model, save_as_external_data=True,
                         all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
@@ -271,15 +284,19 @@ def _initializers(graph):
             yield from _initializers(sub)
 
 
-def _data_files_size(model, path):
-    """Bytes of the external data files a model (not yet loaded) names."""
+def _data_files(model, path):
+    """Paths of the external data files a model (not yet loaded) names."""
     from onnx.external_data_helper import uses_external_data
 
     directory = os.path.dirname(os.path.abspath(path))
     locations = {entry.value for t in _initializers(model.graph) if uses_external_data(t)
                  for entry in t.external_data if entry.key == "location"}
-    files = [os.path.join(directory, location) for location in locations]
-    return sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    return sorted(os.path.join(directory, location) for location in locations)
+
+
+def _data_path(path):
+    """Where the external data of a model written to `path` goes."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(path) + ".data")
 
 
 # --------------------------------------------------------------------------

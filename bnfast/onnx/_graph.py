@@ -158,7 +158,7 @@ class Graph:
             if self.is_overridable(name):
                 raise NotConstant(f"'{name}' is a graph input with a default value, which a "
                                   f"caller may override")
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_value(self.initializers[name])
         node = self.producer.get(name)
         if node is None:
             where = "a graph input" if name in self.inputs else "not defined in the graph"
@@ -190,13 +190,16 @@ class Graph:
     def set_constant_input(self, node, index, array, base_name):
         """Make input `index` of `node` read `array`.
 
-        A plain initializer read only there is overwritten under its own name (so
-        IR < 4 graph inputs stay as they are); otherwise the value goes into a new
-        initializer and the old one is left to its other readers.
+        A plain initializer read only there, with the same shape and dtype, is
+        overwritten under its own name (so IR < 4 graph inputs and any value_info
+        stay true); otherwise the value goes into a new initializer and the old
+        one is left to its other readers.
         """
         old = node.input[index] if index < len(node.input) else ""
         if (old and old in self.initializers and not self.is_overridable(old)
-                and self.only_reader(old) is node and list(node.input).count(old) == 1):
+                and self.only_reader(old) is node and list(node.input).count(old) == 1
+                and self.constant(old).shape == array.shape
+                and self.constant(old).dtype == array.dtype):
             tensor = numpy_helper.from_array(array, old)
             self.initializers[old].CopyFrom(tensor)
             self._arrays.pop(old, None)
@@ -294,11 +297,19 @@ class Graph:
         self.forget_value_info(name)
 
 
+def tensor_value(tensor):
+    """A TensorProto as numpy; NotConstant when its data cannot be read."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError, OSError) as err:
+        raise NotConstant(f"tensor '{tensor.name}' cannot be read ({err})") from None
+
+
 def constant_node_value(node):
     """The numeric value of a Constant node; NotConstant for strings and sparse values."""
     for attr in node.attribute:
         if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
+            return tensor_value(attr.t)
         if attr.name in _CONSTANT_LISTS:
             return np.array(onnx.helper.get_attribute_value(attr),
                             dtype=_CONSTANT_LISTS[attr.name])

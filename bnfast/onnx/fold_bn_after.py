@@ -112,7 +112,7 @@ def _only_read_by(name, reader, graph, producer):
     return True
 
 
-def _float_weight(array, what, layer):
+def _float_weight(array, what):
     if array.dtype.kind != "f":
         raise ValueError(f"its {what} is {array.dtype}, not a float type numpy can fold")
     return array
@@ -125,7 +125,7 @@ def _optional_input(layer, index, graph):
 
 
 def _conv(bn, layer, graph):
-    W = _float_weight(graph.constant(layer.input[1]), "weight", layer)
+    W = _float_weight(graph.constant(layer.input[1]), "weight")
     b = _optional_input(layer, 2, graph)
     if W.ndim < 3 or W.shape[0] != bn.channels:
         return NoMatch(f"Conv {label(layer)} has weight shape {W.shape}: not "
@@ -135,7 +135,7 @@ def _conv(bn, layer, graph):
 
 
 def _conv_transpose(bn, layer, graph):
-    W = _float_weight(graph.constant(layer.input[1]), "weight", layer)
+    W = _float_weight(graph.constant(layer.input[1]), "weight")
     b = _optional_input(layer, 2, graph)
     group = attribute(layer, "group", 1)
     if W.ndim < 3 or W.shape[1] * group != bn.channels:
@@ -146,7 +146,7 @@ def _conv_transpose(bn, layer, graph):
 
 
 def _gemm(bn, layer, graph):
-    B = _float_weight(graph.constant(layer.input[1]), "weight B", layer)
+    B = _float_weight(graph.constant(layer.input[1]), "weight B")
     C = _optional_input(layer, 2, graph)
     trans_b = attribute(layer, "transB", 0)
     gemm_beta = attribute(layer, "beta", 1.0)
@@ -179,7 +179,7 @@ def _matmul_weight(matmul, bn, graph):
         known = "is unknown" if rank is None else f"is {rank}"
         return NoMatch(f"the rank of MatMul {label(matmul)}'s input '{matmul.input[0]}' {known}; "
                        f"BN's channel axis 1 is the MatMul's output features only when it is 2")
-    W = _float_weight(graph.constant(matmul.input[1]), "weight", matmul)
+    W = _float_weight(graph.constant(matmul.input[1]), "weight")
     if W.ndim != 2 or W.shape[1] != bn.channels:
         return NoMatch(f"MatMul {label(matmul)} has weight shape {W.shape}: not (K, "
                        f"{bn.channels}) for the BN's {bn.channels} channels")
