@@ -219,7 +219,6 @@ def _write_model(model, path, external):
         if not external:
             with atomic_output(path) as tmp:
                 onnx.save_model(model, tmp)
-                _usual_permissions(tmp)
             return os.path.getsize(path), model
         data_path = _save_external(model, path)
     except OSError as err:
@@ -250,8 +249,6 @@ def _save_external(model, path):
                     if entry.key == "location":
                         entry.value = data_name
         onnx.save_model(model, tmp_model)
-        _usual_permissions(tmp_model)
-        _usual_permissions(tmp_data)
     if os.path.getsize(data_path) == 0:   # every tensor was small enough to stay inline
         os.remove(data_path)
     return data_path
@@ -262,17 +259,8 @@ def _write_text(path, text):
         with atomic_output(path) as tmp:
             with open(tmp, "w") as f:
                 f.write(text)
-            _usual_permissions(tmp)
     except OSError as err:
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
-
-
-def _usual_permissions(path):
-    """Temporary files are created private (0600); give the result the mode a
-    newly created file would have (0666 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _initializers(graph):
