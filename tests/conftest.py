@@ -1,8 +1,15 @@
 """Shared fixtures: shapes and layouts that stress the kernels, and the torch gate."""
+import os
+
 import numpy as np
 import pytest
 
 from bnfast import _runtime
+
+# Child Pythons started by the tests (`python -m bnfast ...`) must import the
+# installed bnfast, not the source tree they are started in, which has no
+# compiled kernels: keep the current directory off their sys.path (3.11+).
+os.environ["PYTHONSAFEPATH"] = "1"
 
 DTYPES = [np.float32, np.float64]
 
