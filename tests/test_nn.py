@@ -1,8 +1,10 @@
 """bnfast.nn: layers against loop references and finite differences, the optimizer,
 the loss, training, and save/load (including files that must be refused)."""
+import io
 import json
 import os
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -560,6 +562,45 @@ def test_load_rejects_truncated_and_garbage_files(tmp_path):
     np.save(tmp_path / "single.npy", np.zeros(3))
     with pytest.raises(nn.LoadError, match="single .npy array"):
         nn.load(tmp_path / "single.npy")
+
+
+def _npy_header(shape, descr="<f8"):
+    """The header of a .npy file holding an array of `shape`, without its data."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False,
+                                               "shape": shape})
+    return buf.getvalue()
+
+
+def _saved_with_entry(tmp_path, name, data):
+    """A valid saved net's .npz with zip entry `name` replaced by raw bytes `data`."""
+    good = tmp_path / "good.npz"
+    small_net().save(good)
+    with zipfile.ZipFile(good) as archive:
+        entries = {entry: archive.read(entry) for entry in archive.namelist()}
+    entries[name] = data
+    path = tmp_path / "bad.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for entry, content in entries.items():
+            archive.writestr(entry, content)
+    return path
+
+
+def test_load_rejects_headers_claiming_more_data_than_the_file_holds(tmp_path):
+    # 80 TB claimed in a few bytes: refused from the header, before any allocation
+    huge = _npy_header((10 ** 13,)) + bytes(64)
+    path = _saved_with_entry(tmp_path, "0.weight.npy", huge)
+    with pytest.raises(nn.LoadError, match=r"'0.weight.npy' claims a float64 array"):
+        nn.load(path)
+    (tmp_path / "huge.npy").write_bytes(huge)
+    with pytest.raises(nn.LoadError, match="single .npy array"):
+        nn.load(tmp_path / "huge.npy")
+
+
+def test_load_rejects_entries_that_are_not_npy_arrays(tmp_path):
+    path = _saved_with_entry(tmp_path, "__bnfast_net__.npy", b"not an array")
+    with pytest.raises(nn.LoadError, match=r"'__bnfast_net__.npy' is not a .npy array"):
+        nn.load(path)
 
 
 def test_load_missing_file_raises_file_not_found(tmp_path):

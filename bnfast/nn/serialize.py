@@ -14,6 +14,7 @@ checked by the layer's constructor, and every array's shape is checked against
 the architecture before anything is allocated.
 """
 import json
+import math
 import zipfile
 
 import numpy as np
@@ -118,25 +119,64 @@ def load(path):
 
 
 def _read_arrays(path):
+    """{name: array} from the .npz at `path`; LoadError unless it is a zip of plain
+    .npy arrays whose headers fit in their entries (checked before any is read, so a
+    header claiming terabytes allocates nothing)."""
     try:
-        npz = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            head = f.read(len(np.lib.format.MAGIC_PREFIX))
     except FileNotFoundError:
         raise
+    except OSError as err:
+        raise LoadError(f"{path} is not a readable .npz file ({_short(err)})") from None
+    if head == np.lib.format.MAGIC_PREFIX:
+        raise LoadError(f"{path} holds a single .npy array, not a bnfast network "
+                        f"(an .npz written by net.save)")
+    try:
+        npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise LoadError(f"{path} is not a readable .npz file ({_short(err)})") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise LoadError(f"{path} holds a single .npy array, not a bnfast network "
-                        f"(an .npz written by net.save)")
+        raise LoadError(f"{path} is not a readable .npz file")
     with npz:
         infos = npz.zip.infolist()
         if len(infos) > _MAX_ARRAYS or sum(i.file_size for i in infos) > _MAX_BYTES:
             raise LoadError(f"{path} holds more data than a bnfast network would "
                             f"({len(infos)} entries)")
         try:
+            for info in infos:
+                _check_entry(path, npz.zip, info)
             return {key: npz[key] for key in npz.files}
+        except LoadError:
+            raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
             raise LoadError(f"{path} is not a readable .npz file ({_short(err)})") \
                 from None
+
+
+def _check_entry(path, archive, info):
+    """Read the .npy header of one zip entry; LoadError unless it is a numeric array
+    whose data fits in the entry's size."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    with archive.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+        except ValueError:
+            raise LoadError(f"{path} is not a readable .npz file (entry {info.filename!r} "
+                            f"is not a .npy array)") from None
+        if version not in readers:
+            raise LoadError(f"{path} is not a readable .npz file (entry {info.filename!r} "
+                            f"has .npy format version {version}, which net.save never "
+                            f"writes)")
+        shape, _, dtype = readers[version](f)
+    if dtype.hasobject:
+        raise LoadError(f"{path} is not a readable .npz file (entry {info.filename!r} holds "
+                        f"Python objects, which are never unpickled)")
+    if math.prod(shape) * dtype.itemsize > info.file_size:
+        raise LoadError(f"{path} is not a readable .npz file (entry {info.filename!r} "
+                        f"claims a {dtype} array of shape {shape}, more data than its "
+                        f"{info.file_size} bytes)")
 
 
 def _parse_description(path, entry):
