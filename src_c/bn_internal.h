@@ -57,7 +57,9 @@ static inline void shifted_moments(double *mean, double *m2, double shift,
     double d = s1 / (double)M;
     double centred = s2 - s1 * d;
     *mean = shift + d;
-    *m2 = centred > 0.0 ? centred : 0.0;
+    /* clamp rounding below zero, but keep NaN (inf - inf when squares overflow):
+     * it is how the caller learns the statistics are not finite */
+    *m2 = centred < 0.0 ? 0.0 : centred;
 }
 
 #endif

@@ -229,10 +229,13 @@ def test_non_finite_batch_raises_and_leaves_running_stats_untouched(layout, bad)
     np.testing.assert_array_equal(rv, np.arange(1, 6))
 
 
-def test_overflowing_float64_batch_raises():
-    x = random_input((8, 2), np.float64) * 1e200
+@pytest.mark.parametrize("shape", [(8, 2), (4, 2, 3)], ids=["channels_last", "channels_first"])
+def test_overflowing_float64_batch_raises(shape):
+    x = random_input(shape, np.float64) * 1e200
     with pytest.raises(FloatingPointError, match="square overflows"):
         bnfast.batch_norm_train(x)
+    # the step-wise statistics say so too, never a silent zero variance
+    assert not np.isfinite(F.batch_norm_stats(x)[2]).any()
 
 
 def test_layer_keeps_its_state_after_a_non_finite_batch():
