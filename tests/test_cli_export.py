@@ -152,6 +152,15 @@ def test_export_rejects_unknown_layer_type(tmp_path, saved, capsys):
     assert_usage_error(code, err, "layer 2 has unknown type 'Dropout'")
 
 
+def test_export_rejects_a_net_whose_layers_hold_two_dtypes(tmp_path, capsys):
+    # nn.load accepts it (each layer is valid alone); ONNX needs one element type
+    net = nn.Sequential(nn.Linear(3, 4, rng=0), nn.BatchNorm1d(4, dtype=np.float64))
+    net.save(tmp_path / "mixed.npz")
+    code, _, err = run_cli(capsys, tmp_path / "mixed.npz", "-o", tmp_path / "net.onnx")
+    assert_usage_error(code, err, "every layer must hold one dtype")
+    assert sorted(os.listdir(tmp_path)) == ["mixed.npz"]
+
+
 def test_export_rejects_unwritable_output_path(tmp_path, saved, capsys):
     code, _, err = run_cli(capsys, saved, "-o", tmp_path / "missing" / "net.onnx")
     assert_usage_error(code, err, "cannot write")

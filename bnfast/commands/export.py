@@ -71,7 +71,7 @@ def run(args):
             try:
                 model = to_model(net, input_shape=(1, *sample_shape), opset=args.opset,
                                  fold=args.fold)
-            except ValueError as err:
+            except (ValueError, TypeError) as err:   # e.g. layers of two dtypes
                 raise UsageError(str(err)) from None
             data = model.SerializeToString()
             if args.check:
