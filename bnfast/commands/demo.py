@@ -223,10 +223,9 @@ def plot_curves(runs, path):
 
 def check_onnx(net, x_test, y_test, out):
     """Export plain and folded, run both in onnxruntime on the test set, compare."""
-    import onnxruntime as ort
-
     from bnfast.commands.export import compare_outputs
-    from bnfast.onnx import export
+    from bnfast.onnx import check, export
+    from bnfast.onnx.export import INPUT_NAME
 
     reference = net.eval()(x_test)
     report = {"opset": OPSET, "bnfast_accuracy": float((reference.argmax(1) == y_test).mean())}
@@ -234,10 +233,8 @@ def check_onnx(net, x_test, y_test, out):
                                 ("folded", True, "digits_bn_folded.onnx")):
         path = os.path.join(out, filename)
         model = export(net, path, input_shape=(1, 1, 8, 8), opset=OPSET, fold=fold)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1       # 360 small images: one thread is plenty
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        logits = session.run(None, {session.get_inputs()[0].name: x_test})[0]
+        # 360 small images: one thread is plenty
+        (logits,) = check.run(path, {INPUT_NAME: x_test}, threads=1).values()
         max_abs, max_rel, ok, tolerance = compare_outputs(logits, reference)
         if not ok:
             raise CheckFailed(f"{filename}: onnxruntime's logits differ from bnfast's by "

@@ -95,13 +95,17 @@ def _shape_from_first_layer(net):
 
 
 def check(net, model, sample_shape, seed=0):
-    """Run ``model`` (a path or serialized bytes) in onnxruntime on random inputs and
-    compare with ``net`` in eval mode (its modes are restored afterwards).
+    """Run ``model`` (a path or serialized bytes of an export of ``net``) in
+    onnxruntime on CHECK_BATCH random samples of ``sample_shape`` and compare with
+    ``net`` in eval mode (its modes are restored afterwards).
 
-    Prints the max abs and rel differences; raises CheckFailed above tolerance.
+    Prints the max abs and rel differences; raises CheckFailed above tolerance and
+    UsageError when onnxruntime cannot run the model.
     """
     import numpy as np
-    import onnxruntime as ort
+
+    from bnfast.onnx import check as onnx_check
+    from bnfast.onnx.export import INPUT_NAME
 
     dtype = np.dtype(net.parameters()[0].dtype if net.parameters() else np.float32)
     x = np.random.default_rng(seed).standard_normal((CHECK_BATCH, *sample_shape)).astype(dtype)
@@ -112,11 +116,10 @@ def check(net, model, sample_shape, seed=0):
         for layer, mode in zip(net, modes):
             layer.train(mode)
     try:
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    except Exception as err:   # onnxruntime's errors share no useful base class
+        (got,) = onnx_check.run(model, {INPUT_NAME: x}).values()
+    except onnx_check.ORT_ERRORS as err:
         raise UsageError(f"onnxruntime cannot run this model ({_first_line(err)}); note that "
                          f"its CPU kernels run convolutions in float32 only") from None
-    got = session.run(None, {session.get_inputs()[0].name: x})[0]
     max_abs, max_rel, ok, tolerance = compare_outputs(got, expected)
     print(f"check: onnxruntime vs bnfast on {CHECK_BATCH} random inputs: max abs diff "
           f"{max_abs:.2e}, max rel diff {max_rel:.2e} (tolerance {tolerance:.2e})")
@@ -126,26 +129,24 @@ def check(net, model, sample_shape, seed=0):
 
 
 def compare_outputs(got, expected):
-    """Max abs diff, max rel diff (relative to the largest |expected|), pass/fail, tolerance.
+    """Max abs diff, max rel diff (relative to the largest |expected|), pass/fail, and
+    the largest difference allowed, for onnxruntime's output `got` against bnfast's
+    `expected` (``bnfast.onnx.check.difference``).
 
     Passes when max |got - expected| <= atol + rtol * max |expected|, with atol
-    and rtol by dtype (TOLERANCE). Shapes must match.
+    and rtol by expected's dtype (TOLERANCE). A different shape or dtype, or NaN
+    or infinity in different places, fails with an infinite difference.
     """
     import numpy as np
 
-    got = np.asarray(got, dtype=np.float64)
-    expected_f = np.asarray(expected, dtype=np.float64)
-    if got.shape != expected_f.shape:
-        return float("inf"), float("inf"), False, 0.0
-    atol, rtol = TOLERANCE.get(np.asarray(expected).dtype.name, TOLERANCE["float32"])
-    scale = float(np.abs(expected_f).max()) if expected_f.size else 0.0
-    diff = np.abs(got - expected_f)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    if not np.all(np.isfinite(diff)):
-        max_abs = float("inf")
-    max_rel = max_abs / scale if scale > 0 else max_abs
-    tolerance = atol + rtol * scale
-    return max_abs, max_rel, max_abs <= tolerance, tolerance
+    from bnfast.onnx.check import difference
+
+    expected = np.asarray(expected)
+    atol, rtol = TOLERANCE.get(expected.dtype.name, TOLERANCE["float32"])
+    result = difference(expected, got, rtol=rtol, atol=atol)
+    finite = expected[np.isfinite(expected)]
+    tolerance = atol + rtol * float(np.abs(finite).max(initial=0.0))
+    return result["max_abs_diff"], result["max_rel_diff"], result["passed"], tolerance
 
 
 def _first_line(err):

@@ -22,7 +22,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-__all__ = ["random_inputs", "run", "compare", "CheckResult", "DEFAULT_TOLERANCE"]
+__all__ = ["random_inputs", "run", "compare", "difference", "CheckResult",
+           "DEFAULT_TOLERANCE", "ORT_ERRORS"]
 
 DEFAULT_BATCH = 2
 DEFAULT_DIM = 16
@@ -92,13 +93,19 @@ def random_inputs(model, dims=None, seed=0):
     return feeds
 
 
-def run(model, feeds):
+def run(model, feeds, threads=None):
     """Outputs of `model` (a ModelProto, its serialized bytes or a file path) in
-    onnxruntime with graph optimizations disabled, in this process. Returns
-    {output name: array}."""
+    onnxruntime with graph optimizations disabled, in this process.
+
+    feeds : {input name: array}. threads : onnxruntime's intra-op threads (None:
+    its default, all cores). Returns {output name: array}; raises one of
+    ORT_ERRORS when onnxruntime cannot load or run the model.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     source = model if isinstance(model, bytes) else str(model)
@@ -141,7 +148,7 @@ def compare(reference, candidate, *, dims=None, seed=0, rtol=None, atol=None, fe
     for name, a in expected.items():
         if name not in got:
             raise RuntimeError(f"the folded model has no output '{name}'")
-        outputs[name] = _difference(a, got[name], rtol, atol)
+        outputs[name] = difference(a, got[name], rtol, atol)
     return CheckResult(
         max_abs_diff=max((o["max_abs_diff"] for o in outputs.values()), default=0.0),
         max_rel_diff=max((o["max_rel_diff"] for o in outputs.values()), default=0.0),
@@ -150,15 +157,16 @@ def compare(reference, candidate, *, dims=None, seed=0, rtol=None, atol=None, fe
         input_shapes={k: list(v.shape) for k, v in feeds.items()})
 
 
-_ORT_ERRORS = tuple(getattr(ort_errors, name) for name in (
-    "Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "NotImplemented",
-    "NoSuchFile", "InvalidProtobuf") if hasattr(ort_errors, name))
+# What onnxruntime raises for a model it cannot load or run: its own classes, which
+# share no base class below Exception.
+ORT_ERRORS = tuple(cls for cls in vars(ort_errors).values()
+                   if isinstance(cls, type) and issubclass(cls, Exception))
 
 
 def _run_or_explain(model, feeds, what):
     try:
         return run(model, feeds)
-    except _ORT_ERRORS as err:
+    except ORT_ERRORS as err:
         raise RuntimeError(_cannot_run(what, feeds, str(err))) from None
 
 
@@ -208,15 +216,24 @@ def _child(send, runs, feeds):
         send.send(("running", what))
         try:
             outputs = run(model, feeds)
-        except _ORT_ERRORS as err:
+        except ORT_ERRORS as err:
             send.send(("error", what, str(err)))
             return
         send.send(("done", outputs))
     send.close()
 
 
-def _difference(a, b, rtol, atol):
-    a, b = np.asarray(a), np.asarray(b)
+def difference(expected, got, rtol=None, atol=None):
+    """How far `got` is from `expected` (arrays of one shape and dtype).
+
+    Returns {"max_abs_diff", "max_rel_diff", "rtol", "atol", "passed"}: max_abs_diff
+    is max |got - expected| over finite positions, or inf where the two differ in
+    shape, dtype, NaN or infinity positions; max_rel_diff is it divided by the
+    largest finite |expected|. A float output passes when max_abs_diff <= atol +
+    rtol * max |expected|; rtol, atol default by dtype (DEFAULT_TOLERANCE). Other
+    dtypes must be equal.
+    """
+    a, b = np.asarray(expected), np.asarray(got)
     if a.shape != b.shape or a.dtype != b.dtype:
         return dict(max_abs_diff=float("inf"), max_rel_diff=float("inf"), rtol=rtol, atol=atol,
                     passed=False)

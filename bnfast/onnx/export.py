@@ -35,6 +35,7 @@ from bnfast import __version__
 from bnfast._files import atomic_output
 
 MIN_OPSET = 9
+INPUT_NAME = "input"     # the graph's one input, (N, *input_shape[1:])
 
 
 def max_opset():
@@ -82,7 +83,7 @@ def to_model(net, input_shape, opset=17, fold=False):
     shapes = _trace_shapes(net, input_shape, dtype)
 
     graph = _GraphBuilder(opset, dtype)
-    current = "input"
+    current = INPUT_NAME
     i = 0
     while i < len(net):
         layer = net[i]
@@ -95,10 +96,10 @@ def to_model(net, input_shape, opset=17, fold=False):
             current = graph.add(i, layer, current)
             i += 1
 
-    if current == "input":
+    if current == INPUT_NAME:
         raise ValueError("net has no layers to export")
     elem_type = helper.np_dtype_to_tensor_dtype(dtype)
-    inputs = [helper.make_tensor_value_info("input", elem_type, ["N", *input_shape[1:]])]
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, elem_type, ["N", *input_shape[1:]])]
     outputs = [helper.make_tensor_value_info(current, elem_type, ["N", *shapes[-1][1:]])]
     graph_proto = helper.make_graph(graph.nodes, "bnfast", inputs, outputs,
                                     initializer=graph.initializers)
