@@ -19,6 +19,10 @@
 /* Below this many elements per thread a thread team costs more than it saves. */
 #define MIN_ELEMENTS_PER_THREAD 32768
 
+/* Per-channel arrays a channels-last loop can stream against while they stay
+ * in L1 (32 KB and up on current x86 and ARM cores, less what the rows need). */
+#define PARAMS_IN_L1_BYTES (16 * 1024)
+
 /* Threads worth starting for n_elements of streaming work: tiny tensors run on one. */
 static inline int team_size(int n_threads, int64_t n_elements)
 {

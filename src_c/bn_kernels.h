@@ -67,8 +67,24 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
     {
         double *restrict s1 = partial + 2 * C * THREAD_ID();
         double *restrict s2 = s1 + C;
+        /* four rows per pass: each partial is loaded and stored once per four values */
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; r++) {
+        for (int64_t g = 0; g < R / 4; g++) {
+            const real *restrict x0 = x + 4 * g * C;
+            const real *restrict x1 = x0 + C;
+            const real *restrict x2 = x1 + C;
+            const real *restrict x3 = x2 + C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                double d0 = (double)x0[c] - shift[c], d1 = (double)x1[c] - shift[c];
+                double d2 = (double)x2[c] - shift[c], d3 = (double)x3[c] - shift[c];
+                s1[c] += (d0 + d1) + (d2 + d3);
+                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
+        }
+        /* the last R % 4 rows, one at a time */
+        #pragma omp for schedule(static)
+        for (int64_t r = R - R % 4; r < R; r++) {
             const real *restrict x_r = x + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; c++) {
@@ -137,10 +153,11 @@ static void FN(apply_cf)(real *y, const real *x, const double *alpha, const doub
 static int FN(apply_cl)(real *y, const real *x, const double *alpha, const double *beta,
                         int64_t R, int64_t C, int n_threads)
 {
-    real *pivot = malloc((size_t)(3 * C) * sizeof(real));
-    if (!pivot) return -1;
-    real *scale = pivot + C;
-    real *offset = pivot + 2 * C;
+    real *params = malloc((size_t)(3 * C) * sizeof(real));
+    if (!params) return -1;
+    real *restrict pivot = params;
+    real *restrict scale = params + C;
+    real *restrict offset = params + 2 * C;
     for (int64_t c = 0; c < C; c++) {
         double p = alpha[c] != 0.0 ? (double)(real)(-beta[c] / alpha[c]) : 0.0;
         if (!isfinite(p)) p = 0.0;
@@ -149,17 +166,38 @@ static int FN(apply_cl)(real *y, const real *x, const double *alpha, const doubl
         offset[c] = (real)(beta[c] + p * alpha[c]);
     }
 
+    /* Four rows per pass load each channel's parameters once per four values:
+     * that wins once the parameters outgrow L1, and loses to the plain walk
+     * (two streams instead of eight) while they fit. */
+    const int four_rows = 3 * C * (int64_t)sizeof(real) > PARAMS_IN_L1_BYTES;
+    const int64_t R4 = four_rows ? R - R % 4 : 0;
     int nt = team_size(n_threads, R * C);
-    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t r = 0; r < R; r++) {
-        real *y_r = y + r * C;
-        const real *x_r = x + r * C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            y_r[c] = (x_r[c] - pivot[c]) * scale[c] + offset[c];
+    #pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < R4 / 4; g++) {
+            real *y0 = y + 4 * g * C, *y1 = y0 + C, *y2 = y1 + C, *y3 = y2 + C;
+            const real *x0 = x + 4 * g * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                y0[c] = (x0[c] - pivot[c]) * scale[c] + offset[c];
+                y1[c] = (x1[c] - pivot[c]) * scale[c] + offset[c];
+                y2[c] = (x2[c] - pivot[c]) * scale[c] + offset[c];
+                y3[c] = (x3[c] - pivot[c]) * scale[c] + offset[c];
+            }
+        }
+        /* the remaining rows (all of them when the parameters fit in L1) */
+        #pragma omp for schedule(static)
+        for (int64_t r = R4; r < R; r++) {
+            real *y_r = y + r * C;
+            const real *x_r = x + r * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                y_r[c] = (x_r[c] - pivot[c]) * scale[c] + offset[c];
+            }
         }
     }
-    free(pivot);
+    free(params);
     return 0;
 }
 
@@ -379,8 +417,24 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     {
         double *restrict a = partial + 2 * C * THREAD_ID();
         double *restrict b = a + C;
+        /* four rows per pass: each partial is loaded and stored once per four values */
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; r++) {
+        for (int64_t g = 0; g < R / 4; g++) {
+            const real *restrict dy0 = dy + 4 * g * C;
+            const real *restrict dy1 = dy0 + C, *restrict dy2 = dy1 + C, *restrict dy3 = dy2 + C;
+            const real *restrict x0 = x + 4 * g * C;
+            const real *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                double g0 = dy0[c], g1 = dy1[c], g2 = dy2[c], g3 = dy3[c];
+                a[c] += (g0 + g1) + (g2 + g3);
+                b[c] += (g0 * ((double)x0[c] - mean[c]) + g1 * ((double)x1[c] - mean[c]))
+                        + (g2 * ((double)x2[c] - mean[c]) + g3 * ((double)x3[c] - mean[c]));
+            }
+        }
+        /* the last R % 4 rows */
+        #pragma omp for schedule(static)
+        for (int64_t r = R - R % 4; r < R; r++) {
             const real *restrict dy_r = dy + r * C;
             const real *restrict x_r = x + r * C;
             #pragma omp simd
@@ -445,8 +499,9 @@ static void FN(backward_coefficients)(double *k, double *k_mean_dy,
 
 /* The dx pass over R rows of C values. */
 static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
-                                  const double *mean, const double *k, const double *k_mean_dy,
-                                  const double *k_invstd_mean_dy_xhat,
+                                  const double *restrict mean, const double *restrict k,
+                                  const double *restrict k_mean_dy,
+                                  const double *restrict k_invstd_mean_dy_xhat,
                                   int64_t R, int64_t C, int n_threads)
 {
     int nt = team_size(n_threads, R * C);
