@@ -504,16 +504,37 @@ static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
                                   const double *restrict k_invstd_mean_dy_xhat,
                                   int64_t R, int64_t C, int n_threads)
 {
+    /* four rows per pass once the four coefficient arrays outgrow L1 (see apply_cl) */
+    const int four_rows = 4 * C * (int64_t)sizeof(double) > PARAMS_IN_L1_BYTES;
+    const int64_t R4 = four_rows ? R - R % 4 : 0;
     int nt = team_size(n_threads, R * C);
-    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t r = 0; r < R; r++) {
-        real *dx_r = dx + r * C;
-        const real *dy_r = dy + r * C;
-        const real *x_r = x + r * C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            dx_r[c] = (real)((double)dy_r[c] * k[c] - k_mean_dy[c]
-                             - ((double)x_r[c] - mean[c]) * k_invstd_mean_dy_xhat[c]);
+    #pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < R4 / 4; g++) {
+            real *dx0 = dx + 4 * g * C, *dx1 = dx0 + C, *dx2 = dx1 + C, *dx3 = dx2 + C;
+            const real *dy0 = dy + 4 * g * C, *dy1 = dy0 + C, *dy2 = dy1 + C, *dy3 = dy2 + C;
+            const real *x0 = x + 4 * g * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                double kc = k[c], shift = k_mean_dy[c], q = k_invstd_mean_dy_xhat[c];
+                dx0[c] = (real)((double)dy0[c] * kc - shift - ((double)x0[c] - mean[c]) * q);
+                dx1[c] = (real)((double)dy1[c] * kc - shift - ((double)x1[c] - mean[c]) * q);
+                dx2[c] = (real)((double)dy2[c] * kc - shift - ((double)x2[c] - mean[c]) * q);
+                dx3[c] = (real)((double)dy3[c] * kc - shift - ((double)x3[c] - mean[c]) * q);
+            }
+        }
+        /* the remaining rows (all of them when the coefficients fit in L1) */
+        #pragma omp for schedule(static)
+        for (int64_t r = R4; r < R; r++) {
+            real *dx_r = dx + r * C;
+            const real *dy_r = dy + r * C;
+            const real *x_r = x + r * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                dx_r[c] = (real)((double)dy_r[c] * k[c] - k_mean_dy[c]
+                                 - ((double)x_r[c] - mean[c]) * k_invstd_mean_dy_xhat[c]);
+            }
         }
     }
 }
