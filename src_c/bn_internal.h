@@ -46,6 +46,20 @@ static inline void channel_scale_shift(double *alpha, double *beta, double weigh
     *beta = bias - mean * *alpha;
 }
 
+/* Coefficients of the dx pass of one channel, so each element costs two
+ * multiply-adds:
+ *   dx = k * (dy - mean_dy - xhat * mean_dy_xhat),  xhat = (x - mean) * invstd
+ *      = dy * k - k_mean_dy - (x - mean) * k_invstd_mean_dy_xhat
+ * with k = weight * invstd, mean_dy = sum_dy / count, mean_dy_xhat = sum_dy_xhat / count. */
+static inline void dx_coefficients(double *k, double *k_mean_dy, double *k_invstd_mean_dy_xhat,
+                                   double weight, double invstd, double sum_dy,
+                                   double sum_dy_xhat, double count)
+{
+    *k = weight * invstd;
+    *k_mean_dy = *k * sum_dy / count;
+    *k_invstd_mean_dy_xhat = *k * invstd * sum_dy_xhat / count;
+}
+
 /* Mean and M2 = sum((x - mean)^2) from sums shifted by one value of the channel:
  * s1 = sum(x - shift), s2 = sum((x - shift)^2). Because the shift is a data
  * point, (mean - shift)^2 <= M2, so the subtraction below loses at most a

@@ -386,20 +386,16 @@ static void FN(channel_backward_sums_cf)(double *sum_dy, double *sum_dy_xhat,
     *sum_dy_xhat = b * invstd;
 }
 
-/* dx of channel c in one slice:
- *   dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count) */
+/* dx of one channel in one slice of S values, from its coefficients (dx_coefficients):
+ *   dx = dy * k - k_mean_dy - (x - mean) * k_invstd_mean_dy_xhat */
 static inline void FN(backward_apply_slice)(real *dx_nc, const real *dy_nc, const real *x_nc,
-                                            double mean, double invstd, double weight,
-                                            double sum_dy, double sum_dy_xhat,
-                                            double count, int64_t S)
+                                            double mean, double k, double k_mean_dy,
+                                            double k_invstd_mean_dy_xhat, int64_t S)
 {
-    const double k = weight * invstd;
-    const double mean_dy = sum_dy / count;
-    const double mean_dy_xhat = sum_dy_xhat / count;
     #pragma omp simd
     for (int64_t s = 0; s < S; s++) {
-        double xhat = ((double)x_nc[s] - mean) * invstd;
-        dx_nc[s] = (real)(k * ((double)dy_nc[s] - mean_dy - xhat * mean_dy_xhat));
+        dx_nc[s] = (real)((double)dy_nc[s] * k - k_mean_dy
+                          - ((double)x_nc[s] - mean) * k_invstd_mean_dy_xhat);
     }
 }
 
@@ -480,22 +476,6 @@ int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
     return 0;
 }
 
-/* Per-channel coefficients of the dx pass, so channels-last costs two
- * multiply-adds per element:
- *   dx = k * (dy - mean_dy - xhat * mean_dy_xhat),  xhat = (x - mean) * invstd
- *      = dy * k - k_mean_dy - (x - mean) * k_invstd_mean_dy_xhat
- * with k = weight * invstd, mean_dy = sum_dy / count, mean_dy_xhat = sum_dy_xhat / count. */
-static void FN(backward_coefficients)(double *k, double *k_mean_dy,
-                                      double *k_invstd_mean_dy_xhat, const real *weight,
-                                      const double *invstd, const double *sum_dy,
-                                      const double *sum_dy_xhat, double count, int64_t C)
-{
-    for (int64_t c = 0; c < C; c++) {
-        k[c] = (weight ? (double)weight[c] : 1.0) * invstd[c];
-        k_mean_dy[c] = k[c] * sum_dy[c] / count;
-        k_invstd_mean_dy_xhat[c] = k[c] * invstd[c] * sum_dy_xhat[c] / count;
-    }
-}
 
 /* The dx pass over R rows of C values. */
 static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
@@ -517,11 +497,11 @@ static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
             const real *x0 = x + 4 * g * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
             #pragma omp simd
             for (int64_t c = 0; c < C; c++) {
-                double kc = k[c], shift = k_mean_dy[c], q = k_invstd_mean_dy_xhat[c];
-                dx0[c] = (real)((double)dy0[c] * kc - shift - ((double)x0[c] - mean[c]) * q);
-                dx1[c] = (real)((double)dy1[c] * kc - shift - ((double)x1[c] - mean[c]) * q);
-                dx2[c] = (real)((double)dy2[c] * kc - shift - ((double)x2[c] - mean[c]) * q);
-                dx3[c] = (real)((double)dy3[c] * kc - shift - ((double)x3[c] - mean[c]) * q);
+                double kc = k[c], kmd = k_mean_dy[c], q = k_invstd_mean_dy_xhat[c];
+                dx0[c] = (real)((double)dy0[c] * kc - kmd - ((double)x0[c] - mean[c]) * q);
+                dx1[c] = (real)((double)dy1[c] * kc - kmd - ((double)x1[c] - mean[c]) * q);
+                dx2[c] = (real)((double)dy2[c] * kc - kmd - ((double)x2[c] - mean[c]) * q);
+                dx3[c] = (real)((double)dy3[c] * kc - kmd - ((double)x3[c] - mean[c]) * q);
             }
         }
         /* the remaining rows (all of them when the coefficients fit in L1) */
@@ -553,8 +533,11 @@ int FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
         double *k = malloc((size_t)(3 * C) * sizeof(double));
         if (!k) return -1;
         double *k_mean_dy = k + C, *k_invstd_mean_dy_xhat = k + 2 * C;
-        FN(backward_coefficients)(k, k_mean_dy, k_invstd_mean_dy_xhat, weight, invstd,
-                                  sum_dy, sum_dy_xhat, count, C);
+        for (int64_t c = 0; c < C; c++) {
+            dx_coefficients(&k[c], &k_mean_dy[c], &k_invstd_mean_dy_xhat[c],
+                            weight ? (double)weight[c] : 1.0, invstd[c], sum_dy[c],
+                            sum_dy_xhat[c], count);
+        }
         FN(backward_apply_cl)(dx, dy, x, mean, k, k_mean_dy, k_invstd_mean_dy_xhat, N, C,
                               n_threads);
         free(k);
@@ -564,9 +547,12 @@ int FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
     #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t nc = 0; nc < N * C; nc++) {
         int64_t c = nc % C;
-        FN(backward_apply_slice)(dx + nc * S, dy + nc * S, x + nc * S, mean[c], invstd[c],
-                                 weight ? (double)weight[c] : 1.0, sum_dy[c],
-                                 sum_dy_xhat[c], count, S);
+        double k, k_mean_dy, k_invstd_mean_dy_xhat;
+        dx_coefficients(&k, &k_mean_dy, &k_invstd_mean_dy_xhat,
+                        weight ? (double)weight[c] : 1.0, invstd[c], sum_dy[c],
+                        sum_dy_xhat[c], count);
+        FN(backward_apply_slice)(dx + nc * S, dy + nc * S, x + nc * S, mean[c], k, k_mean_dy,
+                                 k_invstd_mean_dy_xhat, S);
     }
     return 0;
 }
@@ -610,11 +596,14 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
         for (int64_t c = 0; c < C; c++) {
             FN(channel_backward_sums_cf)(&sum_dy[c], &sum_dy_xhat[c], dy, x, mean[c],
                                          invstd[c], N, C, S, c);
+            double k, k_mean_dy, k_invstd_mean_dy_xhat;
+            dx_coefficients(&k, &k_mean_dy, &k_invstd_mean_dy_xhat,
+                            weight ? (double)weight[c] : 1.0, invstd[c], sum_dy[c],
+                            sum_dy_xhat[c], (double)M);
             for (int64_t n = 0; n < N; n++) {
                 int64_t offset = (n * C + c) * S;
-                FN(backward_apply_slice)(dx + offset, dy + offset, x + offset, mean[c],
-                                         invstd[c], weight ? (double)weight[c] : 1.0,
-                                         sum_dy[c], sum_dy_xhat[c], (double)M, S);
+                FN(backward_apply_slice)(dx + offset, dy + offset, x + offset, mean[c], k,
+                                         k_mean_dy, k_invstd_mean_dy_xhat, S);
             }
         }
     }
