@@ -172,6 +172,9 @@ def test_inputs_are_not_modified():
     for fold in (fold_conv_bn, fold_conv_transpose_bn, fold_bn_conv):
         W2, b2 = fold(*args, 1e-5)
         assert not np.shares_memory(W2, W) and not np.shares_memory(b2, b)
+    W_linear = W[:, :, 0, 0]                       # a read-only (4, 4) view of W
+    W2, b2 = fold_linear_bn(W_linear, *args[1:], 1e-5)
+    assert not np.shares_memory(W2, W) and not np.shares_memory(b2, b)
     for a, c in zip(args, copies):
         np.testing.assert_array_equal(a, c)
 

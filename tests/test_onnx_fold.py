@@ -115,6 +115,15 @@ def conv_bn_model(kernel=(3, 3), groups=1, cin=4, cout=6, bias=True, pads=True, 
                       inits + bn_params("bn", cout, dtype=dtype), opset=opset)
 
 
+def conv_bn_model_with_bn(opset, **bn_options):
+    """conv_bn_model whose BN node is built with `bn_options` (extra outputs, modes)."""
+    model = conv_bn_model(opset=opset)
+    nodes = list(model.graph.node)
+    nodes[1] = bn("z", "y", "bn", **bn_options)
+    return make_model(nodes, list(model.graph.input), list(model.graph.output),
+                      list(model.graph.initializer), opset=opset)
+
+
 # --------------------------------------------------------------------------
 # Conv and ConvTranspose
 # --------------------------------------------------------------------------
@@ -385,30 +394,18 @@ def assert_left(model, *reason_parts, **options):
 
 
 def test_leaves_training_mode_bn_with_reason():
-    model = conv_bn_model(opset=15)
-    nodes = list(model.graph.node)
-    nodes[1] = bn("z", "y", "bn", outputs=("rm", "rv"), training_mode=1)
-    model = make_model(nodes, list(model.graph.input), list(model.graph.output),
-                       list(model.graph.initializer), opset=15)
+    model = conv_bn_model_with_bn(opset=15, outputs=("rm", "rv"), training_mode=1)
     assert_left(model, "training_mode=1")
 
 
 def test_leaves_opset9_bn_with_named_extra_outputs():
-    model = conv_bn_model(opset=9)
-    nodes = list(model.graph.node)
-    nodes[1] = bn("z", "y", "bn", outputs=("rm", "rv", "sm", "sv"))
-    model = make_model(nodes, list(model.graph.input), list(model.graph.output),
-                       list(model.graph.initializer), opset=9)
+    model = conv_bn_model_with_bn(opset=9, outputs=("rm", "rv", "sm", "sv"))
     assert_left(model, "5 outputs", "training mode")
 
 
 def test_leaves_opset9_bn_with_unnamed_extra_outputs():
     # onnxruntime 1.32 crashes on this valid model, so only the graph is compared
-    model = conv_bn_model(opset=9)
-    nodes = list(model.graph.node)
-    nodes[1] = bn("z", "y", "bn", outputs=("", "", "", ""))
-    model = make_model(nodes, list(model.graph.input), list(model.graph.output),
-                       list(model.graph.initializer), opset=9)
+    model = conv_bn_model_with_bn(opset=9, outputs=("", "", "", ""))
     folded, report = fold_model(model)
     assert folded.graph.node == model.graph.node and report.folded == []
     assert "even when those outputs are unnamed or unused" in report.left[0]["reason"]
@@ -659,12 +656,21 @@ def test_compare_finds_a_changed_result_and_passes_an_equal_one():
     assert not different.passed and different.max_rel_diff > 1e-3
 
 
+def test_difference_passes_within_tolerance_and_fails_on_nan_shape_or_dtype():
+    a = np.array([1.0, -4.0, np.nan, np.inf], dtype=np.float32)
+    near = a + np.float32(1e-5)
+    result = check.difference(a, near)
+    assert result["passed"] and 0 < result["max_abs_diff"] <= 1e-5 + 1e-4 * 4
+    assert result["max_rel_diff"] == pytest.approx(result["max_abs_diff"] / 4)
+    assert not check.difference(a, a + np.float32(1e-2))["passed"]
+    assert check.difference(a, a, rtol=0, atol=0)["passed"]            # NaN, inf in place
+    for other in (np.roll(a, 1), a[:3], a.astype(np.float64)):       # moved NaN, shape, dtype
+        assert check.difference(a, other)["max_abs_diff"] == np.inf
+    assert not check.difference(np.arange(3), np.arange(3) + 1)["passed"]   # ints: exact
+
+
 def test_compare_survives_an_onnxruntime_crash():
-    model = conv_bn_model(opset=9)
-    nodes = list(model.graph.node)
-    nodes[1] = bn("z", "y", "bn", outputs=("", "", "", ""))
-    model = make_model(nodes, list(model.graph.input), list(model.graph.output),
-                       list(model.graph.initializer), opset=9)
+    model = conv_bn_model_with_bn(opset=9, outputs=("", "", "", ""))
     try:
         result = check.compare(model, model)
     except RuntimeError as err:   # onnxruntime crashed in the child, not here

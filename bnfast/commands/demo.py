@@ -34,33 +34,27 @@ FILES = ("digits_bn.npz", "digits_bn.onnx", "digits_bn_folded.onnx", "curves.png
          "metrics.json")
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _seed(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+def _int_at_least(minimum):
+    """An argparse type: an integer >= minimum, else a one-line argparse error."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got "
+                                             f"{text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
 
 
 def add_arguments(parser):
-    parser.add_argument("--epochs", type=_positive_int, default=EPOCHS,
+    parser.add_argument("--epochs", type=_int_at_least(1), default=EPOCHS,
                         help=f"training epochs for each network (default {EPOCHS})")
     parser.add_argument("--out", default="bnfast-demo", metavar="DIR",
                         help="directory for the trained net, ONNX models, plot and metrics "
                              "(default ./bnfast-demo)")
-    parser.add_argument("--seed", type=_seed, default=0,
+    parser.add_argument("--seed", type=_int_at_least(0), default=0,
                         help="seed for the split, initial weights and batch order (default 0)")
 
 

@@ -251,7 +251,7 @@ def difference(expected, got, rtol=None, atol=None):
     if not (same_nan.all() and same_inf.all()):
         max_abs = float("inf")
     else:
-        max_abs = float(np.abs(a64 - b64)[finite].max(initial=0.0))
+        max_abs = float(np.abs(a64[finite] - b64[finite]).max(initial=0.0))
     scale = float(np.abs(a64[np.isfinite(a64)]).max(initial=0.0))
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     return dict(max_abs_diff=max_abs, max_rel_diff=max_rel, rtol=rtol, atol=atol,
