@@ -13,6 +13,9 @@ The relative difference of an output is ``max|a - b| / max|a|``: the error
 measured against the size of that output, which stays meaningful where single
 values pass through zero. An output passes when
 ``max|a - b| <= atol + rtol * max|a|`` (tolerances per dtype, overridable).
+
+``run`` and ``difference`` also serve ``bnfast export --check`` and ``bnfast
+demo``, which compare one model with bnfast's own forward instead of a second model.
 """
 import dataclasses
 import multiprocessing

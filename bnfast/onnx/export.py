@@ -212,8 +212,7 @@ class _GraphBuilder:
             if fold_bn is not None:
                 from bnfast.fold import fold_conv_bn, fold_linear_bn
                 fold_fn = fold_conv_bn if isinstance(layer, nn.Conv2d) else fold_linear_bn
-                W, b = fold_fn(W, b, fold_bn.weight, fold_bn.bias, fold_bn.running_mean,
-                               fold_bn.running_var, fold_bn.eps)
+                W, b = fold_fn(W, b, *_bn_inference_params(fold_bn), fold_bn.eps)
                 doc = f"BatchNorm of layer {i + 1} folded in"
             inputs = [x, self.constant(f"{i}.weight", W)]
             if isinstance(layer, nn.Conv2d):
@@ -229,13 +228,9 @@ class _GraphBuilder:
             return self.node("Gemm", i, inputs, doc, transB=1)
 
         if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            C = layer.num_features
-            inputs = [x,
-                      self.constant(f"{i}.weight", layer.weight if layer.affine
-                                    else np.ones(C)),
-                      self.constant(f"{i}.bias", layer.bias if layer.affine else np.zeros(C)),
-                      self.constant(f"{i}.running_mean", layer.running_mean),
-                      self.constant(f"{i}.running_var", layer.running_var)]
+            names = ("weight", "bias", "running_mean", "running_var")
+            inputs = [x] + [self.constant(f"{i}.{name}", array) for name, array in
+                            zip(names, _bn_inference_params(layer))]
             attributes = {"epsilon": float(layer.eps)}
             if layer.momentum is not None:   # ONNX blends running * momentum: the complement
                 attributes["momentum"] = 1.0 - float(layer.momentum)
@@ -254,6 +249,15 @@ class _GraphBuilder:
         if isinstance(layer, nn.Flatten):
             return self.node("Flatten", i, [x], axis=1)
         raise TypeError(f"layer {i} ({type(layer).__name__}) has no ONNX export")
+
+
+def _bn_inference_params(bn):
+    """scale, B, mean, var of a BatchNorm layer at inference, each (C,): the layer's
+    weight and bias, or 1 and 0 when affine is off, and its running statistics."""
+    C = bn.num_features
+    scale = bn.weight if bn.affine else np.ones(C)
+    shift = bn.bias if bn.affine else np.zeros(C)
+    return scale, shift, bn.running_mean, bn.running_var
 
 
 def _check_layer(i, layer):
