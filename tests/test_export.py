@@ -179,6 +179,20 @@ def test_export_leaves_the_net_unchanged(tmp_path):
         np.testing.assert_array_equal(value, before[key], err_msg=key)
 
 
+def test_export_between_forward_and_backward_leaves_the_gradients_alone(tmp_path):
+    x = inputs(3)
+    dy = np.random.default_rng(4).standard_normal((3, 3)).astype(np.float32)
+    expected = make_net()
+    expected(x)
+    expected.backward(dy)
+    net = make_net()
+    net(x)
+    export(net, tmp_path / "net.onnx", (1, 2, 8, 8), fold=True)
+    net.backward(dy)
+    for got, want in zip(net.grads(), expected.grads()):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("opset", [MIN_OPSET - 1, max_opset() + 1])
 def test_export_rejects_opset_out_of_range_and_writes_nothing(tmp_path, opset):
     path = tmp_path / "net.onnx"

@@ -27,6 +27,7 @@ onnx knows are supported; the model's IR version is the lowest that opset
 allows, so older runtimes can read it. The model passes
 ``onnx.checker.check_model(full_check=True)`` before it is written.
 """
+import copy
 import numbers
 
 import numpy as np
@@ -154,25 +155,21 @@ def _net_dtype(net):
 
 
 def _trace_shapes(net, input_shape, dtype):
-    """Run the net once in eval mode on zeros; returns each layer's output shape.
+    """Run a copy of the net once in eval mode on zeros; returns each layer's output shape.
 
-    Each layer's mode is restored afterwards; eval mode leaves running stats alone.
+    A copy, so that the net's modes, running statistics and what its last forward
+    kept for backward all stay as they were (export may come between a forward
+    and its backward).
     """
-    modes = [layer.training for layer in net]
     shapes = [input_shape]
-    try:
-        x = np.zeros(input_shape, dtype=dtype)
-        for layer in net:
-            layer.eval()
-            try:
-                x = layer(x)
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"input_shape {input_shape} does not fit the network: "
-                                 f"{err}") from None
-            shapes.append(x.shape)
-    finally:
-        for layer, mode in zip(net, modes):
-            layer.train(mode)
+    x = np.zeros(input_shape, dtype=dtype)
+    for layer in copy.deepcopy(net).eval():
+        try:
+            x = layer(x)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"input_shape {input_shape} does not fit the network: "
+                             f"{err}") from None
+        shapes.append(x.shape)
     return shapes
 
 
