@@ -13,6 +13,8 @@ from bnfast import nn
 from bnfast.onnx import export
 from bnfast.onnx.export import MIN_OPSET, max_opset
 
+from test_nn import randomize_bn
+
 OPSETS = list(range(MIN_OPSET, max_opset() + 1))
 
 
@@ -31,15 +33,7 @@ def make_net(dtype=np.float32, seed=0):
         nn.Linear(6, 5, bias=False, dtype=dtype, rng=rng),
         nn.BatchNorm1d(5, affine=False, dtype=dtype), nn.ReLU(),
         nn.Linear(5, 3, dtype=dtype, rng=rng), input_shape=(2, 8, 8))
-    rng = np.random.default_rng(seed + 1)
-    for layer in net:
-        if isinstance(layer, bnfast.layers._BatchNorm):
-            C = layer.num_features
-            if layer.affine:
-                layer.weight[...] = rng.uniform(0.5, 2.0, C)
-                layer.bias[...] = rng.standard_normal(C)
-            layer.running_mean[...] = rng.standard_normal(C) * 0.5
-            layer.running_var[...] = rng.uniform(0.5, 2.0, C)
+    randomize_bn(net, seed + 1)
     return net
 
 
