@@ -23,6 +23,11 @@
  * in L1 (32 KB and up on current x86 and ARM cores, less what the rows need). */
 #define PARAMS_IN_L1_BYTES (16 * 1024)
 
+/* Channels-first slices up to this long (S = H * W) are walked plane by plane
+ * in memory order with per-thread partial sums, as channels-last rows are;
+ * longer ones channel by channel, each channel kept in cache between passes. */
+#define SHORT_SLICE 256
+
 /* Threads worth starting for n_elements of streaming work: tiny tensors run on one. */
 static inline int team_size(int n_threads, int64_t n_elements)
 {

@@ -53,10 +53,6 @@ static void FN(collect_stats_cf)(double *mean, double *m2, const real *x,
 static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
                                 int64_t R, int64_t C, int n_threads)
 {
-    if (R == 0) {
-        for (int64_t c = 0; c < C; c++) mean[c] = m2[c] = 0.0;
-        return 0;
-    }
     int nt = team_size(n_threads, R * C);
     double *partial = calloc((size_t)((2 * nt + 1) * C), sizeof(double));
     if (!partial) return -1;
@@ -108,12 +104,67 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
     return 0;
 }
 
+/* Per-channel mean and M2 of a channels-first block with short slices
+ * (S <= SHORT_SLICE, e.g. a 7x7 map). Visiting one channel at a time would stride
+ * through N slices far apart and starve the prefetcher, so this walks memory in
+ * order instead: parallel over n, each thread adds its (C, S) planes into
+ * private per-channel partials (shifted by x[0, c, 0]), then the partials are
+ * added over threads. Returns -1 if scratch fails. */
+static int FN(collect_stats_planes)(double *mean, double *m2, const real *x,
+                                    int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    int nt = team_size(n_threads, N * C * S);
+    double *partial = calloc((size_t)((2 * nt + 1) * C), sizeof(double));
+    if (!partial) return -1;
+    double *shift = partial + 2 * nt * C;
+    for (int64_t c = 0; c < C; c++) shift[c] = (double)x[c * S];
+
+    #pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        double *restrict s1 = partial + 2 * C * THREAD_ID();
+        double *restrict s2 = s1 + C;
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            for (int64_t c = 0; c < C; c++) {
+                const real *x_nc = x + (n * C + c) * S;
+                const double k = shift[c];
+                double sum = 0.0, sum_sq = 0.0;
+                #pragma omp simd reduction(+:sum, sum_sq)
+                for (int64_t s = 0; s < S; s++) {
+                    double d = (double)x_nc[s] - k;
+                    sum += d;
+                    sum_sq += d * d;
+                }
+                s1[c] += sum;
+                s2[c] += sum_sq;
+            }
+        }
+    }
+
+    /* reduce the partials over threads */
+    for (int64_t c = 0; c < C; c++) {
+        double sum = 0.0, sum_sq = 0.0;
+        for (int t = 0; t < nt; t++) {
+            sum += partial[2 * C * t + c];
+            sum_sq += partial[2 * C * t + C + c];
+        }
+        shifted_moments(&mean[c], &m2[c], shift[c], sum, sum_sq, N * S);
+    }
+    free(partial);
+    return 0;
+}
+
 /* Per-channel mean and M2 = sum((x - mean)^2) over N and S.
  * mean, m2: (C,) double; x: (N, C, S). */
 int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
                          int64_t N, int64_t C, int64_t S, int n_threads)
 {
+    if (N * S == 0) {
+        for (int64_t c = 0; c < C; c++) mean[c] = m2[c] = 0.0;
+        return 0;
+    }
     if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, n_threads);
+    if (S <= SHORT_SLICE) return FN(collect_stats_planes)(mean, m2, x, N, C, S, n_threads);
     FN(collect_stats_cf)(mean, m2, x, N, C, S, n_threads);
     return 0;
 }
@@ -298,23 +349,25 @@ static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
     }
 }
 
-/* Channels-last: statistics with per-thread partials, then one pass over rows. */
-static int FN(forward_train_cl)(real *y, real *save_mean, real *save_invstd,
-                                double *batch_mean, double *batch_var,
-                                const real *x, const real *weight, const real *bias,
-                                int64_t R, int64_t C, double eps, int n_threads)
+/* Two passes: the statistics of the whole block, then one normalising pass
+ * (channels-last, and channels-first with short slices). */
+static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invstd,
+                                      double *batch_mean, double *batch_var,
+                                      const real *x, const real *weight, const real *bias,
+                                      int64_t N, int64_t C, int64_t S, double eps,
+                                      int n_threads)
 {
     double *alpha = malloc((size_t)(2 * C) * sizeof(double));
     if (!alpha) return -1;
     double *beta = alpha + C;
 
-    /* mean and biased variance over rows */
-    if (FN(collect_stats_cl)(batch_mean, batch_var, x, R, C, n_threads) != 0) {
+    /* mean and biased variance over N and S */
+    if (FN(bn_collect_stats)(batch_mean, batch_var, x, N, C, S, n_threads) != 0) {
         free(alpha);
         return -1;
     }
     for (int64_t c = 0; c < C; c++) {
-        batch_var[c] /= (double)R;
+        batch_var[c] /= (double)(N * S);
         double invstd = invstd_of(batch_var[c], eps);
         save_mean[c] = (real)batch_mean[c];
         save_invstd[c] = (real)invstd;
@@ -323,7 +376,7 @@ static int FN(forward_train_cl)(real *y, real *save_mean, real *save_invstd,
     }
 
     /* normalise */
-    int status = FN(apply_cl)(y, x, alpha, beta, R, C, n_threads);
+    int status = FN(bn_apply)(y, x, alpha, beta, N, C, S, n_threads);
     free(alpha);
     return status;
 }
@@ -345,9 +398,9 @@ int FN(bn_forward_train)(real *y, real *save_mean, real *save_invstd,
     if (!batch_mean) return -1;
     double *batch_var = batch_mean + C;
 
-    if (S == 1) {
-        if (FN(forward_train_cl)(y, save_mean, save_invstd, batch_mean, batch_var, x,
-                                 weight, bias, N, C, eps, n_threads) != 0) {
+    if (S <= SHORT_SLICE) {
+        if (FN(forward_train_two_pass)(y, save_mean, save_invstd, batch_mean, batch_var, x,
+                                       weight, bias, N, C, S, eps, n_threads) != 0) {
             free(batch_mean);
             return -1;
         }
@@ -455,6 +508,53 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     return 0;
 }
 
+/* The two reductions of a channels-first block with short slices, walking
+ * memory in order with per-thread partials (see collect_stats_planes). */
+static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
+                                      const real *dy, const real *x,
+                                      const double *mean, const double *invstd,
+                                      int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    int nt = team_size(n_threads, N * C * S);
+    double *partial = calloc((size_t)(2 * nt * C), sizeof(double));
+    if (!partial) return -1;
+
+    #pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        double *restrict a = partial + 2 * C * THREAD_ID();
+        double *restrict b = a + C;
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            for (int64_t c = 0; c < C; c++) {
+                const real *dy_nc = dy + (n * C + c) * S;
+                const real *x_nc = x + (n * C + c) * S;
+                const double m = mean[c];
+                double a_nc = 0.0, b_nc = 0.0;
+                #pragma omp simd reduction(+:a_nc, b_nc)
+                for (int64_t s = 0; s < S; s++) {
+                    a_nc += (double)dy_nc[s];
+                    b_nc += (double)dy_nc[s] * ((double)x_nc[s] - m);
+                }
+                a[c] += a_nc;
+                b[c] += b_nc;
+            }
+        }
+    }
+
+    /* reduce the partials over threads */
+    for (int64_t c = 0; c < C; c++) {
+        double a = 0.0, b = 0.0;
+        for (int t = 0; t < nt; t++) {
+            a += partial[2 * C * t + c];
+            b += partial[2 * C * t + C + c];
+        }
+        sum_dy[c] = a;
+        sum_dy_xhat[c] = b * invstd[c];
+    }
+    free(partial);
+    return 0;
+}
+
 /* The two reductions of backward, per channel over N and S:
  *   sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean) * invstd)
  * They are dbias and dweight. dy, x: (N, C, S); the rest (C,) double. */
@@ -466,6 +566,10 @@ int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
     if (S == 1) {
         return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C,
                                       n_threads);
+    }
+    if (S <= SHORT_SLICE) {
+        return FN(backward_reduce_planes)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
+                                          n_threads);
     }
     int nt = team_size(n_threads, N * C * S);
     #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
@@ -577,9 +681,9 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
         invstd[c] = (double)save_invstd[c];
     }
 
-    if (S == 1) {
-        /* channels-last: reduce with per-thread partials, then one pass over rows */
-        if (FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C,
+    if (S <= SHORT_SLICE) {
+        /* channels-last or short slices: the two reductions, then one pass for dx */
+        if (FN(bn_backward_reduce)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
                                    n_threads) != 0) {
             free(scratch);
             return -1;
@@ -590,7 +694,7 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
             return -1;
         }
     } else {
-        /* channels-first: each channel reduced and written while in cache */
+        /* channels-first, long slices: each channel reduced and written while in cache */
         int nt = team_size(n_threads, N * C * S);
         #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
         for (int64_t c = 0; c < C; c++) {
