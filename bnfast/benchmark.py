@@ -10,7 +10,8 @@ same arrays:
               native_batch_norm_backward, on tensors sharing x's memory
   numpy       the textbook expression in numpy (mean, var, broadcast)
 
-Each figure is the median of --repeat runs after one warm-up, with every
+Each figure is the median of --repeat runs after one warm-up; copy, bnfast and
+torch take turns call by call (numpy, much slower, runs after them), every
 library on the same thread count (bnfast.set_num_threads and
 torch.set_num_threads). A markdown table goes to stdout, progress to stderr,
 and with --json the figures to a file. torch is optional (its columns are then
@@ -37,14 +38,20 @@ QUICK_SHAPES = [(8, 64, 28, 28), (8, 512, 7, 7), (64, 256)]
 OPS = ("train", "backward", "infer")
 
 
-def median_seconds(fn, repeat):
-    fn()   # warm-up: page in outputs, start the thread team
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def interleaved_medians(fns, repeat):
+    """Median seconds of each callable in `fns` (a dict), timed in turns: one call
+    of each, `repeat` rounds, after one warm-up call each (page in outputs, start
+    thread teams). Taking turns exposes every contestant to the same drift in a
+    shared machine's load, so their ratios hold up better than their times."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_arrays(shape, layout, dtype, seed=0):
@@ -157,19 +164,22 @@ def run(shapes, layouts, dtype, repeat, with_numpy):
                 continue   # (N, C) has a single layout
             x, dy = make_arrays(shape, layout, dtype)
             fast = bnfast_ops(x, dy)
-            copy_s = median_seconds(fast["copy"], repeat)
             peers = {"bnfast": fast}
             if torch is not None:
                 peers["torch"] = torch_ops(x, dy)
-            if with_numpy:
-                peers["numpy"] = numpy_ops(x, dy)
+            slow = numpy_ops(x, dy) if with_numpy else {}
             for op in OPS:
+                # copy, bnfast and torch take turns; numpy, far slower, runs after them
+                contestants = {"copy": fast["copy"], **{n: ops[op] for n, ops in peers.items()}}
+                seconds = interleaved_medians(contestants, repeat)
+                if with_numpy:
+                    seconds.update(interleaved_medians({"numpy": slow[op]}, max(3, repeat // 4)))
+                copy_s = seconds.pop("copy")
                 row = {"shape": list(shape), "layout": layout, "dtype": np.dtype(dtype).name,
                        "op": op, "copy_ms": copy_s * 1e3}
-                for name, ops in peers.items():
-                    s = median_seconds(ops[op], repeat if name != "numpy" else max(3, repeat // 3))
-                    row[f"{name}_ms"] = s * 1e3
-                    row[f"{name}_x_copy"] = s / copy_s
+                for name, sec in seconds.items():
+                    row[f"{name}_ms"] = sec * 1e3
+                    row[f"{name}_x_copy"] = sec / copy_s
                 if "torch_ms" in row:
                     row["torch_over_bnfast"] = row["torch_ms"] / row["bnfast_ms"]
                 rows.append(row)
