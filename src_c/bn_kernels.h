@@ -58,14 +58,17 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
     if (!partial) return -1;
     double *shift = partial + 2 * nt * C;
     for (int64_t c = 0; c < C; c++) shift[c] = (double)x[c];
+    /* Four rows per pass load and store each partial once per four values: that
+     * wins once shift and partials outgrow L1, and loses to the plain walk (one
+     * stream instead of four, kinder to the prefetcher) while they fit. */
+    const int64_t R4 = 3 * C * (int64_t)sizeof(double) > PARAMS_IN_L1_BYTES ? R - R % 4 : 0;
 
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         double *restrict s1 = partial + 2 * C * THREAD_ID();
         double *restrict s2 = s1 + C;
-        /* four rows per pass: each partial is loaded and stored once per four values */
         #pragma omp for schedule(static)
-        for (int64_t g = 0; g < R / 4; g++) {
+        for (int64_t g = 0; g < R4 / 4; g++) {
             const real *restrict x0 = x + 4 * g * C;
             const real *restrict x1 = x0 + C;
             const real *restrict x2 = x1 + C;
@@ -78,9 +81,9 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
                 s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
             }
         }
-        /* the last R % 4 rows, one at a time */
+        /* the remaining rows (all of them when the partials fit in L1) */
         #pragma omp for schedule(static)
-        for (int64_t r = R - R % 4; r < R; r++) {
+        for (int64_t r = R4; r < R; r++) {
             const real *restrict x_r = x + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; c++) {
@@ -461,14 +464,15 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     int nt = team_size(n_threads, R * C);
     double *partial = calloc((size_t)(2 * nt * C), sizeof(double));
     if (!partial) return -1;
+    /* four rows per pass once mean and partials outgrow L1 (see collect_stats_cl) */
+    const int64_t R4 = 3 * C * (int64_t)sizeof(double) > PARAMS_IN_L1_BYTES ? R - R % 4 : 0;
 
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         double *restrict a = partial + 2 * C * THREAD_ID();
         double *restrict b = a + C;
-        /* four rows per pass: each partial is loaded and stored once per four values */
         #pragma omp for schedule(static)
-        for (int64_t g = 0; g < R / 4; g++) {
+        for (int64_t g = 0; g < R4 / 4; g++) {
             const real *restrict dy0 = dy + 4 * g * C;
             const real *restrict dy1 = dy0 + C, *restrict dy2 = dy1 + C, *restrict dy3 = dy2 + C;
             const real *restrict x0 = x + 4 * g * C;
@@ -481,9 +485,9 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                         + (g2 * ((double)x2[c] - mean[c]) + g3 * ((double)x3[c] - mean[c]));
             }
         }
-        /* the last R % 4 rows */
+        /* the remaining rows (all of them when mean and partials fit in L1) */
         #pragma omp for schedule(static)
-        for (int64_t r = R - R % 4; r < R; r++) {
+        for (int64_t r = R4; r < R; r++) {
             const real *restrict dy_r = dy + r * C;
             const real *restrict x_r = x + r * C;
             #pragma omp simd
