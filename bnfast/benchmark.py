@@ -175,7 +175,8 @@ def run(shapes, layouts, dtype, repeat, with_numpy):
                 if with_numpy:
                     seconds.update(interleaved_medians({"numpy": slow[op]}, max(3, repeat // 4)))
                 copy_s = seconds.pop("copy")
-                row = {"shape": list(shape), "layout": layout, "dtype": np.dtype(dtype).name,
+                row = {"shape": list(shape), "dtype": np.dtype(dtype).name,
+                       "layout": layout if len(shape) > 2 else "(N, C)",
                        "op": op, "copy_ms": copy_s * 1e3}
                 for name, sec in seconds.items():
                     row[f"{name}_ms"] = sec * 1e3
