@@ -10,9 +10,9 @@ same arrays:
               native_batch_norm_backward, on tensors sharing x's memory
   numpy       the textbook expression in numpy (mean, var, broadcast)
 
-Each figure is the median of --repeat runs after one warm-up; copy, bnfast and
-torch take turns call by call (numpy, much slower, runs after them), every
-library on the same thread count (bnfast.set_num_threads and
+Each figure is a median over --repeat rounds after one warm-up; copy, bnfast
+and torch take turns in blocks of four calls (numpy, much slower, runs after
+them), every library on the same thread count (bnfast.set_num_threads and
 torch.set_num_threads). A markdown table goes to stdout, progress to stderr,
 and with --json the figures to a file. torch is optional (its columns are then
 absent).
@@ -38,19 +38,22 @@ QUICK_SHAPES = [(8, 64, 28, 28), (8, 512, 7, 7), (64, 256)]
 OPS = ("train", "backward", "infer")
 
 
-def interleaved_medians(fns, repeat):
-    """Median seconds of each callable in `fns` (a dict), timed in turns: one call
-    of each, `repeat` rounds, after one warm-up call each (page in outputs, start
-    thread teams). Taking turns exposes every contestant to the same drift in a
-    shared machine's load, so their ratios hold up better than their times."""
+def interleaved_medians(fns, repeat, block=4):
+    """Median seconds per call of each callable in `fns` (a dict), timed in turns:
+    `repeat` rounds, in each a block of `block` calls of one contestant, then the
+    next. Taking turns exposes every contestant to the same drift in a shared
+    machine's load. Blocks, and the median, keep out the first call after a
+    switch, which pays for the previous library's OpenMP threads still spinning
+    (torch and bnfast each bring their own runtime)."""
     for fn in fns.values():
-        fn()
+        fn()   # warm-up: page in outputs, start the thread team
     times = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -173,7 +176,8 @@ def run(shapes, layouts, dtype, repeat, with_numpy):
                 contestants = {"copy": fast["copy"], **{n: ops[op] for n, ops in peers.items()}}
                 seconds = interleaved_medians(contestants, repeat)
                 if with_numpy:
-                    seconds.update(interleaved_medians({"numpy": slow[op]}, max(3, repeat // 4)))
+                    seconds.update(interleaved_medians({"numpy": slow[op]}, max(3, repeat // 4),
+                                                       block=1))
                 copy_s = seconds.pop("copy")
                 row = {"shape": list(shape), "dtype": np.dtype(dtype).name,
                        "layout": layout if len(shape) > 2 else "(N, C)",
@@ -223,7 +227,7 @@ def run_benchmark(args):
     if args.threads:
         bnfast.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    repeat = args.repeat or (5 if args.quick else 15)
+    repeat = args.repeat or (3 if args.quick else 11)
     rows = run(shapes, ("channels_first", "channels_last"), np.dtype(args.dtype), repeat,
                not args.no_numpy)
     meta = {"threads": bnfast.get_num_threads(), "dtype": args.dtype, "repeat": repeat,
