@@ -207,7 +207,7 @@ def markdown(rows, meta):
     head = ("| shape | layout | op | copy ms | bnfast ms (x copy) | torch ms (x copy) | "
             "numpy ms (x copy) | torch / bnfast |\n|---|---|---|---|---|---|---|---|")
     lines = [f"Threads: {meta['threads']}, dtype {meta['dtype']}, median of "
-             f"{meta['repeat']} runs; {meta['machine']}.", "", head]
+             f"{meta['repeat']} rounds; {meta['machine']}.", "", head]
     lines += [_format_row(r) for r in rows]
     return "\n".join(lines)
 
