@@ -49,6 +49,27 @@ def tolerance(dtype):
     return dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-11)
 
 
+def numerical_gradient(f, a, h=1e-6, max_entries=None, seed=0):
+    """Central differences of the scalar f() with respect to entries of `a`,
+    which are changed in place and restored. Returns (flat indices, gradient
+    values) for every entry, or for `max_entries` of them drawn at random."""
+    flat = a.reshape(-1)
+    if max_entries is None or flat.size <= max_entries:
+        idx = np.arange(flat.size)
+    else:
+        idx = np.random.default_rng(seed).choice(flat.size, max_entries, replace=False)
+    grads = np.empty(len(idx))
+    for j, i in enumerate(idx):
+        keep = flat[i]
+        flat[i] = keep + h
+        up = f()
+        flat[i] = keep - h
+        down = f()
+        flat[i] = keep
+        grads[j] = (up - down) / (2 * h)
+    return idx, grads
+
+
 @pytest.fixture
 def torch():
     return pytest.importorskip("torch", reason="PyTorch is not installed; comparisons with "

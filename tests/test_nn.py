@@ -12,33 +12,14 @@ import pytest
 import bnfast
 from bnfast import nn
 
+from conftest import numerical_gradient
+
 RNG = np.random.default_rng(0)
 
 
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-def numeric_grad(f, a, eps=1e-6, max_entries=60, seed=0):
-    """Central differences of the scalar f() w.r.t. entries of a (changed in place, restored).
-
-    Returns (indices, gradient values) for up to max_entries entries of a.
-    """
-    flat = a.reshape(-1)
-    rng = np.random.default_rng(seed)
-    idx = np.arange(flat.size) if flat.size <= max_entries else \
-        rng.choice(flat.size, max_entries, replace=False)
-    grads = []
-    for i in idx:
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        grads.append((up - down) / (2 * eps))
-    return idx, np.array(grads)
-
 
 def check_gradients(layer, x, rtol=1e-5, atol=1e-7):
     """Compare backward with finite differences for the input and every parameter.
@@ -55,11 +36,11 @@ def check_gradients(layer, x, rtol=1e-5, atol=1e-7):
     analytic = {"x": dx.copy()}
     analytic.update({name: g.copy() for (name, _), g in
                      zip(layer.named_parameters(), layer.grads())})
-    idx, numeric = numeric_grad(loss, x)
+    idx, numeric = numerical_gradient(loss, x, max_entries=60)
     np.testing.assert_allclose(analytic["x"].reshape(-1)[idx], numeric, rtol=rtol, atol=atol,
                                err_msg="input gradient")
     for name, param in layer.named_parameters():
-        idx, numeric = numeric_grad(loss, param)
+        idx, numeric = numerical_gradient(loss, param, max_entries=60)
         np.testing.assert_allclose(analytic[name].reshape(-1)[idx], numeric, rtol=rtol,
                                    atol=atol, err_msg=f"gradient of {name}")
 
@@ -223,7 +204,8 @@ def test_softmax_cross_entropy_matches_definition_and_finite_differences():
     loss, dlogits = nn.softmax_cross_entropy(logits, labels)
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     assert loss == pytest.approx(-np.mean(np.log(p[np.arange(6), labels])), rel=1e-12)
-    idx, numeric = numeric_grad(lambda: nn.softmax_cross_entropy(logits, labels)[0], logits)
+    idx, numeric = numerical_gradient(
+        lambda: nn.softmax_cross_entropy(logits, labels)[0], logits, max_entries=60)
     np.testing.assert_allclose(dlogits.reshape(-1)[idx], numeric, rtol=1e-6, atol=1e-9)
 
 
