@@ -51,6 +51,23 @@ static inline void channel_scale_shift(double *alpha, double *beta, double weigh
     *beta = bias - mean * *alpha;
 }
 
+/* Sums over threads of per-thread partials: `partial` holds, for each of nt
+ * threads, two C-long arrays one after the other; first[c] and second[c]
+ * receive their sums. */
+static inline void sum_partials(double *first, double *second, const double *partial,
+                                int nt, int64_t C)
+{
+    for (int64_t c = 0; c < C; c++) {
+        double a = 0.0, b = 0.0;
+        for (int t = 0; t < nt; t++) {
+            a += partial[2 * C * t + c];
+            b += partial[2 * C * t + C + c];
+        }
+        first[c] = a;
+        second[c] = b;
+    }
+}
+
 /* Coefficients of the dx pass of one channel, so each element costs two
  * multiply-adds:
  *   dx = k * (dy - mean_dy - xhat * mean_dy_xhat),  xhat = (x - mean) * invstd

@@ -94,14 +94,10 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
         }
     }
 
-    /* reduce the partials over threads */
+    /* add the partials over threads (into mean, m2), then centre them */
+    sum_partials(mean, m2, partial, nt, C);
     for (int64_t c = 0; c < C; c++) {
-        double sum = 0.0, sum_sq = 0.0;
-        for (int t = 0; t < nt; t++) {
-            sum += partial[2 * C * t + c];
-            sum_sq += partial[2 * C * t + C + c];
-        }
-        shifted_moments(&mean[c], &m2[c], shift[c], sum, sum_sq, R);
+        shifted_moments(&mean[c], &m2[c], shift[c], mean[c], m2[c], R);
     }
     free(partial);
     return 0;
@@ -144,14 +140,10 @@ static int FN(collect_stats_planes)(double *mean, double *m2, const real *x,
         }
     }
 
-    /* reduce the partials over threads */
+    /* add the partials over threads (into mean, m2), then centre them */
+    sum_partials(mean, m2, partial, nt, C);
     for (int64_t c = 0; c < C; c++) {
-        double sum = 0.0, sum_sq = 0.0;
-        for (int t = 0; t < nt; t++) {
-            sum += partial[2 * C * t + c];
-            sum_sq += partial[2 * C * t + C + c];
-        }
-        shifted_moments(&mean[c], &m2[c], shift[c], sum, sum_sq, N * S);
+        shifted_moments(&mean[c], &m2[c], shift[c], mean[c], m2[c], N * S);
     }
     free(partial);
     return 0;
@@ -498,16 +490,9 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
         }
     }
 
-    /* reduce the partials over threads */
-    for (int64_t c = 0; c < C; c++) {
-        double a = 0.0, b = 0.0;
-        for (int t = 0; t < nt; t++) {
-            a += partial[2 * C * t + c];
-            b += partial[2 * C * t + C + c];
-        }
-        sum_dy[c] = a;
-        sum_dy_xhat[c] = b * invstd[c];
-    }
+    /* add the partials over threads */
+    sum_partials(sum_dy, sum_dy_xhat, partial, nt, C);
+    for (int64_t c = 0; c < C; c++) sum_dy_xhat[c] *= invstd[c];
     free(partial);
     return 0;
 }
@@ -545,16 +530,9 @@ static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
         }
     }
 
-    /* reduce the partials over threads */
-    for (int64_t c = 0; c < C; c++) {
-        double a = 0.0, b = 0.0;
-        for (int t = 0; t < nt; t++) {
-            a += partial[2 * C * t + c];
-            b += partial[2 * C * t + C + c];
-        }
-        sum_dy[c] = a;
-        sum_dy_xhat[c] = b * invstd[c];
-    }
+    /* add the partials over threads */
+    sum_partials(sum_dy, sum_dy_xhat, partial, nt, C);
+    for (int64_t c = 0; c < C; c++) sum_dy_xhat[c] *= invstd[c];
     free(partial);
     return 0;
 }
