@@ -139,6 +139,17 @@ def _running_stat(a, name, C, dtype):
     return a
 
 
+def _check_running_stats(running_mean, running_var, eps):
+    """Inference statistics must describe a distribution: finite, var + eps > 0."""
+    bad = np.flatnonzero(~(np.isfinite(running_mean) & np.isfinite(running_var)
+                           & (running_var.astype(np.float64) + eps > 0)))
+    if bad.size:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
+        raise ValueError(f"running statistics are unusable in {bad.size} channel(s) ({shown}): "
+                         f"running_mean must be finite and running_var + eps > 0 and finite; "
+                         f"the model's state is corrupt or was never trained")
+
+
 def _real(value, name, low, high):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -337,6 +348,7 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
     running_mean = _channel_param(running_mean, "running_mean", C, x.dtype)
     running_var = _channel_param(running_var, "running_var", C, x.dtype)
     eps = _real(eps, "eps", 0.0, math.inf)
+    _check_running_stats(running_mean, running_var, eps)
 
     block = _Block(x, axis)
     y, y_flat, copy_to = block.output(out, [block.x])

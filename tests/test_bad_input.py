@@ -291,3 +291,16 @@ def test_load_state_dict_rejects_bad_state_and_loads_nothing():
 def test_backward_before_forward_is_a_clear_error():
     with pytest.raises(RuntimeError, match="backward called before forward"):
         bnfast.BatchNorm1d(3).backward(np.ones((2, 3), np.float32))
+
+
+@pytest.mark.parametrize("var,mean,eps", [(-1.0, 0.0, 1e-5), (np.nan, 0.0, 1e-5),
+                                          (0.0, 0.0, 0.0), (1.0, np.inf, 1e-5)])
+def test_inference_rejects_unusable_running_stats(var, mean, eps):
+    rm = np.array([0.0, mean, 0.0], np.float32)
+    rv = np.array([1.0, var, 1.0], np.float32)
+    with pytest.raises(ValueError, match=r"unusable in 1 channel\(s\) \(1\)"):
+        bnfast.batch_norm_infer(random_input((4, 3), np.float32), None, None, rm, rv, eps=eps)
+    bn = bnfast.BatchNorm1d(3, eps=eps).eval()
+    bn.running_mean[:], bn.running_var[:] = rm, rv
+    with pytest.raises(ValueError, match="running statistics are unusable"):
+        bn(random_input((4, 3), np.float32))
