@@ -8,8 +8,9 @@
  *   M  = N * S, the number of values per channel
  *
  * Channels-first NCHW is (N, C, H*W); channels-last NHWC is (N*H*W, C, 1);
- * BatchNorm1d on (N, C) is (N, C, 1). Every kernel picks its channels-first
- * sibling when S > 1 and its channels-last sibling when S == 1.
+ * BatchNorm1d on (N, C) is (N, C, 1). Every kernel picks how to walk the block
+ * from S (see bn_kernels.h): channels-last rows when S == 1, planes for short
+ * slices, channel by channel for long ones.
  *
  * Conventions (PyTorch's; ONNX's momentum is the complement):
  *   var      biased batch variance, used to normalise

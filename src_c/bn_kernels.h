@@ -3,9 +3,14 @@
  * (float, double); FN(name) appends the type and instruction-set suffix.
  * See bn.h for N, C, S, M and conventions.
  *
- * Each job has a channels-first sibling (S > 1: parallel over channels or over
- * (n, c) slices, unit-stride over S) and a channels-last sibling (S == 1:
- * parallel over rows of C, per-thread partial sums of size C for reductions).
+ * Each job walks the block one of three ways, picked by S:
+ *   S == 1            channels-last: parallel over rows of C values, vectorised
+ *                     over C, per-thread partial sums of size C for reductions
+ *   1 < S <= SHORT_SLICE   short slices (7x7 maps): plane by plane in memory
+ *                     order, parallel over n, per-thread partial sums
+ *   S > SHORT_SLICE   channels-first: parallel over channels (reductions) or
+ *                     (n, c) slices (apply), unit-stride over S; training
+ *                     forward and backward finish a channel while it is in cache
  */
 
 /* ------------------------------------------------------------------ */
