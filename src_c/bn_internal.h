@@ -36,6 +36,16 @@ static inline int team_size(int n_threads, int64_t n_elements)
     return useful < n_threads ? (int)useful : n_threads;
 }
 
+/* A block is walked plane by plane, parallel over n, when its slices are short
+ * (S == 1, channels-last, counts as short), or when it has too few channels to
+ * share among the threads (C = 1 or 3 on two cores); otherwise channel by
+ * channel. Training forward and backward take two passes when walking planes. */
+static inline int walk_planes(int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    int nt = team_size(n_threads, N * C * S);
+    return S <= SHORT_SLICE || (C < 4 * (int64_t)nt && N >= nt);
+}
+
 /* invstd = 1 / sqrt(var + eps) */
 static inline double invstd_of(double var, double eps)
 {

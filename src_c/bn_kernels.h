@@ -164,7 +164,9 @@ int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
         return 0;
     }
     if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, n_threads);
-    if (S <= SHORT_SLICE) return FN(collect_stats_planes)(mean, m2, x, N, C, S, n_threads);
+    if (walk_planes(N, C, S, n_threads)) {
+        return FN(collect_stats_planes)(mean, m2, x, N, C, S, n_threads);
+    }
     FN(collect_stats_cf)(mean, m2, x, N, C, S, n_threads);
     return 0;
 }
@@ -398,7 +400,7 @@ int FN(bn_forward_train)(real *y, real *save_mean, real *save_invstd,
     if (!batch_mean) return -1;
     double *batch_var = batch_mean + C;
 
-    if (S <= SHORT_SLICE) {
+    if (walk_planes(N, C, S, n_threads)) {
         if (FN(forward_train_two_pass)(y, save_mean, save_invstd, batch_mean, batch_var, x,
                                        weight, bias, N, C, S, eps, n_threads) != 0) {
             free(batch_mean);
@@ -554,7 +556,7 @@ int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
         return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C,
                                       n_threads);
     }
-    if (S <= SHORT_SLICE) {
+    if (walk_planes(N, C, S, n_threads)) {
         return FN(backward_reduce_planes)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
                                           n_threads);
     }
@@ -668,7 +670,7 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
         invstd[c] = (double)save_invstd[c];
     }
 
-    if (S <= SHORT_SLICE) {
+    if (walk_planes(N, C, S, n_threads)) {
         /* channels-last or short slices: the two reductions, then one pass for dx */
         if (FN(bn_backward_reduce)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
                                    n_threads) != 0) {

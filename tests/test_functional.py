@@ -260,7 +260,7 @@ def test_non_finite_inference_input_propagates():
 # Big enough that every kernel starts a thread team (>= 2 * 32768 elements),
 # with thread counts that split rows and channels unevenly.
 THREADED = [((8, 5, 48, 41), 1), ((8, 5, 48, 41), -1), ((70001, 3), 1), ((3, 40000, 2), 1),
-            ((65, 30, 7, 7), 1)]
+            ((65, 30, 7, 7), 1), ((16, 1, 70, 70), 1), ((9, 3, 50, 50), 1)]
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
