@@ -110,7 +110,9 @@ cdef inline floating* ptr(floating[::1] a) noexcept nogil:
 
 
 cdef inline const floating* cptr(const floating[::1] a) noexcept nogil:
-    return NULL if a is None else &a[0]
+    if a is None:
+        return NULL
+    return &a[0]
 
 
 def scale_shift(double[::1] alpha,              # OUT (C,)
