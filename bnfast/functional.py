@@ -381,6 +381,10 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
                         f"e.g. dy.astype(x.dtype)")
     C = x.shape[axis]
     weight = _channel_param(weight, "weight", C, x.dtype)
+    for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+        if value is None:
+            raise TypeError(f"{name} must be the (C,) array batch_norm_train returned, "
+                            f"got None")
     save_mean = _channel_param(save_mean, "save_mean", C, x.dtype)
     save_invstd = _channel_param(save_invstd, "save_invstd", C, x.dtype)
 

@@ -304,3 +304,12 @@ def test_inference_rejects_unusable_running_stats(var, mean, eps):
     bn.running_mean[:], bn.running_var[:] = rm, rv
     with pytest.raises(ValueError, match="running statistics are unusable"):
         bn(random_input((4, 3), np.float32))
+
+
+@pytest.mark.parametrize("missing", ["save_mean", "save_invstd"])
+def test_backward_rejects_missing_saved_statistics(missing):
+    x = random_input((5, 3), np.float32)
+    saved = {"save_mean": np.zeros(3, np.float32), "save_invstd": np.ones(3, np.float32)}
+    saved[missing] = None
+    with pytest.raises(TypeError, match=f"{missing} must be .* got None"):
+        bnfast.batch_norm_backward(x, x, None, saved["save_mean"], saved["save_invstd"])
