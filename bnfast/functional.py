@@ -446,10 +446,13 @@ def merge_stats(counts, means, m2s):
     if np.any(counts < 0):
         raise ValueError("counts must be >= 0")
     n_i = (counts if counts.ndim == 2 else counts[:, None]).astype(np.float64)
+    # an empty part's mean and m2 are meaningless (NaN from some backends): drop them
+    means = np.where(n_i > 0, means, 0.0)
+    m2s = np.where(n_i > 0, m2s, 0.0)
     total = n_i.sum(axis=0)
     safe_total = np.where(total > 0, total, 1.0)
     mean = (n_i * means).sum(axis=0) / safe_total
-    m2 = (np.where(n_i > 0, m2s, 0.0) + n_i * (means - mean) ** 2).sum(axis=0)
+    m2 = (m2s + n_i * (means - mean) ** 2).sum(axis=0)
     count = int(counts.sum()) if counts.ndim == 1 else counts.sum(axis=0)
     return count, mean, m2
 

@@ -314,3 +314,14 @@ def test_float32_output_keeps_precision_for_data_with_large_offset(layout, offse
     rm, rv = mean.astype(np.float32), (m2 / count).astype(np.float32)
     y_infer = bnfast.batch_norm_infer(x, w, b, rm, rv, axis=axis)
     assert np.max(np.abs(y_infer - ref.infer(x, w, b, rm, rv, axis=axis))) < 4e-6
+
+
+def test_merge_stats_ignores_empty_parts_whatever_their_mean_and_m2():
+    x = random_input((6, 3), np.float64, offset=2.0)
+    count, mean, m2 = F.batch_norm_stats(x)
+    nan = np.full(3, np.nan)
+    for counts in ([count, 0], np.array([[count] * 3, [0] * 3])):
+        merged_count, merged_mean, merged_m2 = F.merge_stats(counts, [mean, nan], [m2, nan])
+        np.testing.assert_array_equal(merged_count, count)
+        np.testing.assert_allclose(merged_mean, mean, rtol=1e-15)
+        np.testing.assert_allclose(merged_m2, m2, rtol=1e-15)
