@@ -242,13 +242,19 @@ def _check_status(status):
         raise MemoryError("bnfast could not allocate per-channel scratch memory")
 
 
-def _nonfinite_channels(block):
-    """Channels whose batch statistics are not finite (the slow, rare path)."""
+def _nonfinite_channels(block, running):
+    """Channels whose batch statistics are not finite (the slow, rare path); with
+    `running`, also those whose unbiased variance overflows x's dtype."""
     mean = np.empty(block.C)
     m2 = np.empty(block.C)
     _check_status(_kernels.collect_stats(mean, m2, block.x, block.N, block.C, block.S,
                                          get_num_threads()))
-    return np.flatnonzero(~(np.isfinite(mean) & np.isfinite(m2)))
+    ok = np.isfinite(mean) & np.isfinite(m2)
+    if running:
+        count = block.N * block.S
+        with np.errstate(over="ignore", invalid="ignore"):
+            ok &= np.isfinite((m2 / (count - 1)).astype(block.dtype))
+    return np.flatnonzero(~ok)
 
 
 # --------------------------------------------------------------------------
@@ -317,10 +323,13 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
                                     get_num_threads())
     _check_status(status)
     if status > 0:
-        bad = _nonfinite_channels(block)
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        bad = _nonfinite_channels(block, running_mean is not None)
+        if len(bad) == status:
+            shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        else:   # x was overwritten in place, its statistics are gone
+            shown = "not listed: x was overwritten in place"
         raise FloatingPointError(
-            f"batch statistics are not finite in {len(bad)} of {C} channels ({shown}): the "
+            f"batch statistics are not finite in {status} of {C} channels ({shown}): the "
             f"batch holds NaN or inf, or values whose square overflows; running statistics "
             f"were left unchanged")
     return _finish(y, copy_to), save_mean, save_invstd

@@ -298,18 +298,23 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
 
 /* Running statistics, PyTorch convention: r = (1 - momentum) r + momentum b,
  * with the unbiased variance. Only when every channel's batch statistics are
- * finite: one bad batch must not corrupt them. Returns the count of bad channels. */
+ * finite: one bad batch must not corrupt them. When the running statistics are
+ * given, a channel whose unbiased variance is finite in double but overflows
+ * `real` (float32 values beyond ~1e19) is bad too: it would store inf.
+ * Returns the count of bad channels. */
 static int FN(update_running_stats)(real *running_mean, real *running_var,
                                     const double *batch_mean, const double *batch_var,
                                     int64_t M, int64_t C, double momentum)
 {
+    double unbias = M > 1 ? (double)M / (double)(M - 1) : 1.0;
     int n_bad = 0;
     for (int64_t c = 0; c < C; c++) {
-        n_bad += !(isfinite(batch_mean[c]) && isfinite(batch_var[c]));
+        int ok = isfinite(batch_mean[c]) && isfinite(batch_var[c]);
+        if (running_mean) ok = ok && isfinite((real)(unbias * batch_var[c]));
+        n_bad += !ok;
     }
     if (n_bad || !running_mean) return n_bad;
 
-    double unbias = M > 1 ? (double)M / (double)(M - 1) : 1.0;
     for (int64_t c = 0; c < C; c++) {
         running_mean[c] = (real)((1.0 - momentum) * running_mean[c] + momentum * batch_mean[c]);
         running_var[c] = (real)((1.0 - momentum) * running_var[c]

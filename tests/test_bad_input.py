@@ -313,3 +313,26 @@ def test_backward_rejects_missing_saved_statistics(missing):
     saved[missing] = None
     with pytest.raises(TypeError, match=f"{missing} must be .* got None"):
         bnfast.batch_norm_backward(x, x, None, saved["save_mean"], saved["save_invstd"])
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 3), 1), ((4, 3, 5), 1), ((4, 5, 3), -1)])
+def test_float32_batch_whose_variance_overflows_float32_leaves_running_stats_untouched(
+        shape, axis):
+    # finite statistics in double, but an unbiased variance beyond float32's range
+    x = random_input(shape, np.float32) * np.float32(1e20)
+    rm = np.zeros(3, np.float32)
+    rv = np.ones(3, np.float32)
+    with pytest.raises(FloatingPointError, match=r"not finite in 3 of 3 channels \(0, 1, 2\)"):
+        bnfast.batch_norm_train(x, axis=axis, running_mean=rm, running_var=rv)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+    # without running statistics nothing is stored, and y is fine
+    y = bnfast.batch_norm_train(x, axis=axis)[0]
+    assert np.isfinite(y).all()
+
+
+def test_non_finite_batch_in_place_reports_how_many_channels():
+    x = random_input((8, 3), np.float64)
+    x[:, 1] *= 1e200
+    with pytest.raises(FloatingPointError, match=r"not finite in 1 of 3 channels"):
+        bnfast.batch_norm_train(x, out=x)
