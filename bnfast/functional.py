@@ -302,6 +302,9 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     if running_mean is not None:
         running_mean = _running_stat(running_mean, "running_mean", C, x.dtype)
         running_var = _running_stat(running_var, "running_var", C, x.dtype)
+        if np.may_share_memory(running_mean, running_var):
+            raise ValueError("running_mean and running_var share memory, so updating one "
+                             "would overwrite the other; pass two separate arrays")
     eps = _real(eps, "eps", 0.0, math.inf)
     momentum = _real(momentum, "momentum", 0.0, 1.0)
     count = math.prod(n for i, n in enumerate(x.shape) if i != axis)

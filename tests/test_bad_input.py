@@ -336,3 +336,11 @@ def test_non_finite_batch_in_place_reports_how_many_channels():
     x[:, 1] *= 1e200
     with pytest.raises(FloatingPointError, match=r"not finite in 1 of 3 channels"):
         bnfast.batch_norm_train(x, out=x)
+
+
+def test_rejects_running_mean_and_running_var_sharing_memory():
+    x = random_input((5, 3), np.float32)
+    stats = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="share memory"):
+        bnfast.batch_norm_train(x, running_mean=stats, running_var=stats)
+    np.testing.assert_array_equal(stats, 0)
