@@ -23,6 +23,17 @@
  * in L1 (32 KB and up on current x86 and ARM cores, less what the rows need). */
 #define PARAMS_IN_L1_BYTES (16 * 1024)
 
+/* How many leading rows of R a channels-last loop takes four at a time: all
+ * whole groups of four once its per-channel arrays (channel_bytes per channel,
+ * C channels) outgrow L1, else none. Four rows per pass load each per-channel
+ * value once per four elements, which wins when those arrays spill from L1 and
+ * loses to the plain row walk (fewer streams, kinder to the prefetcher) while
+ * they fit. */
+static inline int64_t rows_by_four(int64_t R, int64_t C, int64_t channel_bytes)
+{
+    return C * channel_bytes > PARAMS_IN_L1_BYTES ? R - R % 4 : 0;
+}
+
 /* Channels-first slices up to this long (S = H * W) are walked plane by plane
  * in memory order with per-thread partial sums, as channels-last rows are;
  * longer ones channel by channel, each channel kept in cache between passes. */

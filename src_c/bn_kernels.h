@@ -63,10 +63,8 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
     if (!partial) return -1;
     double *shift = partial + 2 * nt * C;
     for (int64_t c = 0; c < C; c++) shift[c] = (double)x[c];
-    /* Four rows per pass load and store each partial once per four values: that
-     * wins once shift and partials outgrow L1, and loses to the plain walk (one
-     * stream instead of four, kinder to the prefetcher) while they fit. */
-    const int64_t R4 = 3 * C * (int64_t)sizeof(double) > PARAMS_IN_L1_BYTES ? R - R % 4 : 0;
+    /* shift and two partials per channel: four rows per pass once they outgrow L1 */
+    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
 
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -219,11 +217,8 @@ static int FN(apply_cl)(real *y, const real *x, const double *alpha, const doubl
         offset[c] = (real)(beta[c] + p * alpha[c]);
     }
 
-    /* Four rows per pass load each channel's parameters once per four values:
-     * that wins once the parameters outgrow L1, and loses to the plain walk
-     * (two streams instead of eight) while they fit. */
-    const int four_rows = 3 * C * (int64_t)sizeof(real) > PARAMS_IN_L1_BYTES;
-    const int64_t R4 = four_rows ? R - R % 4 : 0;
+    /* three parameters per channel: four rows per pass once they outgrow L1 */
+    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(real));
     int nt = team_size(n_threads, R * C);
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -468,8 +463,8 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     int nt = team_size(n_threads, R * C);
     double *partial = calloc((size_t)(2 * nt * C), sizeof(double));
     if (!partial) return -1;
-    /* four rows per pass once mean and partials outgrow L1 (see collect_stats_cl) */
-    const int64_t R4 = 3 * C * (int64_t)sizeof(double) > PARAMS_IN_L1_BYTES ? R - R % 4 : 0;
+    /* mean and two partials per channel: four rows per pass once they outgrow L1 */
+    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
 
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -582,9 +577,8 @@ static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
                                   const double *restrict k_invstd_mean_dy_xhat,
                                   int64_t R, int64_t C, int n_threads)
 {
-    /* four rows per pass once the four coefficient arrays outgrow L1 (see apply_cl) */
-    const int four_rows = 4 * C * (int64_t)sizeof(double) > PARAMS_IN_L1_BYTES;
-    const int64_t R4 = four_rows ? R - R % 4 : 0;
+    /* four coefficients per channel: four rows per pass once they outgrow L1 */
+    const int64_t R4 = rows_by_four(R, C, 4 * sizeof(double));
     int nt = team_size(n_threads, R * C);
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
