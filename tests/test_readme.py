@@ -2,8 +2,6 @@
 import os
 import re
 
-import pytest
-
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 
 
@@ -17,7 +15,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     for i, block in enumerate(blocks):
         if "import torch" in block:
             try:
-                import torch  # noqa: F401
+                import torch  # noqa: F401  (only: is it there?)
             except ImportError:
                 print(f"README block {i} needs torch: skipped")
                 continue
