@@ -139,13 +139,18 @@ def _running_stat(a, name, C, dtype):
     return a
 
 
+def _channel_list(channels):
+    """Channel indices for an error message: the first ten, then '...'."""
+    return ", ".join(map(str, channels[:10])) + (", ..." if len(channels) > 10 else "")
+
+
 def _check_running_stats(running_mean, running_var, eps):
     """Inference statistics must describe a distribution: finite, var + eps > 0."""
     bad = np.flatnonzero(~(np.isfinite(running_mean) & np.isfinite(running_var)
                            & (running_var.astype(np.float64) + eps > 0)))
     if bad.size:
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
-        raise ValueError(f"running statistics are unusable in {bad.size} channel(s) ({shown}): "
+        raise ValueError(f"running statistics are unusable in {bad.size} channel(s) "
+                         f"({_channel_list(bad)}): "
                          f"running_mean must be finite and running_var + eps > 0 and finite; "
                          f"the model's state is corrupt or was never trained")
 
@@ -328,7 +333,7 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     if status > 0:
         bad = _nonfinite_channels(block, running_mean is not None)
         if len(bad) == status:
-            shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+            shown = _channel_list(bad)
         else:   # x was overwritten in place, its statistics are gone
             shown = "not listed: x was overwritten in place"
         raise FloatingPointError(
