@@ -1,0 +1,123 @@
+"""float32 training forward against float64 arithmetic on the same float32 values.
+
+The data is ``offset + randn`` with offsets 0, 1e4 and 1e6: far from zero a
+float32 sum of squares has no digits left for the variance (see the last test),
+so these pin down that the kernels accumulate in double around a shift. Every
+code path is covered (channels-first with long slices, with short slices and
+with few channels, which both walk planes; channels-last; BN1d), under every
+instruction set. The float64 reference is always computed from the float32
+values the kernel saw, so the input's own rounding (0.0625 at 1e6) is not an
+error of the kernel.
+"""
+import functools
+
+import numpy as np
+import pytest
+
+import bnfast
+
+# (name, shape as (N, C, spatial...), layout); channels_last stores N, spatial..., C
+PATHS = [
+    ("cf-long-slices", (16, 16, 48, 48), "channels_first"),     # S = 2304 > 256, C >= 8
+    ("cf-short-slices", (64, 32, 8, 8), "channels_first"),      # S = 64 <= 256: planes
+    ("cf-few-channels", (16, 3, 48, 48), "channels_first"),     # C = 3: planes
+    ("channels-last", (16, 48, 24, 24), "channels_last"),       # S = 1, rows of C
+    ("channels-last-few-channels", (32, 3, 32, 32), "channels_last"),
+    ("bn1d", (4096, 64), "channels_first"),                     # (N, C): S = 1
+]
+CASES = [pytest.param(shape, layout, id=name) for name, shape, layout in PATHS]
+
+# Relative error allowed on the batch variance. The variance itself is
+# returned through float32 (save_invstd, running_var), whose rounding alone
+# costs up to 2**-23 ~ 1.2e-7 relative on var = invstd**-2.
+OFFSETS = [pytest.param(0.0, 1e-6, id="offset0"), pytest.param(1e4, 1e-6, id="offset1e4"),
+           pytest.param(1e6, 1e-4, id="offset1e6")]
+
+
+@functools.lru_cache(maxsize=None)
+def _batch(shape, layout, offset):
+    """x = offset + randn as float32 in the given layout (read-only, shared between
+    tests), weight and bias, and float64 statistics of exactly those float32 values."""
+    rng = np.random.default_rng(2024)
+    if layout == "channels_last":
+        stored = (offset + rng.standard_normal(shape[:1] + shape[2:] + shape[1:2]))
+        x = stored.astype(np.float32)
+        x = x.transpose(0, x.ndim - 1, *range(1, x.ndim - 1))
+        assert not x.flags.c_contiguous
+    else:
+        x = (offset + rng.standard_normal(shape)).astype(np.float32)
+    x.flags.writeable = False
+    C = shape[1]
+    weight = (1 + 0.5 * rng.standard_normal(C)).astype(np.float32)
+    bias = rng.standard_normal(C).astype(np.float32)
+    axes = (0,) + tuple(range(2, x.ndim))
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=axes)
+    var = x64.var(axis=axes)
+    return x, weight, bias, mean, var
+
+
+def _per_channel(a, ndim):
+    return a.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+@pytest.mark.parametrize("offset,rtol", OFFSETS)
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_train_batch_variance_matches_float64_at_offset(shape, layout, offset, rtol, isa):
+    x, weight, bias, _, var_ref = _batch(shape, layout, offset)
+    M = x.size // shape[1]
+    running_mean = np.zeros(shape[1], np.float32)
+    running_var = np.ones(shape[1], np.float32)
+    # eps=0: save_invstd = 1/sqrt(biased var); momentum=1: running_var = unbiased var
+    _, _, invstd = bnfast.batch_norm_train(x, weight, bias, eps=0.0, momentum=1.0,
+                                           running_mean=running_mean, running_var=running_var)
+    biased = invstd.astype(np.float64) ** -2
+    biased_err = np.max(np.abs(biased - var_ref) / var_ref)
+    assert biased_err <= rtol, f"biased variance off by {biased_err:.3g} relative"
+    unbiased_ref = var_ref * M / (M - 1)
+    unbiased_err = np.max(np.abs(running_var.astype(np.float64) - unbiased_ref) / unbiased_ref)
+    assert unbiased_err <= rtol, f"unbiased variance off by {unbiased_err:.3g} relative"
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e6])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_train_mean_matches_float64_at_offset(shape, layout, offset, isa):
+    x, weight, bias, mean_ref, var_ref = _batch(shape, layout, offset)
+    _, mean, _ = bnfast.batch_norm_train(x, weight, bias)
+    # 1e-6 of a standard deviation, plus the float32 rounding of the mean itself:
+    # half a float32 spacing at its value (3e-2 at 1e6, 5e-4 at 1e4).
+    bound = 1e-6 * np.sqrt(var_ref) + 0.5 * np.spacing(np.abs(mean_ref).astype(np.float32))
+    err = np.abs(mean.astype(np.float64) - mean_ref)
+    assert np.all(err <= bound), f"mean off by {np.max(err / bound):.3g} of the bound"
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e6])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_train_output_matches_float64_normalisation_at_offset(shape, layout, offset, isa):
+    x, weight, bias, mean_ref, var_ref = _batch(shape, layout, offset)
+    y, _, _ = bnfast.batch_norm_train(x, weight, bias, eps=1e-5)
+    n = x.ndim
+    y_ref = ((x.astype(np.float64) - _per_channel(mean_ref, n))
+             / np.sqrt(_per_channel(var_ref, n) + 1e-5)
+             * _per_channel(weight.astype(np.float64), n) + _per_channel(bias, n))
+    # |y| stays below ~10 here, where float32 spacing is ~1e-6; 1e-4 leaves room for a
+    # few float32 operations but not for x - mean taken with a float32 mean
+    # (5e-4 off at offset 1e4, 3e-2 at 1e6).
+    err = np.max(np.abs(y - y_ref))
+    assert err <= 1e-4, f"y off by {err:.3g}"
+
+
+def test_naive_float32_one_pass_variance_fails_at_offset_1e4():
+    # What the offsets guard against: E[x^2] - E[x]^2 in float32. Near 1e8 float32
+    # values are multiples of 8, so the naive variance is a multiple of 8 and cannot
+    # come within 0.5 of a variance of ~1, while bnfast stays within 1e-6.
+    shape, layout = (16, 16, 48, 48), "channels_first"
+    x, _, _, _, var_ref = _batch(shape, layout, 1e4)
+    axes = (0, 2, 3)
+    mean32 = np.mean(x, axis=axes, dtype=np.float32)
+    naive = np.mean(x * x, axis=axes, dtype=np.float32) - mean32 * mean32
+    naive_err = np.max(np.abs(naive.astype(np.float64) - var_ref) / var_ref)
+    assert naive_err > 0.5, f"naive float32 variance unexpectedly close ({naive_err:.3g})"
+    _, _, invstd = bnfast.batch_norm_train(x, eps=0.0)
+    bnfast_err = np.max(np.abs(invstd.astype(np.float64) ** -2 - var_ref) / var_ref)
+    assert bnfast_err <= 1e-6
