@@ -1,13 +1,21 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The bridge to src_c/bn.c: typed buffers in, the GIL released, one C call each.
+"""The bridge to src_c/bn.c: arrays in, the GIL released, one C call each.
 
 No validation, allocation or defaults here: bnfast.functional does all of that
-and hands over C-contiguous 1-D views of the (N, C, S) block. Per-channel
-arrays may be None (weight, bias, running statistics), which C reads as absent.
-Each function returns the C status (0 ok, -1 out of memory, > 0 see bn.h).
+and hands over C-contiguous arrays laid out as the (N, C, S) block (any shape:
+only the element count matters here). Per-channel arrays may be None (weight,
+bias, running statistics), which C reads as absent. Each function returns the
+C status (0 ok, -1 out of memory, > 0 see bn.h).
+
+Buffers are taken straight from the ndarray (a few nanoseconds) rather than
+through typed memoryviews (a few hundred each), which matters for small
+tensors. `buffer` still checks dtype, contiguity, size and writeability, so
+a slip in the Python layer is an exception, never a wild pointer.
 """
-from cython cimport floating
+cimport numpy as cnp
 from libc.stdint cimport int64_t
+
+cnp.import_array()
 
 
 cdef extern from "bn.h" nogil:
@@ -74,6 +82,42 @@ cdef extern from "bn.h" nogil:
                         int64_t N, int64_t C, int64_t S, int n_threads)
 
 
+
+cdef enum:
+    F32 = cnp.NPY_FLOAT
+    F64 = cnp.NPY_DOUBLE
+
+
+cdef int element_type(object x) except -1:
+    """F32 or F64: the element type of tensor x, which picks the kernel."""
+    if cnp.PyArray_Check(x):
+        if cnp.PyArray_TYPE(<cnp.ndarray>x) in (F32, F64):
+            return cnp.PyArray_TYPE(<cnp.ndarray>x)
+    raise TypeError(f"bnfast internal error: expected a float32 or float64 array, "
+                    f"got {type(x).__name__}")
+
+
+cdef void* buffer(object a, int typenum, int64_t size, bint writeable) except? NULL:
+    """The memory of `a`, which must be a C-contiguous ndarray of `size` elements of
+    type `typenum` (and writeable if the kernel writes it)."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"bnfast internal error: expected an array, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if (cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(arr)
+            or cnp.PyArray_SIZE(arr) != size
+            or (writeable and not cnp.PyArray_ISWRITEABLE(arr))):
+        raise ValueError(f"bnfast internal error: a kernel argument of dtype {a.dtype}, "
+                         f"shape {a.shape}, contiguous {a.flags.c_contiguous}, writeable "
+                         f"{a.flags.writeable} does not match what the kernel expects "
+                         f"({size} contiguous elements of type {typenum})")
+    return cnp.PyArray_DATA(arr)
+
+
+cdef void* optional(object a, int typenum, int64_t size, bint writeable) except? NULL:
+    """As `buffer`, with None read as NULL (an absent per-channel array)."""
+    return NULL if a is None else buffer(a, typenum, size, writeable)
+
+
 ISA_CODES = {"baseline": BN_ISA_BASELINE, "avx2": BN_ISA_AVX2}
 
 
@@ -105,157 +149,205 @@ def num_procs():
     return bn_num_procs()
 
 
-cdef inline floating* ptr(floating[::1] a) noexcept nogil:
-    return NULL if a is None else &a[0]
 
-
-cdef inline const floating* cptr(const floating[::1] a) noexcept nogil:
-    if a is None:
-        return NULL
-    return &a[0]
-
-
-def scale_shift(double[::1] alpha,              # OUT (C,)
-                double[::1] beta,               # OUT (C,)
-                const double[::1] weight,       # IN  (C,) or None
-                const double[::1] bias,         # IN  (C,) or None
-                const double[::1] mean,         # IN  (C,)
-                const double[::1] invstd):      # IN  (C,)
+def scale_shift(alpha,          # OUT (C,) float64
+                beta,           # OUT (C,) float64
+                weight,         # IN  (C,) float64 or None
+                bias,           # IN  (C,) float64 or None
+                mean,           # IN  (C,) float64
+                invstd,         # IN  (C,) float64
+                int64_t C):
+    cdef double *a = <double*>buffer(alpha, F64, C, True)
+    cdef double *b = <double*>buffer(beta, F64, C, True)
+    cdef const double *w = <const double*>optional(weight, F64, C, False)
+    cdef const double *s = <const double*>optional(bias, F64, C, False)
+    cdef const double *m = <const double*>buffer(mean, F64, C, False)
+    cdef const double *i = <const double*>buffer(invstd, F64, C, False)
     with nogil:
-        bn_scale_shift(&alpha[0], &beta[0], cptr(weight), cptr(bias), &mean[0], &invstd[0],
-                       alpha.shape[0])
+        bn_scale_shift(a, b, w, s, m, i, C)
 
 
-def collect_stats(double[::1] mean,             # OUT (C,)
-                  double[::1] m2,               # OUT (C,)
-                  const floating[::1] x,        # IN  (N*C*S,)
+def collect_stats(mean,         # OUT (C,) float64
+                  m2,           # OUT (C,) float64
+                  x,            # IN  (N, C, S)
                   int64_t N, int64_t C, int64_t S, int n_threads):
+    cdef int real = element_type(x)
+    cdef double *m = <double*>buffer(mean, F64, C, True)
+    cdef double *q = <double*>buffer(m2, F64, C, True)
+    cdef void *px = buffer(x, real, N * C * S, False)
     cdef int status
     with nogil:
-        if floating is float:
-            status = bn_collect_stats_f32(&mean[0], &m2[0], &x[0], N, C, S, n_threads)
+        if real == F32:
+            status = bn_collect_stats_f32(m, q, <const float*>px, N, C, S, n_threads)
         else:
-            status = bn_collect_stats_f64(&mean[0], &m2[0], &x[0], N, C, S, n_threads)
+            status = bn_collect_stats_f64(m, q, <const double*>px, N, C, S, n_threads)
     return status
 
 
-def forward_train(floating[::1] y,                   # OUT (N*C*S,)
-                  floating[::1] save_mean,           # OUT (C,)
-                  floating[::1] save_invstd,         # OUT (C,)
-                  floating[::1] running_mean,        # IN/OUT (C,) or None
-                  floating[::1] running_var,         # IN/OUT (C,) or None
-                  const floating[::1] x,             # IN  (N*C*S,)
-                  const floating[::1] weight,        # IN  (C,) or None
-                  const floating[::1] bias,          # IN  (C,) or None
+def forward_train(y,               # OUT (N, C, S)
+                  save_mean,       # OUT (C,)
+                  save_invstd,     # OUT (C,)
+                  running_mean,    # IN/OUT (C,) or None
+                  running_var,     # IN/OUT (C,) or None
+                  x,               # IN  (N, C, S)
+                  weight,          # IN  (C,) or None
+                  bias,            # IN  (C,) or None
                   int64_t N, int64_t C, int64_t S,
                   double eps, double momentum, int n_threads):
+    cdef int real = element_type(x)
+    cdef void *py = buffer(y, real, N * C * S, True)
+    cdef void *psm = buffer(save_mean, real, C, True)
+    cdef void *psi = buffer(save_invstd, real, C, True)
+    cdef void *prm = optional(running_mean, real, C, True)
+    cdef void *prv = optional(running_var, real, C, True)
+    cdef void *px = buffer(x, real, N * C * S, False)
+    cdef void *pw = optional(weight, real, C, False)
+    cdef void *pb = optional(bias, real, C, False)
     cdef int status
     with nogil:
-        if floating is float:
-            status = bn_forward_train_f32(&y[0], &save_mean[0], &save_invstd[0],
-                                          ptr(running_mean), ptr(running_var), &x[0],
-                                          cptr(weight), cptr(bias), N, C, S,
+        if real == F32:
+            status = bn_forward_train_f32(<float*>py, <float*>psm, <float*>psi,
+                                          <float*>prm, <float*>prv, <const float*>px,
+                                          <const float*>pw, <const float*>pb, N, C, S,
                                           eps, momentum, n_threads)
         else:
-            status = bn_forward_train_f64(&y[0], &save_mean[0], &save_invstd[0],
-                                          ptr(running_mean), ptr(running_var), &x[0],
-                                          cptr(weight), cptr(bias), N, C, S,
+            status = bn_forward_train_f64(<double*>py, <double*>psm, <double*>psi,
+                                          <double*>prm, <double*>prv, <const double*>px,
+                                          <const double*>pw, <const double*>pb, N, C, S,
                                           eps, momentum, n_threads)
     return status
 
 
-def forward_infer(floating[::1] y,                   # OUT (N*C*S,)
-                  const floating[::1] x,             # IN  (N*C*S,)
-                  const floating[::1] weight,        # IN  (C,) or None
-                  const floating[::1] bias,          # IN  (C,) or None
-                  const floating[::1] running_mean,  # IN  (C,)
-                  const floating[::1] running_var,   # IN  (C,)
+def forward_infer(y,               # OUT (N, C, S)
+                  x,               # IN  (N, C, S)
+                  weight,          # IN  (C,) or None
+                  bias,            # IN  (C,) or None
+                  running_mean,    # IN  (C,)
+                  running_var,     # IN  (C,)
                   int64_t N, int64_t C, int64_t S, double eps, int n_threads):
+    cdef int real = element_type(x)
+    cdef void *py = buffer(y, real, N * C * S, True)
+    cdef void *px = buffer(x, real, N * C * S, False)
+    cdef void *pw = optional(weight, real, C, False)
+    cdef void *pb = optional(bias, real, C, False)
+    cdef void *prm = buffer(running_mean, real, C, False)
+    cdef void *prv = buffer(running_var, real, C, False)
     cdef int status
     with nogil:
-        if floating is float:
-            status = bn_forward_infer_f32(&y[0], &x[0], cptr(weight), cptr(bias),
-                                          &running_mean[0], &running_var[0],
-                                          N, C, S, eps, n_threads)
+        if real == F32:
+            status = bn_forward_infer_f32(<float*>py, <const float*>px, <const float*>pw,
+                                          <const float*>pb, <const float*>prm,
+                                          <const float*>prv, N, C, S, eps, n_threads)
         else:
-            status = bn_forward_infer_f64(&y[0], &x[0], cptr(weight), cptr(bias),
-                                          &running_mean[0], &running_var[0],
-                                          N, C, S, eps, n_threads)
+            status = bn_forward_infer_f64(<double*>py, <const double*>px, <const double*>pw,
+                                          <const double*>pb, <const double*>prm,
+                                          <const double*>prv, N, C, S, eps, n_threads)
     return status
 
 
-def apply(floating[::1] y,                  # OUT (N*C*S,)
-          const floating[::1] x,            # IN  (N*C*S,)
-          const double[::1] alpha,          # IN  (C,)
-          const double[::1] beta,           # IN  (C,)
+def apply(y,                # OUT (N, C, S)
+          x,                # IN  (N, C, S)
+          alpha,            # IN  (C,) float64
+          beta,             # IN  (C,) float64
           int64_t N, int64_t C, int64_t S, int n_threads):
+    cdef int real = element_type(x)
+    cdef void *py = buffer(y, real, N * C * S, True)
+    cdef void *px = buffer(x, real, N * C * S, False)
+    cdef const double *a = <const double*>buffer(alpha, F64, C, False)
+    cdef const double *b = <const double*>buffer(beta, F64, C, False)
     cdef int status
     with nogil:
-        if floating is float:
-            status = bn_apply_f32(&y[0], &x[0], &alpha[0], &beta[0], N, C, S, n_threads)
+        if real == F32:
+            status = bn_apply_f32(<float*>py, <const float*>px, a, b, N, C, S, n_threads)
         else:
-            status = bn_apply_f64(&y[0], &x[0], &alpha[0], &beta[0], N, C, S, n_threads)
+            status = bn_apply_f64(<double*>py, <const double*>px, a, b, N, C, S, n_threads)
     return status
 
 
-def backward_reduce(double[::1] sum_dy,          # OUT (C,)
-                    double[::1] sum_dy_xhat,     # OUT (C,)
-                    const floating[::1] dy,      # IN  (N*C*S,)
-                    const floating[::1] x,       # IN  (N*C*S,)
-                    const double[::1] mean,      # IN  (C,)
-                    const double[::1] invstd,    # IN  (C,)
+def backward_reduce(sum_dy,        # OUT (C,) float64
+                    sum_dy_xhat,   # OUT (C,) float64
+                    dy,            # IN  (N, C, S)
+                    x,             # IN  (N, C, S)
+                    mean,          # IN  (C,) float64
+                    invstd,        # IN  (C,) float64
                     int64_t N, int64_t C, int64_t S, int n_threads):
+    cdef int real = element_type(x)
+    cdef double *a = <double*>buffer(sum_dy, F64, C, True)
+    cdef double *b = <double*>buffer(sum_dy_xhat, F64, C, True)
+    cdef void *pdy = buffer(dy, real, N * C * S, False)
+    cdef void *px = buffer(x, real, N * C * S, False)
+    cdef const double *m = <const double*>buffer(mean, F64, C, False)
+    cdef const double *i = <const double*>buffer(invstd, F64, C, False)
     cdef int status
     with nogil:
-        if floating is float:
-            status = bn_backward_reduce_f32(&sum_dy[0], &sum_dy_xhat[0], &dy[0], &x[0],
-                                            &mean[0], &invstd[0], N, C, S, n_threads)
+        if real == F32:
+            status = bn_backward_reduce_f32(a, b, <const float*>pdy, <const float*>px, m, i,
+                                            N, C, S, n_threads)
         else:
-            status = bn_backward_reduce_f64(&sum_dy[0], &sum_dy_xhat[0], &dy[0], &x[0],
-                                            &mean[0], &invstd[0], N, C, S, n_threads)
+            status = bn_backward_reduce_f64(a, b, <const double*>pdy, <const double*>px, m, i,
+                                            N, C, S, n_threads)
     return status
 
 
-def backward_apply(floating[::1] dx,                # OUT (N*C*S,)
-                   const floating[::1] dy,          # IN  (N*C*S,)
-                   const floating[::1] x,           # IN  (N*C*S,)
-                   const double[::1] mean,          # IN  (C,)
-                   const double[::1] invstd,        # IN  (C,)
-                   const floating[::1] weight,      # IN  (C,) or None
-                   const double[::1] sum_dy,        # IN  (C,)
-                   const double[::1] sum_dy_xhat,   # IN  (C,)
+def backward_apply(dx,             # OUT (N, C, S)
+                   dy,             # IN  (N, C, S)
+                   x,              # IN  (N, C, S)
+                   mean,           # IN  (C,) float64
+                   invstd,         # IN  (C,) float64
+                   weight,         # IN  (C,) or None
+                   sum_dy,         # IN  (C,) float64
+                   sum_dy_xhat,    # IN  (C,) float64
                    double count,
                    int64_t N, int64_t C, int64_t S, int n_threads):
+    cdef int real = element_type(x)
+    cdef void *pdx = buffer(dx, real, N * C * S, True)
+    cdef void *pdy = buffer(dy, real, N * C * S, False)
+    cdef void *px = buffer(x, real, N * C * S, False)
+    cdef const double *m = <const double*>buffer(mean, F64, C, False)
+    cdef const double *i = <const double*>buffer(invstd, F64, C, False)
+    cdef void *pw = optional(weight, real, C, False)
+    cdef const double *a = <const double*>buffer(sum_dy, F64, C, False)
+    cdef const double *b = <const double*>buffer(sum_dy_xhat, F64, C, False)
     cdef int status
     with nogil:
-        if floating is float:
-            status = bn_backward_apply_f32(&dx[0], &dy[0], &x[0], &mean[0], &invstd[0],
-                                           cptr(weight), &sum_dy[0], &sum_dy_xhat[0], count,
+        if real == F32:
+            status = bn_backward_apply_f32(<float*>pdx, <const float*>pdy, <const float*>px,
+                                           m, i, <const float*>pw, a, b, count,
                                            N, C, S, n_threads)
         else:
-            status = bn_backward_apply_f64(&dx[0], &dy[0], &x[0], &mean[0], &invstd[0],
-                                           cptr(weight), &sum_dy[0], &sum_dy_xhat[0], count,
-                                           N, C, S, n_threads)
+            status = bn_backward_apply_f64(<double*>pdx, <const double*>pdy,
+                                           <const double*>px, m, i, <const double*>pw, a, b,
+                                           count, N, C, S, n_threads)
     return status
 
 
-def backward(floating[::1] dx,                  # OUT (N*C*S,)
-             floating[::1] dweight,             # OUT (C,)
-             floating[::1] dbias,               # OUT (C,)
-             const floating[::1] dy,            # IN  (N*C*S,)
-             const floating[::1] x,             # IN  (N*C*S,)
-             const floating[::1] weight,        # IN  (C,) or None
-             const floating[::1] save_mean,     # IN  (C,)
-             const floating[::1] save_invstd,   # IN  (C,)
+def backward(dx,                # OUT (N, C, S)
+             dweight,           # OUT (C,)
+             dbias,             # OUT (C,)
+             dy,                # IN  (N, C, S)
+             x,                 # IN  (N, C, S)
+             weight,            # IN  (C,) or None
+             save_mean,         # IN  (C,)
+             save_invstd,       # IN  (C,)
              int64_t N, int64_t C, int64_t S, int n_threads):
+    cdef int real = element_type(x)
+    cdef void *pdx = buffer(dx, real, N * C * S, True)
+    cdef void *pdw = buffer(dweight, real, C, True)
+    cdef void *pdb = buffer(dbias, real, C, True)
+    cdef void *pdy = buffer(dy, real, N * C * S, False)
+    cdef void *px = buffer(x, real, N * C * S, False)
+    cdef void *pw = optional(weight, real, C, False)
+    cdef void *psm = buffer(save_mean, real, C, False)
+    cdef void *psi = buffer(save_invstd, real, C, False)
     cdef int status
     with nogil:
-        if floating is float:
-            status = bn_backward_f32(&dx[0], &dweight[0], &dbias[0], &dy[0], &x[0],
-                                     cptr(weight), &save_mean[0], &save_invstd[0],
-                                     N, C, S, n_threads)
+        if real == F32:
+            status = bn_backward_f32(<float*>pdx, <float*>pdw, <float*>pdb, <const float*>pdy,
+                                     <const float*>px, <const float*>pw, <const float*>psm,
+                                     <const float*>psi, N, C, S, n_threads)
         else:
-            status = bn_backward_f64(&dx[0], &dweight[0], &dbias[0], &dy[0], &x[0],
-                                     cptr(weight), &save_mean[0], &save_invstd[0],
-                                     N, C, S, n_threads)
+            status = bn_backward_f64(<double*>pdx, <double*>pdw, <double*>pdb,
+                                     <const double*>pdy, <const double*>px,
+                                     <const double*>pw, <const double*>psm,
+                                     <const double*>psi, N, C, S, n_threads)
     return status

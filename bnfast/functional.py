@@ -91,6 +91,8 @@ def _channel_param(a, name, C, dtype):
     """A per-channel parameter (C,) in x's dtype, cast only where that is safe."""
     if a is None:
         return None
+    if type(a) is np.ndarray and a.dtype is dtype and a.shape == (C,) and a.flags.c_contiguous:
+        return a   # the common case, checked first: small tensors are dominated by this
     a = np.asarray(a)
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating array, got {a.dtype}; "
@@ -144,18 +146,20 @@ def _channel_list(channels):
     return ", ".join(map(str, channels[:10])) + (", ..." if len(channels) > 10 else "")
 
 
-def _check_running_stats(running_mean, running_var, eps):
-    """Inference statistics must describe a distribution: finite, var + eps > 0."""
+def _unusable_running_stats(running_mean, running_var, eps):
+    """The error for inference statistics that describe no distribution (the
+    kernel refuses them: a non-finite mean or variance, or var + eps <= 0)."""
     bad = np.flatnonzero(~(np.isfinite(running_mean) & np.isfinite(running_var)
                            & (running_var.astype(np.float64) + eps > 0)))
-    if bad.size:
-        raise ValueError(f"running statistics are unusable in {bad.size} channel(s) "
-                         f"({_channel_list(bad)}): "
-                         f"running_mean must be finite and running_var + eps > 0 and finite; "
-                         f"the model's state is corrupt or was never trained")
+    return ValueError(f"running statistics are unusable in {bad.size} channel(s) "
+                      f"({_channel_list(bad)}): "
+                      f"running_mean must be finite and running_var + eps > 0 and finite; "
+                      f"the model's state is corrupt or was never trained")
 
 
 def _real(value, name, low, high):
+    if type(value) is float and low <= value <= high and value < math.inf:
+        return value   # the common case, checked first
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -177,44 +181,61 @@ def _memory_order(a):
     return order if a.transpose(order).flags.c_contiguous else None
 
 
-def _flat(a, order):
-    """1-D view of `a` laid out in `order`; a copy only if memory is not already so."""
-    return np.ascontiguousarray(a.transpose(order)).reshape(-1)
-
-
 class _Block:
-    """x seen as a flat (N, C, S) block, and outputs laid out the same way."""
+    """x seen as an (N, C, S) block, and outputs laid out the same way.
+
+    `order` is None when memory is in axis order (C-contiguous: nothing to
+    rearrange, the common case), else the axes from slowest to fastest. The
+    kernels take `stored` arrays: C-contiguous views in memory order."""
+
+    __slots__ = ("order", "shape", "dtype", "N", "C", "S", "x")
 
     def __init__(self, x, axis):
-        order = _memory_order(x)
-        if order is None:
-            x = np.ascontiguousarray(x)
-            order = tuple(range(x.ndim))
-        k = order.index(axis)
-        self.order = order
         self.shape = x.shape
         self.dtype = x.dtype
-        self.N = math.prod(x.shape[i] for i in order[:k])
         self.C = x.shape[axis]
+        if x.flags.c_contiguous:
+            self.order = None
+            self.N = math.prod(x.shape[:axis])
+            self.S = math.prod(x.shape[axis + 1:])
+            self.x = x
+            return
+        order = _memory_order(x)
+        if order is None:   # contiguous in no axis order: one copy, in C order
+            self.order = None
+            self.N = math.prod(x.shape[:axis])
+            self.S = math.prod(x.shape[axis + 1:])
+            self.x = np.ascontiguousarray(x)
+            return
+        k = order.index(axis)
+        self.order = order
+        self.N = math.prod(x.shape[i] for i in order[:k])
         self.S = math.prod(x.shape[i] for i in order[k + 1:])
-        self.x = _flat(x, order)
+        self.x = x.transpose(order)
 
-    def flat(self, a):
-        """Another input (e.g. dy) in the same layout as x."""
-        return _flat(a, self.order)
+    def stored(self, a):
+        """`a` (x itself, or e.g. dy) as a C-contiguous array in x's memory order;
+        a copy only if its memory is laid out otherwise."""
+        return np.ascontiguousarray(a if self.order is None else a.transpose(self.order))
 
     def empty(self):
         """A fresh array of x's shape and dtype, in x's memory order."""
+        if self.order is None:
+            return np.empty(self.shape, dtype=self.dtype)
         stored = np.empty([self.shape[i] for i in self.order], dtype=self.dtype)
         return stored.transpose(np.argsort(self.order))
 
     def output(self, out, reads, name="out"):
-        """Where the kernel writes: returns (result, flat view to write, array to copy
-        the result into afterwards or None). `reads` are the flat inputs; `out` may
-        be one of them exactly (in place) but must not overlap them otherwise."""
+        """Where the kernel writes: returns (result, stored view to write, array to
+        copy the result into afterwards or None). `reads` are the stored inputs;
+        `out` may be one of them exactly (in place) but must not overlap them
+        otherwise."""
         if out is None:
+            if self.order is None:
+                y = np.empty(self.shape, dtype=self.dtype)
+                return y, y, None
             y = self.empty()
-            return y, _flat(y, self.order), None
+            return y, self.stored(y), None
         if not isinstance(out, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
         if out.shape != self.shape:
@@ -224,15 +245,14 @@ class _Block:
                             f"allocate it with np.empty_like(x)")
         if not out.flags.writeable:
             raise ValueError(f"{name} is read-only; pass a writeable array")
-        stored = out.transpose(self.order)
+        stored = out if self.order is None else out.transpose(self.order)
         if stored.flags.c_contiguous:
-            y_flat = stored.reshape(-1)
-            ptr = y_flat.__array_interface__["data"][0]
-            if all(not np.may_share_memory(y_flat, r)
+            ptr = stored.__array_interface__["data"][0]
+            if all(not np.may_share_memory(stored, r)
                    or r.__array_interface__["data"][0] == ptr for r in reads):
-                return out, y_flat, None
+                return out, stored, None
         y = self.empty()   # other layout or partial overlap: compute, then copy
-        return y, _flat(y, self.order), out
+        return y, self.stored(y), out
 
 
 def _finish(result, copy_to):
@@ -312,7 +332,7 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
                              "would overwrite the other; pass two separate arrays")
     eps = _real(eps, "eps", 0.0, math.inf)
     momentum = _real(momentum, "momentum", 0.0, 1.0)
-    count = math.prod(n for i, n in enumerate(x.shape) if i != axis)
+    count = x.size // C if C else math.prod(n for i, n in enumerate(x.shape) if i != axis)
     if count == 0:
         raise ValueError(f"x of shape {x.shape} has no values per channel; training needs "
                          f"a non-empty batch")
@@ -321,12 +341,12 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
                          f"of shape {x.shape}")
 
     block = _Block(x, axis)
-    y, y_flat, copy_to = block.output(out, [block.x])
+    y, y_stored, copy_to = block.output(out, [block.x])
     save_mean = np.empty(C, dtype=x.dtype)
     save_invstd = np.empty(C, dtype=x.dtype)
     if C == 0:
         return _finish(y, copy_to), save_mean, save_invstd
-    status = _kernels.forward_train(y_flat, save_mean, save_invstd, running_mean, running_var,
+    status = _kernels.forward_train(y_stored, save_mean, save_invstd, running_mean, running_var,
                                     block.x, weight, bias, block.N, C, block.S, eps, momentum,
                                     get_num_threads())
     _check_status(status)
@@ -365,14 +385,16 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
     running_mean = _channel_param(running_mean, "running_mean", C, x.dtype)
     running_var = _channel_param(running_var, "running_var", C, x.dtype)
     eps = _real(eps, "eps", 0.0, math.inf)
-    _check_running_stats(running_mean, running_var, eps)
 
     block = _Block(x, axis)
-    y, y_flat, copy_to = block.output(out, [block.x])
-    if x.size:
-        _check_status(_kernels.forward_infer(y_flat, block.x, weight, bias, running_mean,
-                                             running_var, block.N, C, block.S, eps,
-                                             get_num_threads()))
+    y, y_stored, copy_to = block.output(out, [block.x])
+    if C:   # (N or S may be 0: the statistics are still checked)
+        status = _kernels.forward_infer(y_stored, block.x, weight, bias, running_mean,
+                                        running_var, block.N, C, block.S, eps,
+                                        get_num_threads())
+        _check_status(status)
+        if status > 0:
+            raise _unusable_running_stats(running_mean, running_var, eps)
     return _finish(y, copy_to)
 
 
@@ -406,12 +428,12 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     save_invstd = _channel_param(save_invstd, "save_invstd", C, x.dtype)
 
     block = _Block(x, axis)
-    dy_flat = block.flat(dy)
-    dx, dx_flat, copy_to = block.output(out, [block.x, dy_flat])
+    dy_stored = block.stored(dy)
+    dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
     dweight = np.zeros(C, dtype=x.dtype)
     dbias = np.zeros(C, dtype=x.dtype)
     if x.size:
-        _check_status(_kernels.backward(dx_flat, dweight, dbias, dy_flat, block.x, weight,
+        _check_status(_kernels.backward(dx_stored, dweight, dbias, dy_stored, block.x, weight,
                                         save_mean, save_invstd, block.N, C, block.S,
                                         get_num_threads()))
     return _finish(dx, copy_to), dweight, dbias
@@ -493,7 +515,7 @@ def scale_shift(weight, bias, mean, var, eps):
     beta = np.empty(C)
     if C:
         invstd = 1.0 / np.sqrt(var + eps)
-        _kernels.scale_shift(alpha, beta, weight, bias, mean, invstd)
+        _kernels.scale_shift(alpha, beta, weight, bias, mean, invstd, C)
     return alpha, beta
 
 
@@ -512,12 +534,12 @@ def batch_norm_apply(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     weight = None if weight is None else _channel_stat(weight, "weight", C)
     bias = None if bias is None else _channel_stat(bias, "bias", C)
     block = _Block(x, axis)
-    y, y_flat, copy_to = block.output(out, [block.x])
+    y, y_stored, copy_to = block.output(out, [block.x])
     if x.size:
         alpha = np.empty(C)
         beta = np.empty(C)
-        _kernels.scale_shift(alpha, beta, weight, bias, mean, invstd)
-        _check_status(_kernels.apply(y_flat, block.x, alpha, beta, block.N, C, block.S,
+        _kernels.scale_shift(alpha, beta, weight, bias, mean, invstd, C)
+        _check_status(_kernels.apply(y_stored, block.x, alpha, beta, block.N, C, block.S,
                                      get_num_threads()))
     return _finish(y, copy_to)
 
@@ -540,7 +562,7 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, axis=1):
     sum_dy_xhat = np.zeros(C)
     if x.size:
         block = _Block(x, axis)
-        _check_status(_kernels.backward_reduce(sum_dy, sum_dy_xhat, block.flat(dy), block.x,
+        _check_status(_kernels.backward_reduce(sum_dy, sum_dy_xhat, block.stored(dy), block.x,
                                                mean, invstd, block.N, C, block.S,
                                                get_num_threads()))
     return sum_dy, sum_dy_xhat
@@ -566,10 +588,10 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     sum_dy_xhat = _channel_stat(sum_dy_xhat, "sum_dy_xhat", C)
     count = _real(count, "count", 1.0, math.inf)
     block = _Block(x, axis)
-    dy_flat = block.flat(dy)
-    dx, dx_flat, copy_to = block.output(out, [block.x, dy_flat])
+    dy_stored = block.stored(dy)
+    dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
     if x.size:
-        _check_status(_kernels.backward_apply(dx_flat, dy_flat, block.x, mean, invstd, weight,
+        _check_status(_kernels.backward_apply(dx_stored, dy_stored, block.x, mean, invstd, weight,
                                               sum_dy, sum_dy_xhat, count, block.N, C, block.S,
                                               get_num_threads()))
     return _finish(dx, copy_to)

@@ -24,9 +24,11 @@
  * tensor that fits in memory is indexed correctly. y may be the same array
  * as x (in place); it must not overlap x in any other way.
  *
- * Return values: 0 on success, -1 if C-sized scratch could not be allocated,
- * and for bn_forward_train_* a positive count of channels whose batch
- * statistics are not finite (the running statistics are then left untouched).
+ * Return values: 0 on success, -1 if C-sized scratch could not be allocated;
+ * a positive count of bad channels from bn_forward_train_* (batch statistics
+ * not finite; the running statistics are then left untouched) and from
+ * bn_forward_infer_* (running statistics not finite or running_var + eps <= 0;
+ * y is then not written).
  */
 #ifndef BNFAST_BN_H
 #define BNFAST_BN_H

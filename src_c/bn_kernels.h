@@ -266,11 +266,20 @@ int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta
 /* y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, folded first
  * into alpha, beta so each element costs one multiply-add (ONNX
  * BatchNormalization, inference). y, x: (N, C, S); parameters: (C,), weight and
- * bias may be NULL. */
+ * bias may be NULL. Running statistics that describe no distribution (a
+ * non-finite mean or variance, or running_var + eps <= 0) are refused before
+ * anything is written: returns the count of such channels. */
 int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real *bias,
                          const real *running_mean, const real *running_var,
                          int64_t N, int64_t C, int64_t S, double eps, int n_threads)
 {
+    int n_bad = 0;
+    for (int64_t c = 0; c < C; c++) {
+        double mean = running_mean[c], var = running_var[c];
+        n_bad += !(isfinite(mean) && isfinite(var) && var + eps > 0.0);
+    }
+    if (n_bad) return n_bad;
+
     double *alpha = malloc((size_t)(2 * C) * sizeof(double));
     if (!alpha) return -1;
     double *beta = alpha + C;
