@@ -1,5 +1,6 @@
-"""`bnfast bench`: time the kernels against a plain copy, PyTorch and numpy."""
-HELP = "time BatchNorm kernels as ratios to a plain copy, beside PyTorch and numpy"
+"""`bnfast bench`: time the kernels as ratios to a plain copy, beside the peers."""
+HELP = ("time BatchNorm workloads as ratios to a plain copy, beside PyTorch, onnxruntime "
+        "and numpy, and judge them against the targets")
 
 
 def add_arguments(parser):
