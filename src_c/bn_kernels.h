@@ -8,47 +8,110 @@
  *                     over C, per-thread partial sums of size C for reductions
  *   1 < S <= SHORT_SLICE   short slices (7x7 maps): plane by plane in memory
  *                     order, parallel over n, per-thread partial sums
- *   S > SHORT_SLICE   channels-first: parallel over channels (reductions) or
- *                     (n, c) slices (apply), unit-stride over S; training
- *                     forward and backward finish a channel while it is in cache
+ *   S > SHORT_SLICE   channels-first: parallel over groups of adjacent
+ *                     channels (reductions) or (n, c) slices (apply),
+ *                     unit-stride over S; training forward and backward
+ *                     finish a channel group while it is in cache
+ *
+ * Parallel work is written as a "share" function: one thread's part of a job,
+ * its loops orphaned `omp for` constructs, run by ON_THREADS (bn_internal.h)
+ * on a thread team or, for small tensors, directly on the calling thread.
  */
 
 /* ------------------------------------------------------------------ */
 /* statistics                                                          */
 /* ------------------------------------------------------------------ */
 
-/* Shifted sums of channel c of an (N, C, S) block, shift = its first value.
- * x: (N, C, S); writes shift, s1 = sum(x - shift), s2 = sum((x - shift)^2). */
-static void FN(channel_sums_cf)(double *shift, double *s1, double *s2,
-                                const real *x, int64_t N, int64_t C, int64_t S, int64_t c)
+/* Shifted sums of one slice of S values: s1 += sum(x - k), s2 += sum((x - k)^2). */
+static inline void FN(add_slice_sums)(double *s1, double *s2, const real *x_nc, double k,
+                                      int64_t S)
 {
-    const double k = N * S > 0 ? (double)x[c * S] : 0.0;
     double sum = 0.0, sum_sq = 0.0;
-    for (int64_t n = 0; n < N; n++) {
-        const real *x_nc = x + (n * C + c) * S;
-        #pragma omp simd reduction(+:sum, sum_sq)
-        for (int64_t s = 0; s < S; s++) {
-            double d = (double)x_nc[s] - k;
-            sum += d;
-            sum_sq += d * d;
-        }
+    #pragma omp simd reduction(+:sum, sum_sq)
+    for (int64_t s = 0; s < S; s++) {
+        double d = (double)x_nc[s] - k;
+        sum += d;
+        sum_sq += d * d;
     }
-    *shift = k;
-    *s1 = sum;
-    *s2 = sum_sq;
+    *s1 += sum;
+    *s2 += sum_sq;
 }
 
-/* Per-channel mean and M2 of a channels-first block, parallel over channels.
+/* Mean and M2 of channels c0 .. c0 + g - 1 (g <= MAX_GROUP) of an (N, C, S)
+ * block, read in memory order (N runs of g * S values), each channel's sums
+ * shifted by its first value. */
+static void FN(group_moments_cf)(double *mean, double *m2, const real *x,
+                                 int64_t N, int64_t C, int64_t S, int64_t c0, int64_t g)
+{
+    double shift[MAX_GROUP], s1[MAX_GROUP], s2[MAX_GROUP];
+    for (int64_t j = 0; j < g; j++) {
+        shift[j] = (double)x[(c0 + j) * S];
+        s1[j] = s2[j] = 0.0;
+    }
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t j = 0; j < g; j++) {
+            FN(add_slice_sums)(&s1[j], &s2[j], x + (n * C + c0 + j) * S, shift[j], S);
+        }
+    }
+    for (int64_t j = 0; j < g; j++) {
+        shifted_moments(&mean[c0 + j], &m2[c0 + j], shift[j], s1[j], s2[j], N * S);
+    }
+}
+
+/* One thread's share of collect_stats_cf: its channel groups. */
+static void FN(collect_stats_cf_share)(double *mean, double *m2, const real *x,
+                                       int64_t N, int64_t C, int64_t S, int64_t g)
+{
+    #pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < C; c0 += g) {
+        FN(group_moments_cf)(mean, m2, x, N, C, S, c0, c0 + g <= C ? g : C - c0);
+    }
+}
+
+/* Per-channel mean and M2 of a channels-first block, parallel over channel groups.
  * mean, m2: (C,); x: (N, C, S). */
 static void FN(collect_stats_cf)(double *mean, double *m2, const real *x,
                                  int64_t N, int64_t C, int64_t S, int n_threads)
 {
     int nt = team_size(n_threads, N * C * S);
-    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t c = 0; c < C; c++) {
-        double shift, s1, s2;
-        FN(channel_sums_cf)(&shift, &s1, &s2, x, N, C, S, c);
-        shifted_moments(&mean[c], &m2[c], shift, s1, s2, N * S);
+    int64_t g = channels_per_group(N, C, S, sizeof(real), 1, nt);
+    ON_THREADS(nt, FN(collect_stats_cf_share)(mean, m2, x, N, C, S, g));
+}
+
+/* One thread's share of collect_stats_cl: its rows, summed into its own
+ * partials s1, s2 (2C values at partial + stride * thread). */
+static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
+                                       const double *restrict shift, const real *x,
+                                       int64_t R, int64_t C)
+{
+    double *restrict s1 = partial + stride * THREAD_ID();
+    double *restrict s2 = s1 + C;
+    /* shift and two partials per channel: four rows per pass once they outgrow L1 */
+    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
+    #pragma omp for schedule(static)
+    for (int64_t g = 0; g < R4 / 4; g++) {
+        const real *restrict x0 = x + 4 * g * C;
+        const real *restrict x1 = x0 + C;
+        const real *restrict x2 = x1 + C;
+        const real *restrict x3 = x2 + C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            double d0 = (double)x0[c] - shift[c], d1 = (double)x1[c] - shift[c];
+            double d2 = (double)x2[c] - shift[c], d3 = (double)x3[c] - shift[c];
+            s1[c] += (d0 + d1) + (d2 + d3);
+            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+    }
+    /* the remaining rows (all of them when the partials fit in L1) */
+    #pragma omp for schedule(static)
+    for (int64_t r = R4; r < R; r++) {
+        const real *restrict x_r = x + r * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            double d = (double)x_r[c] - shift[c];
+            s1[c] += d;
+            s2[c] += d * d;
+        }
     }
 }
 
@@ -59,51 +122,36 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
                                 int64_t R, int64_t C, int n_threads)
 {
     int nt = team_size(n_threads, R * C);
-    double *partial = calloc((size_t)((2 * nt + 1) * C), sizeof(double));
+    int64_t stride;   /* each thread's 2C partials, then the C shifts */
+    double *partial = alloc_partials(nt + 1, 2 * C, &stride);
     if (!partial) return -1;
-    double *shift = partial + 2 * nt * C;
+    double *shift = partial + stride * nt;
     for (int64_t c = 0; c < C; c++) shift[c] = (double)x[c];
-    /* shift and two partials per channel: four rows per pass once they outgrow L1 */
-    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
-
-    #pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        double *restrict s1 = partial + 2 * C * THREAD_ID();
-        double *restrict s2 = s1 + C;
-        #pragma omp for schedule(static)
-        for (int64_t g = 0; g < R4 / 4; g++) {
-            const real *restrict x0 = x + 4 * g * C;
-            const real *restrict x1 = x0 + C;
-            const real *restrict x2 = x1 + C;
-            const real *restrict x3 = x2 + C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                double d0 = (double)x0[c] - shift[c], d1 = (double)x1[c] - shift[c];
-                double d2 = (double)x2[c] - shift[c], d3 = (double)x3[c] - shift[c];
-                s1[c] += (d0 + d1) + (d2 + d3);
-                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-            }
-        }
-        /* the remaining rows (all of them when the partials fit in L1) */
-        #pragma omp for schedule(static)
-        for (int64_t r = R4; r < R; r++) {
-            const real *restrict x_r = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                double d = (double)x_r[c] - shift[c];
-                s1[c] += d;
-                s2[c] += d * d;
-            }
-        }
-    }
+    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C));
 
     /* add the partials over threads (into mean, m2), then centre them */
-    sum_partials(mean, m2, partial, nt, C);
+    sum_partials(mean, m2, partial, stride, nt, C);
     for (int64_t c = 0; c < C; c++) {
         shifted_moments(&mean[c], &m2[c], shift[c], mean[c], m2[c], R);
     }
     free(partial);
     return 0;
+}
+
+/* One thread's share of collect_stats_planes: its planes, summed into its own
+ * partials s1, s2 (2C values at partial + stride * thread). */
+static void FN(collect_stats_planes_share)(double *partial, int64_t stride,
+                                           const double *shift, const real *x,
+                                           int64_t N, int64_t C, int64_t S)
+{
+    double *restrict s1 = partial + stride * THREAD_ID();
+    double *restrict s2 = s1 + C;
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t c = 0; c < C; c++) {
+            FN(add_slice_sums)(&s1[c], &s2[c], x + (n * C + c) * S, shift[c], S);
+        }
+    }
 }
 
 /* Per-channel mean and M2 of a channels-first block with short slices
@@ -116,35 +164,16 @@ static int FN(collect_stats_planes)(double *mean, double *m2, const real *x,
                                     int64_t N, int64_t C, int64_t S, int n_threads)
 {
     int nt = team_size(n_threads, N * C * S);
-    double *partial = calloc((size_t)((2 * nt + 1) * C), sizeof(double));
+    int64_t stride;   /* each thread's 2C partials, then the C shifts */
+    double *partial = alloc_partials(nt + 1, 2 * C, &stride);
     if (!partial) return -1;
-    double *shift = partial + 2 * nt * C;
+    double *shift = partial + stride * nt;
     for (int64_t c = 0; c < C; c++) shift[c] = (double)x[c * S];
 
-    #pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        double *restrict s1 = partial + 2 * C * THREAD_ID();
-        double *restrict s2 = s1 + C;
-        #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            for (int64_t c = 0; c < C; c++) {
-                const real *x_nc = x + (n * C + c) * S;
-                const double k = shift[c];
-                double sum = 0.0, sum_sq = 0.0;
-                #pragma omp simd reduction(+:sum, sum_sq)
-                for (int64_t s = 0; s < S; s++) {
-                    double d = (double)x_nc[s] - k;
-                    sum += d;
-                    sum_sq += d * d;
-                }
-                s1[c] += sum;
-                s2[c] += sum_sq;
-            }
-        }
-    }
+    ON_THREADS(nt, FN(collect_stats_planes_share)(partial, stride, shift, x, N, C, S));
 
     /* add the partials over threads (into mean, m2), then centre them */
-    sum_partials(mean, m2, partial, nt, C);
+    sum_partials(mean, m2, partial, stride, nt, C);
     for (int64_t c = 0; c < C; c++) {
         shifted_moments(&mean[c], &m2[c], shift[c], mean[c], m2[c], N * S);
     }
@@ -183,14 +212,52 @@ static inline void FN(apply_slice)(real *y_nc, const real *x_nc, double alpha, d
     }
 }
 
+/* One thread's share of apply_cf: its (n, c) slices. */
+static void FN(apply_cf_share)(real *y, const real *x, const double *alpha,
+                               const double *beta, int64_t N, int64_t C, int64_t S)
+{
+    #pragma omp for schedule(static)
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        int64_t c = nc % C;
+        FN(apply_slice)(y + nc * S, x + nc * S, alpha[c], beta[c], S);
+    }
+}
+
 static void FN(apply_cf)(real *y, const real *x, const double *alpha, const double *beta,
                          int64_t N, int64_t C, int64_t S, int n_threads)
 {
     int nt = team_size(n_threads, N * C * S);
-    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t nc = 0; nc < N * C; nc++) {
-        int64_t c = nc % C;
-        FN(apply_slice)(y + nc * S, x + nc * S, alpha[c], beta[c], S);
+    ON_THREADS(nt, FN(apply_cf_share)(y, x, alpha, beta, N, C, S));
+}
+
+/* One thread's share of apply_cl: its rows, y = (x - pivot) * scale + offset. */
+static void FN(apply_cl_share)(real *y, const real *x, const real *restrict pivot,
+                               const real *restrict scale, const real *restrict offset,
+                               int64_t R, int64_t C)
+{
+    /* three parameters per channel: four rows per pass once they outgrow L1 */
+    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(real));
+    #pragma omp for schedule(static)
+    for (int64_t g = 0; g < R4 / 4; g++) {
+        real *y0 = y + 4 * g * C, *y1 = y0 + C, *y2 = y1 + C, *y3 = y2 + C;
+        const real *x0 = x + 4 * g * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            y0[c] = (x0[c] - pivot[c]) * scale[c] + offset[c];
+            y1[c] = (x1[c] - pivot[c]) * scale[c] + offset[c];
+            y2[c] = (x2[c] - pivot[c]) * scale[c] + offset[c];
+            y3[c] = (x3[c] - pivot[c]) * scale[c] + offset[c];
+        }
+    }
+    /* the remaining rows (all of them when the parameters fit in L1) */
+    #pragma omp for schedule(static)
+    for (int64_t r = R4; r < R; r++) {
+        real *y_r = y + r * C;
+        const real *x_r = x + r * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            y_r[c] = (x_r[c] - pivot[c]) * scale[c] + offset[c];
+        }
     }
 }
 
@@ -217,34 +284,8 @@ static int FN(apply_cl)(real *y, const real *x, const double *alpha, const doubl
         offset[c] = (real)(beta[c] + p * alpha[c]);
     }
 
-    /* three parameters per channel: four rows per pass once they outgrow L1 */
-    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(real));
     int nt = team_size(n_threads, R * C);
-    #pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t g = 0; g < R4 / 4; g++) {
-            real *y0 = y + 4 * g * C, *y1 = y0 + C, *y2 = y1 + C, *y3 = y2 + C;
-            const real *x0 = x + 4 * g * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                y0[c] = (x0[c] - pivot[c]) * scale[c] + offset[c];
-                y1[c] = (x1[c] - pivot[c]) * scale[c] + offset[c];
-                y2[c] = (x2[c] - pivot[c]) * scale[c] + offset[c];
-                y3[c] = (x3[c] - pivot[c]) * scale[c] + offset[c];
-            }
-        }
-        /* the remaining rows (all of them when the parameters fit in L1) */
-        #pragma omp for schedule(static)
-        for (int64_t r = R4; r < R; r++) {
-            real *y_r = y + r * C;
-            const real *x_r = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                y_r[c] = (x_r[c] - pivot[c]) * scale[c] + offset[c];
-            }
-        }
-    }
+    ON_THREADS(nt, FN(apply_cl_share)(y, x, pivot, scale, offset, R, C));
     free(params);
     return 0;
 }
@@ -327,37 +368,52 @@ static int FN(update_running_stats)(real *running_mean, real *running_var,
     return 0;
 }
 
-/* Channels-first: parallel over channels; each thread reads its channel once for
- * the statistics and again, while it is still in cache, to normalise it. */
+/* One thread's share of forward_train_cf: its channel groups, each read once
+ * for the statistics and again, while still in cache, to normalise it. */
+static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invstd,
+                                       double *batch_mean, double *batch_var,
+                                       const real *x, const real *weight, const real *bias,
+                                       int64_t N, int64_t C, int64_t S, int64_t g, double eps)
+{
+    const int64_t M = N * S;
+    #pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < C; c0 += g) {
+        const int64_t c1 = c0 + g <= C ? c0 + g : C;
+
+        /* mean and biased variance over N and S (batch_var holds M2 until divided) */
+        FN(group_moments_cf)(batch_mean, batch_var, x, N, C, S, c0, c1 - c0);
+
+        /* save for backward, fold into scale and shift */
+        double alpha[MAX_GROUP], beta[MAX_GROUP];
+        for (int64_t c = c0; c < c1; c++) {
+            batch_var[c] /= (double)M;
+            double invstd = invstd_of(batch_var[c], eps);
+            save_mean[c] = (real)batch_mean[c];
+            save_invstd[c] = (real)invstd;
+            channel_scale_shift(&alpha[c - c0], &beta[c - c0], weight ? (double)weight[c] : 1.0,
+                                bias ? (double)bias[c] : 0.0, batch_mean[c], invstd);
+        }
+
+        /* normalise the group, in memory order */
+        for (int64_t n = 0; n < N; n++) {
+            for (int64_t c = c0; c < c1; c++) {
+                int64_t offset = (n * C + c) * S;
+                FN(apply_slice)(y + offset, x + offset, alpha[c - c0], beta[c - c0], S);
+            }
+        }
+    }
+}
+
+/* Channels-first, long slices: parallel over channel groups (channels_per_group). */
 static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
                                  double *batch_mean, double *batch_var,
                                  const real *x, const real *weight, const real *bias,
                                  int64_t N, int64_t C, int64_t S, double eps, int n_threads)
 {
-    const int64_t M = N * S;
     int nt = team_size(n_threads, N * C * S);
-    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t c = 0; c < C; c++) {
-        /* mean and biased variance over N and S */
-        double shift, s1, s2, m2;
-        FN(channel_sums_cf)(&shift, &s1, &s2, x, N, C, S, c);
-        shifted_moments(&batch_mean[c], &m2, shift, s1, s2, M);
-        batch_var[c] = m2 / (double)M;
-
-        /* save for backward, fold into scale and shift */
-        double invstd = invstd_of(batch_var[c], eps);
-        save_mean[c] = (real)batch_mean[c];
-        save_invstd[c] = (real)invstd;
-        double alpha, beta;
-        channel_scale_shift(&alpha, &beta, weight ? (double)weight[c] : 1.0,
-                            bias ? (double)bias[c] : 0.0, batch_mean[c], invstd);
-
-        /* normalise the channel, slice by slice */
-        for (int64_t n = 0; n < N; n++) {
-            int64_t offset = (n * C + c) * S;
-            FN(apply_slice)(y + offset, x + offset, alpha, beta, S);
-        }
-    }
+    int64_t g = channels_per_group(N, C, S, sizeof(real), 1, nt);
+    ON_THREADS(nt, FN(forward_train_cf_share)(y, save_mean, save_invstd, batch_mean, batch_var,
+                                              x, weight, bias, N, C, S, g, eps));
 }
 
 /* Two passes: the statistics of the whole block, then one normalising pass
@@ -430,24 +486,36 @@ int FN(bn_forward_train)(real *y, real *save_mean, real *save_invstd,
 /* backward                                                            */
 /* ------------------------------------------------------------------ */
 
-/* The two reductions of channel c: sum(dy) and sum(dy * xhat), xhat = (x - mean) * invstd. */
-static void FN(channel_backward_sums_cf)(double *sum_dy, double *sum_dy_xhat,
-                                         const real *dy, const real *x, double mean,
-                                         double invstd, int64_t N, int64_t C, int64_t S,
-                                         int64_t c)
+/* The two reductions over one slice of S values: a += sum(dy), b += sum(dy * (x - mean)). */
+static inline void FN(add_slice_backward_sums)(double *a, double *b, const real *dy_nc,
+                                               const real *x_nc, double mean, int64_t S)
 {
-    double a = 0.0, b = 0.0;
+    double sum_dy = 0.0, sum_dy_xc = 0.0;
+    #pragma omp simd reduction(+:sum_dy, sum_dy_xc)
+    for (int64_t s = 0; s < S; s++) {
+        sum_dy += (double)dy_nc[s];
+        sum_dy_xc += (double)dy_nc[s] * ((double)x_nc[s] - mean);
+    }
+    *a += sum_dy;
+    *b += sum_dy_xc;
+}
+
+/* The two reductions of channels c0 .. c0 + g - 1 of an (N, C, S) block, read in
+ * memory order: sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean) * invstd). */
+static void FN(group_backward_sums_cf)(double *sum_dy, double *sum_dy_xhat,
+                                       const real *dy, const real *x, const double *mean,
+                                       const double *invstd, int64_t N, int64_t C, int64_t S,
+                                       int64_t c0, int64_t g)
+{
+    for (int64_t c = c0; c < c0 + g; c++) sum_dy[c] = sum_dy_xhat[c] = 0.0;
     for (int64_t n = 0; n < N; n++) {
-        const real *dy_nc = dy + (n * C + c) * S;
-        const real *x_nc = x + (n * C + c) * S;
-        #pragma omp simd reduction(+:a, b)
-        for (int64_t s = 0; s < S; s++) {
-            a += (double)dy_nc[s];
-            b += (double)dy_nc[s] * ((double)x_nc[s] - mean);
+        for (int64_t c = c0; c < c0 + g; c++) {
+            int64_t offset = (n * C + c) * S;
+            FN(add_slice_backward_sums)(&sum_dy[c], &sum_dy_xhat[c], dy + offset, x + offset,
+                                        mean[c], S);
         }
     }
-    *sum_dy = a;
-    *sum_dy_xhat = b * invstd;
+    for (int64_t c = c0; c < c0 + g; c++) sum_dy_xhat[c] *= invstd[c];
 }
 
 /* dx of one channel in one slice of S values, from its coefficients (dx_coefficients):
@@ -463,6 +531,43 @@ static inline void FN(backward_apply_slice)(real *dx_nc, const real *dy_nc, cons
     }
 }
 
+/* One thread's share of backward_reduce_cl: its rows, summed into its own
+ * partials a, b (2C values at partial + stride * thread). */
+static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
+                                         const real *dy, const real *x,
+                                         const double *restrict mean, int64_t R, int64_t C)
+{
+    double *restrict a = partial + stride * THREAD_ID();
+    double *restrict b = a + C;
+    /* mean and two partials per channel: four rows per pass once they outgrow L1 */
+    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
+    #pragma omp for schedule(static)
+    for (int64_t g = 0; g < R4 / 4; g++) {
+        const real *restrict dy0 = dy + 4 * g * C;
+        const real *restrict dy1 = dy0 + C, *restrict dy2 = dy1 + C, *restrict dy3 = dy2 + C;
+        const real *restrict x0 = x + 4 * g * C;
+        const real *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            double g0 = dy0[c], g1 = dy1[c], g2 = dy2[c], g3 = dy3[c];
+            a[c] += (g0 + g1) + (g2 + g3);
+            b[c] += (g0 * ((double)x0[c] - mean[c]) + g1 * ((double)x1[c] - mean[c]))
+                    + (g2 * ((double)x2[c] - mean[c]) + g3 * ((double)x3[c] - mean[c]));
+        }
+    }
+    /* the remaining rows (all of them when mean and partials fit in L1) */
+    #pragma omp for schedule(static)
+    for (int64_t r = R4; r < R; r++) {
+        const real *restrict dy_r = dy + r * C;
+        const real *restrict x_r = x + r * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            a[c] += (double)dy_r[c];
+            b[c] += (double)dy_r[c] * ((double)x_r[c] - mean[c]);
+        }
+    }
+}
+
 /* Channels-last reductions: per-thread partials of size 2C, then added over threads. */
 static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   const real *dy, const real *x,
@@ -470,47 +575,34 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   int64_t R, int64_t C, int n_threads)
 {
     int nt = team_size(n_threads, R * C);
-    double *partial = calloc((size_t)(2 * nt * C), sizeof(double));
+    int64_t stride;
+    double *partial = alloc_partials(nt, 2 * C, &stride);
     if (!partial) return -1;
-    /* mean and two partials per channel: four rows per pass once they outgrow L1 */
-    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
-
-    #pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        double *restrict a = partial + 2 * C * THREAD_ID();
-        double *restrict b = a + C;
-        #pragma omp for schedule(static)
-        for (int64_t g = 0; g < R4 / 4; g++) {
-            const real *restrict dy0 = dy + 4 * g * C;
-            const real *restrict dy1 = dy0 + C, *restrict dy2 = dy1 + C, *restrict dy3 = dy2 + C;
-            const real *restrict x0 = x + 4 * g * C;
-            const real *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                double g0 = dy0[c], g1 = dy1[c], g2 = dy2[c], g3 = dy3[c];
-                a[c] += (g0 + g1) + (g2 + g3);
-                b[c] += (g0 * ((double)x0[c] - mean[c]) + g1 * ((double)x1[c] - mean[c]))
-                        + (g2 * ((double)x2[c] - mean[c]) + g3 * ((double)x3[c] - mean[c]));
-            }
-        }
-        /* the remaining rows (all of them when mean and partials fit in L1) */
-        #pragma omp for schedule(static)
-        for (int64_t r = R4; r < R; r++) {
-            const real *restrict dy_r = dy + r * C;
-            const real *restrict x_r = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                a[c] += (double)dy_r[c];
-                b[c] += (double)dy_r[c] * ((double)x_r[c] - mean[c]);
-            }
-        }
-    }
+    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, mean, R, C));
 
     /* add the partials over threads */
-    sum_partials(sum_dy, sum_dy_xhat, partial, nt, C);
+    sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
     for (int64_t c = 0; c < C; c++) sum_dy_xhat[c] *= invstd[c];
     free(partial);
     return 0;
+}
+
+/* One thread's share of backward_reduce_planes: its planes, summed into its own
+ * partials a, b (2C values at partial + stride * thread). */
+static void FN(backward_reduce_planes_share)(double *partial, int64_t stride,
+                                             const real *dy, const real *x,
+                                             const double *mean, int64_t N, int64_t C,
+                                             int64_t S)
+{
+    double *restrict a = partial + stride * THREAD_ID();
+    double *restrict b = a + C;
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t c = 0; c < C; c++) {
+            int64_t offset = (n * C + c) * S;
+            FN(add_slice_backward_sums)(&a[c], &b[c], dy + offset, x + offset, mean[c], S);
+        }
+    }
 }
 
 /* The two reductions of a channels-first block with short slices, walking
@@ -521,36 +613,29 @@ static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
                                       int64_t N, int64_t C, int64_t S, int n_threads)
 {
     int nt = team_size(n_threads, N * C * S);
-    double *partial = calloc((size_t)(2 * nt * C), sizeof(double));
+    int64_t stride;
+    double *partial = alloc_partials(nt, 2 * C, &stride);
     if (!partial) return -1;
-
-    #pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        double *restrict a = partial + 2 * C * THREAD_ID();
-        double *restrict b = a + C;
-        #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            for (int64_t c = 0; c < C; c++) {
-                const real *dy_nc = dy + (n * C + c) * S;
-                const real *x_nc = x + (n * C + c) * S;
-                const double m = mean[c];
-                double a_nc = 0.0, b_nc = 0.0;
-                #pragma omp simd reduction(+:a_nc, b_nc)
-                for (int64_t s = 0; s < S; s++) {
-                    a_nc += (double)dy_nc[s];
-                    b_nc += (double)dy_nc[s] * ((double)x_nc[s] - m);
-                }
-                a[c] += a_nc;
-                b[c] += b_nc;
-            }
-        }
-    }
+    ON_THREADS(nt, FN(backward_reduce_planes_share)(partial, stride, dy, x, mean, N, C, S));
 
     /* add the partials over threads */
-    sum_partials(sum_dy, sum_dy_xhat, partial, nt, C);
+    sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
     for (int64_t c = 0; c < C; c++) sum_dy_xhat[c] *= invstd[c];
     free(partial);
     return 0;
+}
+
+/* One thread's share of the channels-first reductions: its channel groups. */
+static void FN(backward_reduce_cf_share)(double *sum_dy, double *sum_dy_xhat,
+                                         const real *dy, const real *x, const double *mean,
+                                         const double *invstd, int64_t N, int64_t C,
+                                         int64_t S, int64_t g)
+{
+    #pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < C; c0 += g) {
+        FN(group_backward_sums_cf)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, c0,
+                                   c0 + g <= C ? g : C - c0);
+    }
 }
 
 /* The two reductions of backward, per channel over N and S:
@@ -570,53 +655,76 @@ int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
                                           n_threads);
     }
     int nt = team_size(n_threads, N * C * S);
-    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t c = 0; c < C; c++) {
-        FN(channel_backward_sums_cf)(&sum_dy[c], &sum_dy_xhat[c], dy, x, mean[c],
-                                     invstd[c], N, C, S, c);
-    }
+    int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
+    ON_THREADS(nt, FN(backward_reduce_cf_share)(sum_dy, sum_dy_xhat, dy, x, mean, invstd,
+                                                N, C, S, g));
     return 0;
 }
 
-
-/* The dx pass over R rows of C values. */
-static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
-                                  const double *restrict mean, const double *restrict k,
-                                  const double *restrict k_mean_dy,
-                                  const double *restrict k_invstd_mean_dy_xhat,
-                                  int64_t R, int64_t C, int n_threads)
+/* One thread's share of backward_apply_cl: its rows of dx. */
+static void FN(backward_apply_cl_share)(real *dx, const real *dy, const real *x,
+                                        const double *restrict mean, const double *restrict k,
+                                        const double *restrict k_mean_dy,
+                                        const double *restrict k_invstd_mean_dy_xhat,
+                                        int64_t R, int64_t C)
 {
     /* four coefficients per channel: four rows per pass once they outgrow L1 */
     const int64_t R4 = rows_by_four(R, C, 4 * sizeof(double));
+    #pragma omp for schedule(static)
+    for (int64_t g = 0; g < R4 / 4; g++) {
+        real *dx0 = dx + 4 * g * C, *dx1 = dx0 + C, *dx2 = dx1 + C, *dx3 = dx2 + C;
+        const real *dy0 = dy + 4 * g * C, *dy1 = dy0 + C, *dy2 = dy1 + C, *dy3 = dy2 + C;
+        const real *x0 = x + 4 * g * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            double kc = k[c], kmd = k_mean_dy[c], q = k_invstd_mean_dy_xhat[c];
+            dx0[c] = (real)((double)dy0[c] * kc - kmd - ((double)x0[c] - mean[c]) * q);
+            dx1[c] = (real)((double)dy1[c] * kc - kmd - ((double)x1[c] - mean[c]) * q);
+            dx2[c] = (real)((double)dy2[c] * kc - kmd - ((double)x2[c] - mean[c]) * q);
+            dx3[c] = (real)((double)dy3[c] * kc - kmd - ((double)x3[c] - mean[c]) * q);
+        }
+    }
+    /* the remaining rows (all of them when the coefficients fit in L1) */
+    #pragma omp for schedule(static)
+    for (int64_t r = R4; r < R; r++) {
+        real *dx_r = dx + r * C;
+        const real *dy_r = dy + r * C;
+        const real *x_r = x + r * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            dx_r[c] = (real)((double)dy_r[c] * k[c] - k_mean_dy[c]
+                             - ((double)x_r[c] - mean[c]) * k_invstd_mean_dy_xhat[c]);
+        }
+    }
+}
+
+/* The dx pass over R rows of C values. */
+static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
+                                  const double *mean, const double *k, const double *k_mean_dy,
+                                  const double *k_invstd_mean_dy_xhat,
+                                  int64_t R, int64_t C, int n_threads)
+{
     int nt = team_size(n_threads, R * C);
-    #pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t g = 0; g < R4 / 4; g++) {
-            real *dx0 = dx + 4 * g * C, *dx1 = dx0 + C, *dx2 = dx1 + C, *dx3 = dx2 + C;
-            const real *dy0 = dy + 4 * g * C, *dy1 = dy0 + C, *dy2 = dy1 + C, *dy3 = dy2 + C;
-            const real *x0 = x + 4 * g * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                double kc = k[c], kmd = k_mean_dy[c], q = k_invstd_mean_dy_xhat[c];
-                dx0[c] = (real)((double)dy0[c] * kc - kmd - ((double)x0[c] - mean[c]) * q);
-                dx1[c] = (real)((double)dy1[c] * kc - kmd - ((double)x1[c] - mean[c]) * q);
-                dx2[c] = (real)((double)dy2[c] * kc - kmd - ((double)x2[c] - mean[c]) * q);
-                dx3[c] = (real)((double)dy3[c] * kc - kmd - ((double)x3[c] - mean[c]) * q);
-            }
-        }
-        /* the remaining rows (all of them when the coefficients fit in L1) */
-        #pragma omp for schedule(static)
-        for (int64_t r = R4; r < R; r++) {
-            real *dx_r = dx + r * C;
-            const real *dy_r = dy + r * C;
-            const real *x_r = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                dx_r[c] = (real)((double)dy_r[c] * k[c] - k_mean_dy[c]
-                                 - ((double)x_r[c] - mean[c]) * k_invstd_mean_dy_xhat[c]);
-            }
-        }
+    ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, mean, k, k_mean_dy,
+                                               k_invstd_mean_dy_xhat, R, C));
+}
+
+/* One thread's share of the channels-first dx pass: its (n, c) slices. */
+static void FN(backward_apply_cf_share)(real *dx, const real *dy, const real *x,
+                                        const double *mean, const double *invstd,
+                                        const real *weight, const double *sum_dy,
+                                        const double *sum_dy_xhat, double count,
+                                        int64_t N, int64_t C, int64_t S)
+{
+    #pragma omp for schedule(static)
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        int64_t c = nc % C;
+        double k, k_mean_dy, k_invstd_mean_dy_xhat;
+        dx_coefficients(&k, &k_mean_dy, &k_invstd_mean_dy_xhat,
+                        weight ? (double)weight[c] : 1.0, invstd[c], sum_dy[c],
+                        sum_dy_xhat[c], count);
+        FN(backward_apply_slice)(dx + nc * S, dy + nc * S, x + nc * S, mean[c], k, k_mean_dy,
+                                 k_invstd_mean_dy_xhat, S);
     }
 }
 
@@ -645,17 +753,39 @@ int FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
         return 0;
     }
     int nt = team_size(n_threads, N * C * S);
-    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t nc = 0; nc < N * C; nc++) {
-        int64_t c = nc % C;
-        double k, k_mean_dy, k_invstd_mean_dy_xhat;
-        dx_coefficients(&k, &k_mean_dy, &k_invstd_mean_dy_xhat,
-                        weight ? (double)weight[c] : 1.0, invstd[c], sum_dy[c],
-                        sum_dy_xhat[c], count);
-        FN(backward_apply_slice)(dx + nc * S, dy + nc * S, x + nc * S, mean[c], k, k_mean_dy,
-                                 k_invstd_mean_dy_xhat, S);
-    }
+    ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, mean, invstd, weight, sum_dy,
+                                               sum_dy_xhat, count, N, C, S));
     return 0;
+}
+
+/* One thread's share of the channels-first backward with long slices: its
+ * channel groups, each reduced and then, while still in cache, written. */
+static void FN(backward_cf_share)(real *dx, double *sum_dy, double *sum_dy_xhat,
+                                  const real *dy, const real *x, const real *weight,
+                                  const double *mean, const double *invstd,
+                                  int64_t N, int64_t C, int64_t S, int64_t g)
+{
+    const double M = (double)(N * S);
+    #pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < C; c0 += g) {
+        const int64_t c1 = c0 + g <= C ? c0 + g : C;
+        FN(group_backward_sums_cf)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, c0,
+                                   c1 - c0);
+        double k[MAX_GROUP], k_mean_dy[MAX_GROUP], k_invstd_mean_dy_xhat[MAX_GROUP];
+        for (int64_t c = c0; c < c1; c++) {
+            dx_coefficients(&k[c - c0], &k_mean_dy[c - c0], &k_invstd_mean_dy_xhat[c - c0],
+                            weight ? (double)weight[c] : 1.0, invstd[c], sum_dy[c],
+                            sum_dy_xhat[c], M);
+        }
+        for (int64_t n = 0; n < N; n++) {
+            for (int64_t c = c0; c < c1; c++) {
+                int64_t offset = (n * C + c) * S;
+                FN(backward_apply_slice)(dx + offset, dy + offset, x + offset, mean[c],
+                                         k[c - c0], k_mean_dy[c - c0],
+                                         k_invstd_mean_dy_xhat[c - c0], S);
+            }
+        }
+    }
 }
 
 /* Backward of the training forward: two reductions, then one pass that writes dx.
@@ -691,22 +821,12 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
             return -1;
         }
     } else {
-        /* channels-first, long slices: each channel reduced and written while in cache */
+        /* channels-first, long slices: each channel group reduced and written
+         * while in cache */
         int nt = team_size(n_threads, N * C * S);
-        #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-        for (int64_t c = 0; c < C; c++) {
-            FN(channel_backward_sums_cf)(&sum_dy[c], &sum_dy_xhat[c], dy, x, mean[c],
-                                         invstd[c], N, C, S, c);
-            double k, k_mean_dy, k_invstd_mean_dy_xhat;
-            dx_coefficients(&k, &k_mean_dy, &k_invstd_mean_dy_xhat,
-                            weight ? (double)weight[c] : 1.0, invstd[c], sum_dy[c],
-                            sum_dy_xhat[c], (double)M);
-            for (int64_t n = 0; n < N; n++) {
-                int64_t offset = (n * C + c) * S;
-                FN(backward_apply_slice)(dx + offset, dy + offset, x + offset, mean[c], k,
-                                         k_mean_dy, k_invstd_mean_dy_xhat, S);
-            }
-        }
+        int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
+        ON_THREADS(nt, FN(backward_cf_share)(dx, sum_dy, sum_dy_xhat, dy, x, weight, mean,
+                                             invstd, N, C, S, g));
     }
 
     for (int64_t c = 0; c < C; c++) {

@@ -23,6 +23,9 @@ SHAPES = [
     ((2, 3, 2, 3, 4), 1), ((1, 2, 3, 4, 3), -1),
     # channels-last with more per-channel data than L1 holds: rows four at a time
     ((9, 1401), 1), ((2, 3, 1500), -1),
+    # channels-first with long slices, walked in groups of adjacent channels:
+    # groups of 2 on one thread and of 4 on two, each with a shorter last group
+    ((3, 11, 17, 19), 1), ((4, 37, 20, 30), 1),
 ]
 
 
