@@ -4,7 +4,8 @@ The data is ``offset + randn`` with offsets 0, 1e4 and 1e6: far from zero a
 float32 sum of squares has no digits left for the variance (see the last test),
 so these pin down that the kernels accumulate in double around a shift. Every
 code path is covered (channels-first with long slices, with short slices and
-with few channels, which both walk planes; channels-last; BN1d), under every
+with few channels, which both walk planes; channels-last, narrow and wide;
+BN1d), under every
 instruction set. The float64 reference is always computed from the float32
 values the kernel saw, so the input's own rounding (0.0625 at 1e6) is not an
 error of the kernel.
@@ -23,6 +24,9 @@ PATHS = [
     ("cf-few-channels", (16, 3, 48, 48), "channels_first"),     # C = 3: planes
     ("channels-last", (16, 48, 24, 24), "channels_last"),       # S = 1, rows of C
     ("channels-last-few-channels", (32, 3, 32, 32), "channels_last"),
+    # C = 1024: per-channel sums outgrow L1, rows are taken four at a time and
+    # each group of four is combined in float32 before it is added in double
+    ("channels-last-wide", (16, 1024, 6, 6), "channels_last"),
     ("bn1d", (4096, 64), "channels_first"),                     # (N, C): S = 1
 ]
 CASES = [pytest.param(shape, layout, id=name) for name, shape, layout in PATHS]
