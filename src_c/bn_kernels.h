@@ -538,15 +538,18 @@ static inline void FN(backward_apply_slice)(real *dx_nc, const real *dy_nc, cons
 }
 
 /* One thread's share of backward_reduce_cl: its rows, summed into its own
- * partials a, b (2C values at partial + stride * thread). */
+ * partials a = sum(dy), b = sum(dy * (x - pivot)) (2C values at partial +
+ * stride * thread). */
 static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
                                          const real *dy, const real *x,
-                                         const double *restrict mean, int64_t R, int64_t C)
+                                         const real *restrict pivot, int64_t R, int64_t C)
 {
     double *restrict a = partial + stride * THREAD_ID();
     double *restrict b = a + C;
-    /* mean and two partials per channel: four rows per pass once they outgrow L1 */
-    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
+    /* pivot and two partials per channel: four rows per pass once they outgrow
+     * L1, each group of four combined in the tensor's own type (as in
+     * collect_stats_cl_share), its sums added in double */
+    const int64_t R4 = rows_by_four(R, C, sizeof(real) + 2 * sizeof(double));
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R4 / 4; g++) {
         const real *restrict dy0 = dy + 4 * g * C;
@@ -555,13 +558,12 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
         const real *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-            double g0 = dy0[c], g1 = dy1[c], g2 = dy2[c], g3 = dy3[c];
-            a[c] += (g0 + g1) + (g2 + g3);
-            b[c] += (g0 * ((double)x0[c] - mean[c]) + g1 * ((double)x1[c] - mean[c]))
-                    + (g2 * ((double)x2[c] - mean[c]) + g3 * ((double)x3[c] - mean[c]));
+            a[c] += (double)((dy0[c] + dy1[c]) + (dy2[c] + dy3[c]));
+            b[c] += (double)((dy0[c] * (x0[c] - pivot[c]) + dy1[c] * (x1[c] - pivot[c]))
+                             + (dy2[c] * (x2[c] - pivot[c]) + dy3[c] * (x3[c] - pivot[c])));
         }
     }
-    /* the remaining rows (all of them when mean and partials fit in L1) */
+    /* the remaining rows (all of them when pivot and partials fit in L1) */
     #pragma omp for schedule(static)
     for (int64_t r = R4; r < R; r++) {
         const real *restrict dy_r = dy + r * C;
@@ -569,12 +571,15 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
             a[c] += (double)dy_r[c];
-            b[c] += (double)dy_r[c] * ((double)x_r[c] - mean[c]);
+            b[c] += (double)dy_r[c] * ((double)x_r[c] - (double)pivot[c]);
         }
     }
 }
 
-/* Channels-last reductions: per-thread partials of size 2C, then added over threads. */
+/* Channels-last reductions: per-thread partials of size 2C, then added over
+ * threads. The products are centred on pivot = mean rounded to `real` (exact
+ * x - pivot for data far from zero, even in float), then moved to the mean:
+ * sum(dy * (x - mean)) = sum(dy * (x - pivot)) + (pivot - mean) * sum(dy). */
 static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   const real *dy, const real *x,
                                   const double *mean, const double *invstd,
@@ -583,12 +588,21 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     int nt = team_size(n_threads, R * C);
     int64_t stride;
     double *partial = alloc_partials(nt, 2 * C, &stride);
-    if (!partial) return -1;
-    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, mean, R, C));
+    real *pivot = malloc((size_t)C * sizeof(real));
+    if (!partial || !pivot) {
+        free(partial);
+        free(pivot);
+        return -1;
+    }
+    for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
+    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C));
 
-    /* add the partials over threads */
+    /* add the partials over threads, move them from the pivot to the mean */
     sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
-    for (int64_t c = 0; c < C; c++) sum_dy_xhat[c] *= invstd[c];
+    for (int64_t c = 0; c < C; c++) {
+        sum_dy_xhat[c] = (sum_dy_xhat[c] + ((double)pivot[c] - mean[c]) * sum_dy[c]) * invstd[c];
+    }
+    free(pivot);
     free(partial);
     return 0;
 }
@@ -667,15 +681,15 @@ int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
     return 0;
 }
 
-/* One thread's share of backward_apply_cl: its rows of dx. */
+/* One thread's share of backward_apply_cl: its rows of
+ *   dx = dy * k - (x - pivot) * q - offset. */
 static void FN(backward_apply_cl_share)(real *dx, const real *dy, const real *x,
-                                        const double *restrict mean, const double *restrict k,
-                                        const double *restrict k_mean_dy,
-                                        const double *restrict k_invstd_mean_dy_xhat,
+                                        const real *restrict k, const real *restrict pivot,
+                                        const real *restrict q, const real *restrict offset,
                                         int64_t R, int64_t C)
 {
     /* four coefficients per channel: four rows per pass once they outgrow L1 */
-    const int64_t R4 = rows_by_four(R, C, 4 * sizeof(double));
+    const int64_t R4 = rows_by_four(R, C, 4 * sizeof(real));
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R4 / 4; g++) {
         real *dx0 = dx + 4 * g * C, *dx1 = dx0 + C, *dx2 = dx1 + C, *dx3 = dx2 + C;
@@ -683,11 +697,10 @@ static void FN(backward_apply_cl_share)(real *dx, const real *dy, const real *x,
         const real *x0 = x + 4 * g * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-            double kc = k[c], kmd = k_mean_dy[c], q = k_invstd_mean_dy_xhat[c];
-            dx0[c] = (real)((double)dy0[c] * kc - kmd - ((double)x0[c] - mean[c]) * q);
-            dx1[c] = (real)((double)dy1[c] * kc - kmd - ((double)x1[c] - mean[c]) * q);
-            dx2[c] = (real)((double)dy2[c] * kc - kmd - ((double)x2[c] - mean[c]) * q);
-            dx3[c] = (real)((double)dy3[c] * kc - kmd - ((double)x3[c] - mean[c]) * q);
+            dx0[c] = dy0[c] * k[c] - (x0[c] - pivot[c]) * q[c] - offset[c];
+            dx1[c] = dy1[c] * k[c] - (x1[c] - pivot[c]) * q[c] - offset[c];
+            dx2[c] = dy2[c] * k[c] - (x2[c] - pivot[c]) * q[c] - offset[c];
+            dx3[c] = dy3[c] * k[c] - (x3[c] - pivot[c]) * q[c] - offset[c];
         }
     }
     /* the remaining rows (all of them when the coefficients fit in L1) */
@@ -698,21 +711,40 @@ static void FN(backward_apply_cl_share)(real *dx, const real *dy, const real *x,
         const real *x_r = x + r * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-            dx_r[c] = (real)((double)dy_r[c] * k[c] - k_mean_dy[c]
-                             - ((double)x_r[c] - mean[c]) * k_invstd_mean_dy_xhat[c]);
+            dx_r[c] = dy_r[c] * k[c] - (x_r[c] - pivot[c]) * q[c] - offset[c];
         }
     }
 }
 
-/* The dx pass over R rows of C values. */
-static void FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
-                                  const double *mean, const double *k, const double *k_mean_dy,
-                                  const double *k_invstd_mean_dy_xhat,
-                                  int64_t R, int64_t C, int n_threads)
+/* The channels-last dx pass over R rows of C values, computed in the tensor's
+ * own type for the full SIMD width (as apply_cl):
+ *   dx = dy * k - (x - pivot) * q - offset
+ * with k and q = k_invstd_mean_dy_xhat from dx_coefficients, pivot = mean
+ * rounded to `real`, and offset = k_mean_dy + (pivot - mean) * q in double.
+ * This is dy * k - k_mean_dy - (x - mean) * q rearranged so that x - pivot is
+ * exact for data far from zero, where x - mean in float would round away
+ * the digits that matter. Returns -1 if C-sized scratch cannot be allocated. */
+static int FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
+                                 const double *mean, const double *invstd, const real *weight,
+                                 const double *sum_dy, const double *sum_dy_xhat, double count,
+                                 int64_t R, int64_t C, int n_threads)
 {
+    real *coefficients = malloc((size_t)(4 * C) * sizeof(real));
+    if (!coefficients) return -1;
+    real *k = coefficients, *pivot = k + C, *q = k + 2 * C, *offset = k + 3 * C;
+    for (int64_t c = 0; c < C; c++) {
+        double k_c, k_mean_dy, q_c;
+        dx_coefficients(&k_c, &k_mean_dy, &q_c, weight ? (double)weight[c] : 1.0, invstd[c],
+                        sum_dy[c], sum_dy_xhat[c], count);
+        k[c] = (real)k_c;
+        pivot[c] = (real)mean[c];
+        q[c] = (real)q_c;
+        offset[c] = (real)(k_mean_dy + ((double)pivot[c] - mean[c]) * q_c);
+    }
     int nt = team_size(n_threads, R * C);
-    ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, mean, k, k_mean_dy,
-                                               k_invstd_mean_dy_xhat, R, C));
+    ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, k, pivot, q, offset, R, C));
+    free(coefficients);
+    return 0;
 }
 
 /* One thread's share of the channels-first dx pass: its (n, c) slices. */
@@ -745,18 +777,8 @@ int FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
                           int64_t N, int64_t C, int64_t S, int n_threads)
 {
     if (S == 1) {
-        double *k = malloc((size_t)(3 * C) * sizeof(double));
-        if (!k) return -1;
-        double *k_mean_dy = k + C, *k_invstd_mean_dy_xhat = k + 2 * C;
-        for (int64_t c = 0; c < C; c++) {
-            dx_coefficients(&k[c], &k_mean_dy[c], &k_invstd_mean_dy_xhat[c],
-                            weight ? (double)weight[c] : 1.0, invstd[c], sum_dy[c],
-                            sum_dy_xhat[c], count);
-        }
-        FN(backward_apply_cl)(dx, dy, x, mean, k, k_mean_dy, k_invstd_mean_dy_xhat, N, C,
-                              n_threads);
-        free(k);
-        return 0;
+        return FN(backward_apply_cl)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                     count, N, C, n_threads);
     }
     int nt = team_size(n_threads, N * C * S);
     ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, mean, invstd, weight, sum_dy,

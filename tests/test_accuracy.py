@@ -111,6 +111,32 @@ def test_train_output_matches_float64_normalisation_at_offset(shape, layout, off
     assert err <= 1e-4, f"y off by {err:.3g}"
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e6])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_backward_matches_float64_at_offset(shape, layout, offset, isa):
+    # dx and the parameter gradients, against float64 arithmetic from the same
+    # save_mean and save_invstd; channels-last computes dx in float32 around a
+    # pivot, which must not cost the digits that x - mean keeps in float64
+    x, weight, bias, _, _ = _batch(shape, layout, offset)
+    dy = np.random.default_rng(7).standard_normal(x.shape).astype(np.float32)
+    _, mean, invstd = bnfast.batch_norm_train(x, weight, bias)
+    dx, dweight, dbias = bnfast.batch_norm_backward(dy, x, weight, mean, invstd)
+    n = x.ndim
+    axes = (0,) + tuple(range(2, n))
+    M = x.size // shape[1]
+    xhat = (x.astype(np.float64) - _per_channel(mean, n)) * _per_channel(invstd, n)
+    dy64 = dy.astype(np.float64)
+    dbias_ref = dy64.sum(axis=axes)
+    dweight_ref = (dy64 * xhat).sum(axis=axes)
+    dx_ref = (_per_channel(weight, n) * _per_channel(invstd, n)
+              * (dy64 - _per_channel(dbias_ref, n) / M - xhat * _per_channel(dweight_ref, n) / M))
+    # float32 results: a few roundings of 6e-8 relative to the largest terms
+    for name, got, ref in (("dx", dx, dx_ref), ("dweight", dweight, dweight_ref),
+                           ("dbias", dbias, dbias_ref)):
+        err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+        assert err <= 1e-6, f"{name} off by {err:.3g} of its largest value"
+
+
 def test_naive_float32_one_pass_variance_fails_at_offset_1e4():
     # What the offsets guard against: E[x^2] - E[x]^2 in float32. Near 1e8 float32
     # values are multiples of 8, so the naive variance is a multiple of 8 and cannot
