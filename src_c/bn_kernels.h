@@ -208,32 +208,54 @@ int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
 /* normalise: y = x * alpha + beta                                     */
 /* ------------------------------------------------------------------ */
 
-/* One channel slice of S values, computed in double. y may be x. */
-static inline void FN(apply_slice)(real *y_nc, const real *x_nc, double alpha, double beta,
-                                   int64_t S)
+/* y = x * alpha + beta in the pivot form, computed in the tensor's own type for
+ * the full SIMD width:
+ *   y = (x - pivot) * scale + offset
+ * with pivot = -beta / alpha rounded to `real` (the x that maps to 0),
+ * scale = alpha and offset = beta + pivot * alpha (a small residual, in double).
+ * This never subtracts two large terms, so float32 keeps its precision for data
+ * with any offset, where a float x * alpha + beta is off by 1e-3 at 1e4. */
+static inline void FN(pivot_form)(real *pivot, real *scale, real *offset,
+                                  double alpha, double beta)
+{
+    double p = alpha != 0.0 ? (double)(real)(-beta / alpha) : 0.0;
+    if (!isfinite(p)) p = 0.0;
+    *pivot = (real)p;
+    *scale = (real)alpha;
+    *offset = (real)(beta + p * alpha);
+}
+
+/* The pivot form of every channel: params holds pivot, scale, offset, C each.
+ * Returns NULL if the 3C values cannot be allocated. */
+static real *FN(pivot_forms)(const double *alpha, const double *beta, int64_t C)
+{
+    real *params = malloc((size_t)(3 * C) * sizeof(real));
+    if (!params) return NULL;
+    for (int64_t c = 0; c < C; c++) {
+        FN(pivot_form)(&params[c], &params[C + c], &params[2 * C + c], alpha[c], beta[c]);
+    }
+    return params;
+}
+
+/* One channel slice of S values in the pivot form. y may be x. */
+static inline void FN(apply_slice)(real *y_nc, const real *x_nc, real pivot, real scale,
+                                   real offset, int64_t S)
 {
     #pragma omp simd
     for (int64_t s = 0; s < S; s++) {
-        y_nc[s] = (real)((double)x_nc[s] * alpha + beta);
+        y_nc[s] = (x_nc[s] - pivot) * scale + offset;
     }
 }
 
 /* One thread's share of apply_cf: its (n, c) slices. */
-static void FN(apply_cf_share)(real *y, const real *x, const double *alpha,
-                               const double *beta, int64_t N, int64_t C, int64_t S)
+static void FN(apply_cf_share)(real *y, const real *x, const real *pivot, const real *scale,
+                               const real *offset, int64_t N, int64_t C, int64_t S)
 {
     #pragma omp for schedule(static)
     for (int64_t nc = 0; nc < N * C; nc++) {
         int64_t c = nc % C;
-        FN(apply_slice)(y + nc * S, x + nc * S, alpha[c], beta[c], S);
+        FN(apply_slice)(y + nc * S, x + nc * S, pivot[c], scale[c], offset[c], S);
     }
-}
-
-static void FN(apply_cf)(real *y, const real *x, const double *alpha, const double *beta,
-                         int64_t N, int64_t C, int64_t S, int n_threads)
-{
-    int nt = team_size(n_threads, N * C * S);
-    ON_THREADS(nt, FN(apply_cf_share)(y, x, alpha, beta, N, C, S));
 }
 
 /* One thread's share of apply_cl: its rows, y = (x - pivot) * scale + offset. */
@@ -267,42 +289,21 @@ static void FN(apply_cl_share)(real *y, const real *x, const real *restrict pivo
     }
 }
 
-/* Channels-last, computed in the tensor's own type for the full SIMD width:
- *   y = (x - pivot) * scale + offset
- * with pivot = -beta / alpha rounded to `real` (the x that maps to 0),
- * scale = alpha and offset = beta + pivot * alpha (a small residual, in double).
- * This equals x * alpha + beta but never subtracts two large terms, so float32
- * keeps its precision for data with any offset. R rows of C values; y may be x.
- * Returns -1 if C-sized scratch cannot be allocated. */
-static int FN(apply_cl)(real *y, const real *x, const double *alpha, const double *beta,
-                        int64_t R, int64_t C, int n_threads)
-{
-    real *params = malloc((size_t)(3 * C) * sizeof(real));
-    if (!params) return -1;
-    real *restrict pivot = params;
-    real *restrict scale = params + C;
-    real *restrict offset = params + 2 * C;
-    for (int64_t c = 0; c < C; c++) {
-        double p = alpha[c] != 0.0 ? (double)(real)(-beta[c] / alpha[c]) : 0.0;
-        if (!isfinite(p)) p = 0.0;
-        pivot[c] = (real)p;
-        scale[c] = (real)alpha[c];
-        offset[c] = (real)(beta[c] + p * alpha[c]);
-    }
-
-    int nt = team_size(n_threads, R * C);
-    ON_THREADS(nt, FN(apply_cl_share)(y, x, pivot, scale, offset, R, C));
-    free(params);
-    return 0;
-}
-
-/* Per-channel affine map y = x * alpha[c] + beta[c].
+/* Per-channel affine map y = x * alpha[c] + beta[c], in the pivot form.
  * y, x: (N, C, S); alpha, beta: (C,). y may be x. Returns -1 if scratch fails. */
 int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
                  int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    if (S == 1) return FN(apply_cl)(y, x, alpha, beta, N, C, n_threads);
-    FN(apply_cf)(y, x, alpha, beta, N, C, S, n_threads);
+    real *params = FN(pivot_forms)(alpha, beta, C);
+    if (!params) return -1;
+    const real *pivot = params, *scale = params + C, *offset = params + 2 * C;
+    int nt = team_size(n_threads, N * C * S);
+    if (S == 1) {
+        ON_THREADS(nt, FN(apply_cl_share)(y, x, pivot, scale, offset, N, C));
+    } else {
+        ON_THREADS(nt, FN(apply_cf_share)(y, x, pivot, scale, offset, N, C, S));
+    }
+    free(params);
     return 0;
 }
 
@@ -389,22 +390,24 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
         /* mean and biased variance over N and S (batch_var holds M2 until divided) */
         FN(group_moments_cf)(batch_mean, batch_var, x, N, C, S, c0, c1 - c0);
 
-        /* save for backward, fold into scale and shift */
-        double alpha[MAX_GROUP], beta[MAX_GROUP];
+        /* save for backward, fold into scale and shift, in the pivot form */
+        real pivot[MAX_GROUP], scale[MAX_GROUP], offset[MAX_GROUP];
         for (int64_t c = c0; c < c1; c++) {
             batch_var[c] /= (double)M;
             double invstd = invstd_of(batch_var[c], eps);
             save_mean[c] = (real)batch_mean[c];
             save_invstd[c] = (real)invstd;
-            channel_scale_shift(&alpha[c - c0], &beta[c - c0], weight ? (double)weight[c] : 1.0,
+            double alpha, beta;
+            channel_scale_shift(&alpha, &beta, weight ? (double)weight[c] : 1.0,
                                 bias ? (double)bias[c] : 0.0, batch_mean[c], invstd);
+            FN(pivot_form)(&pivot[c - c0], &scale[c - c0], &offset[c - c0], alpha, beta);
         }
 
         /* normalise the group, in memory order */
         for (int64_t n = 0; n < N; n++) {
             for (int64_t c = c0; c < c1; c++) {
-                int64_t offset = (n * C + c) * S;
-                FN(apply_slice)(y + offset, x + offset, alpha[c - c0], beta[c - c0], S);
+                int64_t at = (n * C + c) * S;
+                FN(apply_slice)(y + at, x + at, pivot[c - c0], scale[c - c0], offset[c - c0], S);
             }
         }
     }
