@@ -181,6 +181,11 @@ def _memory_order(a):
     return order if a.transpose(order).flags.c_contiguous else None
 
 
+def _same_start(a, b):
+    """True if a and b begin at the same address (with the same layout, the same array)."""
+    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+
+
 class _Block:
     """x seen as an (N, C, S) block, and outputs laid out the same way.
 
@@ -246,11 +251,9 @@ class _Block:
         if not out.flags.writeable:
             raise ValueError(f"{name} is read-only; pass a writeable array")
         stored = out if self.order is None else out.transpose(self.order)
-        if stored.flags.c_contiguous:
-            ptr = stored.__array_interface__["data"][0]
-            if all(not np.may_share_memory(stored, r)
-                   or r.__array_interface__["data"][0] == ptr for r in reads):
-                return out, stored, None
+        if stored.flags.c_contiguous and all(r is stored or not np.may_share_memory(stored, r)
+                                             or _same_start(stored, r) for r in reads):
+            return out, stored, None
         y = self.empty()   # other layout or partial overlap: compute, then copy
         return y, self.stored(y), out
 
