@@ -37,6 +37,35 @@ def test_omp_num_threads_is_honoured():
 
 
 @needs_openmp
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_small_tensors_never_start_a_thread_team():
+    # Every kernel on a tensor below the team threshold, then one large call:
+    # the OpenMP runtime creates its threads at the first parallel region, so
+    # the process gains threads only after the large one.
+    code = """
+import os, numpy as np, bnfast
+from bnfast import functional as F
+def threads():
+    return len(os.listdir("/proc/self/task"))
+before = threads()
+for shape, axis in [((2, 4, 1, 1), 1), ((64, 32, 16), 1), ((64, 32, 16), -1), ((512, 64), 1)]:
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    C = x.shape[axis]
+    w, b, rm, rv = np.ones(C, x.dtype), np.zeros(C, x.dtype), np.zeros(C, x.dtype), np.ones(C, x.dtype)
+    y, m, i = bnfast.batch_norm_train(x, w, b, axis=axis, running_mean=rm, running_var=rv)
+    bnfast.batch_norm_backward(x, x, w, m, i, axis=axis)
+    bnfast.batch_norm_infer(x, w, b, rm, rv, axis=axis)
+    F.batch_norm_stats(x, axis=axis)
+small = threads()
+bnfast.batch_norm_infer(np.ones((8, 64, 64, 64), np.float32), None, None, np.zeros(64, np.float32), np.ones(64, np.float32))
+print(before, small, threads())
+"""
+    before, small, large = map(int, _run_python(code, OMP_NUM_THREADS="2").split())
+    assert small == before, f"small tensors started {small - before} thread(s)"
+    assert large > before, "a large tensor should have started the team"
+
+
+@needs_openmp
 def test_threadpoolctl_sees_and_limits_bnfast_openmp_pool():
     code = """
 import bnfast, threadpoolctl
