@@ -36,7 +36,8 @@ over rounds as its spread, and every figure is a ratio: median / copy floor.
 The machine's foreign load (busy CPU time of other processes, from /proc/stat
 less this process's own CPU time) is recorded; above FOREIGN_LOAD_WARNING
 cores the output warns that timings are noisy. A tiny tensor (2, 4, 1, 1)
-measures call overhead in absolute time per call, and a few cases compare
+measures call overhead in absolute time per call (each block after SETTLE_S of
+idling, so no runtime's spinning threads are left over), and a few cases compare
 bnfast on 1 and 2 threads (and the copy on 1 and 2 threads).
 
 Targets (ratio median / copy floor, bnfast, any dtype and layout). The issue
@@ -86,6 +87,7 @@ import time
 import numpy as np
 
 import bnfast
+from bnfast import _runtime
 from bnfast._files import atomic_output
 from bnfast.errors import UsageError
 
@@ -116,6 +118,7 @@ ROUNDS, QUICK_ROUNDS = 11, 3
 BLOCK = 4                     # calls per contestant per round
 MIN_SAMPLE_S = 2e-4           # shorter calls are timed in runs of several
 FOREIGN_LOAD_WARNING = 0.2    # average busy cores of other processes
+SETTLE_S = 0.02               # idle time before each block of the call-overhead case
 
 # --------------------------------------------------------------------------
 # targets: ratio median / copy floor for bnfast
@@ -503,10 +506,14 @@ def time_block(fn, block, inner):
     return statistics.median(samples)
 
 
-def time_interleaved(calls, rounds, block=BLOCK, prepare=None):
+def time_interleaved(calls, rounds, block=BLOCK, prepare=None, settle_s=0.0):
     """Seconds per call of each contestant in `calls` ({key: callable}), one
     figure per round: in each round every contestant runs a block, then the
-    next. `prepare` ({key: callable}) runs untimed before that key's calls."""
+    next. `prepare` ({key: callable}) runs untimed before that key's calls.
+    With `settle_s`, the machine idles that long before each block: after its
+    last parallel region an OpenMP runtime keeps its threads spinning for a
+    while, and on a small machine they take the core that the next library's
+    single-threaded tiny call runs on (seen as +0.5 to 1.5 us per call)."""
     prepare = prepare or {}
     inner = {}
     for key, fn in calls.items():
@@ -517,8 +524,19 @@ def time_interleaved(calls, rounds, block=BLOCK, prepare=None):
     for _ in range(rounds):
         for key, fn in calls.items():
             prepare.get(key, _nothing)()
+            if settle_s:
+                settle(settle_s)
             per_round[key].append(time_block(fn, block, inner[key]))
     return per_round
+
+
+def settle(seconds):
+    """Keep this thread busy, doing nothing, for `seconds`: other runtimes' idle
+    threads stop spinning meanwhile, and the core stays awake (a sleep lets it
+    drop into an idle state that the next, short calls pay to leave)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def _nothing():
@@ -604,7 +622,8 @@ def measure_case(case, peers, plan):
     calls = {**copy_calls(t.x), **keyed("bnfast", bnfast_calls(t))}
     for name, mods in peers.items():
         calls.update(keyed(name, PEER_CALLS[name](mods, t, plan.threads)))
-    seconds = time_interleaved(calls, plan.rounds)
+    settle_s = SETTLE_S if case.shape == CALL_OVERHEAD_SHAPE else 0.0
+    seconds = time_interleaved(calls, plan.rounds, settle_s=settle_s)
     if plan.with_numpy:
         seconds.update(time_interleaved(keyed("numpy", numpy_calls(t)), plan.numpy_rounds,
                                         block=1))
@@ -659,7 +678,7 @@ def set_threads(n, peers):
 def run_plan(plan):
     """Measure everything in `plan`; the result as the JSON document."""
     peers, absent = find_peers(plan.peers)
-    before = bnfast.get_num_threads()
+    before = _runtime._n_threads   # None when following OMP_NUM_THREADS / threadpoolctl
     torch_before = peers["torch"]["torch"].get_num_threads() if "torch" in peers else None
     meter = LoadMeter()
     try:
@@ -818,6 +837,45 @@ def markdown_header(result):
     return lines + [""] + [f"- {n}" for n in result["notes"]]
 
 
+HEADLINE = [   # (label, shape, layout, workload, outputs): the issue's table, row by row
+    ("inference, preallocated", (32, 256, 56, 56), CF, "inference", PRE),
+    ("inference, fresh output", (32, 256, 56, 56), CF, "inference", FRESH),
+    ("inference, BN1d", (4096, 512), NC, "inference", PRE),
+    ("training forward, NCHW", (32, 256, 56, 56), CF, "forward", PRE),
+    ("training forward, NHWC", (32, 256, 56, 56), CL, "forward", PRE),
+    ("training forward, NCHW", (32, 2048, 7, 7), CF, "forward", PRE),
+    ("training forward, NCHW", (8, 64, 56, 56), CF, "forward", PRE),
+    ("training forward, BN1d 3-D", (64, 128, 100), CF, "forward", PRE),
+    ("backward, NCHW", (32, 256, 56, 56), CF, "backward", PRE),
+    ("backward, NHWC", (32, 256, 56, 56), CL, "backward", PRE),
+    ("forward + backward, fresh, NCHW", (32, 256, 56, 56), CF, "forward+backward", FRESH),
+    ("forward + backward, fresh, NHWC", (32, 256, 56, 56), CL, "forward+backward", FRESH),
+    ("call overhead, inference", CALL_OVERHEAD_SHAPE, CF, "inference", FRESH),
+    ("call overhead, training forward", CALL_OVERHEAD_SHAPE, CF, "forward", FRESH),
+]
+
+
+def markdown_headline(result):
+    """The issue's workloads, one row each, beside the peers and the target (float32)."""
+    found = {(tuple(r["shape"]), r["layout"], r["workload"], r["outputs"]): r
+             for r in result["rows"] + result["call_overhead"] if r["dtype"] == "float32"}
+    libs = libraries(result)
+    rows = []
+    for label, shape, layout, workload, outputs in HEADLINE:
+        r = found.get((shape, layout, workload, outputs))
+        if r is None:
+            continue
+        cell = per_call_cell if tuple(shape) == CALL_OVERHEAD_SHAPE else ratio_cell
+        rows.append([label, str(shape)]
+                    + [cell(r["results"][lib]) if lib in r["results"] else "-" for lib in libs]
+                    + ([target_cells(r["target"])[0], r["target"]["verdict"]] if r["target"]
+                       else ["-", "-"]))
+    if not rows:
+        return []
+    head = ["workload", "shape"] + libs + ["bnfast target", "verdict"]
+    return ["", "## The issue's workloads (float32)", ""] + table(head, rows)
+
+
 def markdown_main(result):
     libs = libraries(result)
     rows = [shape_cells(r) + [r["workload"], r["outputs"],
@@ -872,7 +930,8 @@ def summary_line(result):
 
 
 def render_markdown(result):
-    return "\n".join(markdown_header(result) + markdown_main(result) + markdown_overhead(result)
+    return "\n".join(markdown_header(result) + markdown_headline(result) + markdown_main(result)
+                     + markdown_overhead(result)
                      + markdown_scaling(result) + markdown_targets(result)) + "\n"
 
 
