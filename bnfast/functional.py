@@ -14,7 +14,7 @@ Conventions (PyTorch's):
   the unbiased one: ``r = (1 - momentum) * r + momentum * batch_stat``.
   ONNX and Keras call ``1 - momentum`` "momentum".
 - ``invstd = 1 / sqrt(var + eps)``.
-- float32 and float64 only, accumulation in double; outputs have x's dtype.
+- float32 and float64 only, sums accumulated in double; outputs have x's dtype.
 
 Errors: ``TypeError`` for wrong dtypes and types, ``ValueError`` for wrong
 shapes, axes and values, ``FloatingPointError`` when a training batch has

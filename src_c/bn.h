@@ -20,7 +20,10 @@
  *
  * Per-channel statistics that cross kernels (mean, invstd, m2, gradient sums)
  * are double; tensors and per-channel parameters are float or double (suffix
- * _f32 / _f64). Accumulation is always in double. Sizes are int64_t, so any
+ * _f32 / _f64). Sums are accumulated in double (channels-last rows, four at a
+ * time, are first combined in the tensor's type); outputs are computed in the
+ * tensor's type in a pivot form that keeps its precision at any offset (see
+ * pivot_form in bn_kernels.h). Sizes are int64_t, so any
  * tensor that fits in memory is indexed correctly. y may be the same array
  * as x (in place); it must not overlap x in any other way.
  *
