@@ -99,12 +99,12 @@ cdef int element_type(object x) except -1:
 
 cdef void* buffer(object a, int typenum, int64_t size, bint writeable) except? NULL:
     """The memory of `a`, which must be a C-contiguous ndarray of `size` elements of
-    type `typenum` (and writeable if the kernel writes it)."""
+    type `typenum` in native byte order (and writeable if the kernel writes it)."""
     if not cnp.PyArray_Check(a):
         raise TypeError(f"bnfast internal error: expected an array, got {type(a).__name__}")
     cdef cnp.ndarray arr = <cnp.ndarray>a
-    if (cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(arr)
-            or cnp.PyArray_SIZE(arr) != size
+    if (cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_ISNOTSWAPPED(arr)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(arr) or cnp.PyArray_SIZE(arr) != size
             or (writeable and not cnp.PyArray_ISWRITEABLE(arr))):
         raise ValueError(f"bnfast internal error: a kernel argument of dtype {a.dtype}, "
                          f"shape {a.shape}, contiguous {a.flags.c_contiguous}, writeable "
