@@ -196,27 +196,20 @@ class _Block:
     __slots__ = ("order", "shape", "dtype", "N", "C", "S", "x")
 
     def __init__(self, x, axis):
+        order = None if x.flags.c_contiguous else _memory_order(x)
+        if order is None:
+            x = np.ascontiguousarray(x)   # a copy only if contiguous in no axis order
+            self.N = math.prod(x.shape[:axis])
+            self.S = math.prod(x.shape[axis + 1:])
+        else:
+            k = order.index(axis)
+            self.N = math.prod(x.shape[i] for i in order[:k])
+            self.S = math.prod(x.shape[i] for i in order[k + 1:])
+        self.order = order
         self.shape = x.shape
         self.dtype = x.dtype
         self.C = x.shape[axis]
-        if x.flags.c_contiguous:
-            self.order = None
-            self.N = math.prod(x.shape[:axis])
-            self.S = math.prod(x.shape[axis + 1:])
-            self.x = x
-            return
-        order = _memory_order(x)
-        if order is None:   # contiguous in no axis order: one copy, in C order
-            self.order = None
-            self.N = math.prod(x.shape[:axis])
-            self.S = math.prod(x.shape[axis + 1:])
-            self.x = np.ascontiguousarray(x)
-            return
-        k = order.index(axis)
-        self.order = order
-        self.N = math.prod(x.shape[i] for i in order[:k])
-        self.S = math.prod(x.shape[i] for i in order[k + 1:])
-        self.x = x.transpose(order)
+        self.x = x if order is None else x.transpose(order)   # C-contiguous either way
 
     def stored(self, a):
         """`a` (x itself, or e.g. dy) as a C-contiguous array in x's memory order;
@@ -236,11 +229,8 @@ class _Block:
         `out` may be one of them exactly (in place) but must not overlap them
         otherwise."""
         if out is None:
-            if self.order is None:
-                y = np.empty(self.shape, dtype=self.dtype)
-                return y, y, None
             y = self.empty()
-            return y, self.stored(y), None
+            return y, (y if self.order is None else self.stored(y)), None
         if not isinstance(out, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
         if out.shape != self.shape:
