@@ -80,18 +80,18 @@ static void FN(collect_stats_cf)(double *mean, double *m2, const real *x,
 
 /* One thread's share of collect_stats_cl: its rows, summed into its own
  * partials s1, s2 (2C values at partial + stride * thread). */
-static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
-                                       const double *restrict shift, const real *x,
+static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const real *x,
                                        int64_t R, int64_t C)
 {
     double *restrict s1 = partial + stride * THREAD_ID();
     double *restrict s2 = s1 + C;
-    /* shift and two partials per channel: four rows per pass once they outgrow L1.
-     * Such blocks are often cache-resident, where arithmetic is the cost, so the
-     * four rows are combined in the tensor's own type and only their sums are
-     * added in double: half the instructions, for a few roundings of 1e-7
-     * (float) per group that are independent from group to group. The shift
-     * is row 0 itself, so x - shift is exact for data far from zero. */
+    /* Every channel is shifted by its value in row 0, so x - shift is exact for
+     * data far from zero. Shift and two partials per channel: four rows per pass
+     * once they outgrow L1. Such blocks are often cache-resident, where
+     * arithmetic is the cost, so the four rows are combined in the tensor's own
+     * type and only their sums are added in double: half the instructions, for
+     * a few roundings of 1e-7 (float) per group that are independent from group
+     * to group. */
     const real *restrict row0 = x;
     const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
     #pragma omp for schedule(static)
@@ -114,7 +114,7 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
         const real *restrict x_r = x + r * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-            double d = (double)x_r[c] - shift[c];
+            double d = (double)x_r[c] - (double)row0[c];
             s1[c] += d;
             s2[c] += d * d;
         }
@@ -128,17 +128,15 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
                                 int64_t R, int64_t C, int n_threads)
 {
     int nt = team_size(n_threads, R * C);
-    int64_t stride;   /* each thread's 2C partials, then the C shifts */
-    double *partial = alloc_partials(nt + 1, 2 * C, &stride);
+    int64_t stride;
+    double *partial = alloc_partials(nt, 2 * C, &stride);
     if (!partial) return -1;
-    double *shift = partial + stride * nt;
-    for (int64_t c = 0; c < C; c++) shift[c] = (double)x[c];
-    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C));
+    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, x, R, C));
 
-    /* add the partials over threads (into mean, m2), then centre them */
+    /* add the partials over threads (into mean, m2), then centre them on row 0 */
     sum_partials(mean, m2, partial, stride, nt, C);
     for (int64_t c = 0; c < C; c++) {
-        shifted_moments(&mean[c], &m2[c], shift[c], mean[c], m2[c], R);
+        shifted_moments(&mean[c], &m2[c], (double)x[c], mean[c], m2[c], R);
     }
     free(partial);
     return 0;
