@@ -111,9 +111,8 @@ class _BatchNorm:
         momentum = self.momentum
         if update and momentum is None:   # cumulative moving average
             momentum = 1.0 / (int(self.num_batches_tracked) + 1)
-        y, save_mean, save_invstd = F.batch_norm_train(
-            x, self.weight, self.bias, axis=self.axis, eps=self.eps,
-            momentum=0.0 if momentum is None else momentum,
+        y, save_mean, save_invstd = self._batch_forward(
+            x, momentum=0.0 if momentum is None else momentum,
             running_mean=self.running_mean if update else None,
             running_var=self.running_var if update else None)
         if update:
@@ -122,6 +121,21 @@ class _BatchNorm:
         return y
 
     __call__ = forward
+
+    # The two calls that take statistics over the batch. They are the one place a
+    # subclass changes where the batch lives (SyncBatchNorm: across processes).
+
+    def _batch_forward(self, x, momentum, running_mean, running_var):
+        """Normalise x with its batch statistics, updating the running statistics
+        given; returns (y, save_mean, save_invstd)."""
+        return F.batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps,
+                                  momentum=momentum, running_mean=running_mean,
+                                  running_var=running_var)
+
+    def _batch_backward(self, dy, x, save_mean, save_invstd):
+        """Gradient through batch statistics; returns (dx, dweight, dbias)."""
+        return F.batch_norm_backward(dy, x, self.weight, save_mean, save_invstd,
+                                     axis=self.axis)
 
     def backward(self, dy):
         """Gradient of the last forward: returns dx and sets ``grad_weight``,
@@ -134,8 +148,7 @@ class _BatchNorm:
             raise ValueError(f"dy must have the shape of the last forward's input {x.shape}, "
                              f"got {dy.shape}")
         if kind == "batch":
-            dx, dweight, dbias = F.batch_norm_backward(dy, x, self.weight, mean, invstd,
-                                                       axis=self.axis)
+            dx, dweight, dbias = self._batch_backward(dy, x, mean, invstd)
         else:
             # running statistics are constants: dx = dy * weight * invstd
             dbias, dweight = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=self.axis)
