@@ -89,7 +89,7 @@ def test_floor_of_every_row_is_its_fastest_copy_and_torch_is_one_when_installed(
 def test_json_has_the_documented_keys(tiny_result):
     doc = json.loads(json.dumps(tiny_result))
     assert set(doc) == {"meta", "method", "peers", "notes", "rows", "call_overhead",
-                        "thread_scaling", "targets", "versus"}
+                        "thread_scaling", "rules", "targets", "versus"}
     assert {"date", "machine", "cpu", "cores", "python", "versions", "threads", "dtype",
             "rounds", "foreign_load_cores"} <= set(doc["meta"])
     assert {"bnfast", "numpy"} <= set(doc["meta"]["versions"])

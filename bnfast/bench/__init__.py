@@ -19,4 +19,11 @@ read top to bottom:
 Another backend (a GPU benchmark) reuses cases, timing (with its `sync`),
 targets, results, report and outputs, and brings its own contestants, floor
 and plan: see results.py for the document it must produce.
+
+Running it:
+
+    bnfast bench --quick                     # a small subset, under a minute
+    bnfast bench --json r.json --markdown r.md --chart r.png
+    python benchmarks/bench_bn.py            # standard set, saved in benchmarks/results/
+    python benchmarks/bench_bn.py --dtype float64
 """

@@ -8,7 +8,6 @@ import io
 
 import numpy as np
 
-from bnfast.bench import targets
 from bnfast.bench.cases import CF, CL, HEADLINE, NC, OUTPUTS, WORKLOADS
 from bnfast.bench.timing import noisy
 
@@ -145,7 +144,7 @@ def markdown_targets(result):
             for r in judged]
     head = (["shape", "layout", "dtype", "workload", "outputs", "target", "bnfast", "verdict"]
             + [f"vs {p} (bnfast / {p})" for p in peers])
-    rules = [f"- {line}." for line in targets.rules()]
+    rules = [f"- {line}." for line in result["rules"]]
     return (["", "## Targets", "", summary_line(result), "", *rules, ""] + table(head, rows))
 
 

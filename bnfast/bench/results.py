@@ -16,13 +16,18 @@ elsewhere) produces this document, JSON-ready:
                   versus {peer: {bnfast_s, peer_s, verdict}}
   call_overhead   rows of the same form for the tiny tensor (judged per call)
   thread_scaling  rows {shape, layout, dtype, workload, one_thread_s, two_threads_s, speedup}
+  rules           the target rules in words, one line per rule set
   targets         {judged, missed}: bnfast against its targets
   versus          {peer: {judged, missed}}: bnfast against the peers it must not trail
+
+The targets come from a table of bnfast.bench.target_table's form, TARGETS
+unless another is given (a backend with other caches has other limits).
 """
 import statistics
 
 from bnfast.bench import floor, targets
 from bnfast.bench.cases import OUTPUTS, WORKLOADS
+from bnfast.bench.target_table import TARGETS
 
 
 def spread(samples, floor_s=None):
@@ -43,10 +48,10 @@ def copy_record(copy_seconds):
             "seconds": {copy.name: s for copy, s in medians.items()}}
 
 
-def case_rows(case, copy, seconds, workloads=WORKLOADS, outputs=OUTPUTS):
+def case_rows(case, copy, seconds, workloads=WORKLOADS, outputs=OUTPUTS, table=TARGETS):
     """One judged row per workload x outputs of `case` (anything with shape,
     layout and dtype) from `copy` (a copy_record) and `seconds`
-    ({(library, workload, outputs): per-round seconds})."""
+    ({(library, workload, outputs): per-round seconds}), against `table`."""
     rows = []
     for workload in workloads:
         for kind in outputs:
@@ -54,8 +59,8 @@ def case_rows(case, copy, seconds, workloads=WORKLOADS, outputs=OUTPUTS):
                        for (library, w, o), s in seconds.items() if (w, o) == (workload, kind)}
             row = {"shape": list(case.shape), "layout": case.layout, "dtype": case.dtype,
                    "workload": workload, "outputs": kind, "copy": copy, "results": results}
-            row["target"] = targets.judge(row) if "bnfast" in results else None
-            row["versus"] = targets.versus(row)
+            row["target"] = targets.judge(row, table) if "bnfast" in results else None
+            row["versus"] = targets.versus(row, table)
             rows.append(row)
     return rows
 
@@ -74,10 +79,12 @@ def tally(rows):
     return on_targets, on_peers
 
 
-def document(meta, method, peers, notes, rows, call_overhead=(), thread_scaling=()):
-    """The result document from its parts, with the verdicts counted."""
+def document(meta, method, peers, notes, rows, call_overhead=(), thread_scaling=(),
+             table=TARGETS):
+    """The result document from its parts (rows judged against `table`), with
+    the verdicts counted."""
     on_targets, on_peers = tally(list(rows) + list(call_overhead))
     return {"meta": meta, "method": method, "peers": peers, "notes": list(notes),
             "rows": list(rows), "call_overhead": list(call_overhead),
-            "thread_scaling": list(thread_scaling), "targets": on_targets,
-            "versus": on_peers}
+            "thread_scaling": list(thread_scaling), "rules": targets.rules(table),
+            "targets": on_targets, "versus": on_peers}

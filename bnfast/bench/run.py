@@ -52,10 +52,12 @@ def _count(name, value, allow_none=True):
     return value
 
 
-def plan_for(quick=False, dtype="float32", rounds=None, threads=None, peers=True,
-             numpy=True):
+def plan_for(quick=False, dtype="float32", rounds=None, threads=None, with_peers=True,
+             with_numpy=True):
     """The standard set (or with `quick` a small subset) in `dtype`; `rounds`
-    and `threads` default to the set's rounds and bnfast's thread count."""
+    and `threads` default to the set's rounds and bnfast's thread count.
+    Without peers neither torch, onnxruntime nor numpy is timed as a
+    contestant; torch's copy_ still takes part in the floor when installed."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     rounds = _count("rounds", rounds) or (QUICK_ROUNDS if quick else ROUNDS)
@@ -65,7 +67,8 @@ def plan_for(quick=False, dtype="float32", rounds=None, threads=None, peers=True
         overhead_case=Case(CALL_OVERHEAD_SHAPE, CF, dtype),
         scaling_cases=cases.QUICK_SCALING_CASES if quick else cases.SCALING_CASES,
         rounds=rounds, numpy_rounds=min(rounds, 2 if quick else 3), threads=threads,
-        peers=("torch", "onnxruntime") if peers else (), with_numpy=numpy and peers,
+        peers=("torch", "onnxruntime") if with_peers else (),
+        with_numpy=with_numpy and with_peers,
         quick=quick, dtype=dtype)
 
 

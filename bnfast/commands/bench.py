@@ -37,7 +37,8 @@ def add_arguments(parser):
                         help="threads for every library (default: bnfast's)")
     parser.add_argument("--no-numpy", action="store_true", help="leave out the slow numpy peer")
     parser.add_argument("--no-peers", action="store_true",
-                        help="leave out torch, onnxruntime and numpy")
+                        help="leave out torch, onnxruntime and numpy (torch's copy_ still "
+                             "counts for the floor)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON")
     parser.add_argument("--markdown", default=None, metavar="PATH",
                         help="write the markdown report (it also goes to stdout)")
@@ -54,8 +55,8 @@ def run(args):
     from bnfast.bench import outputs, report, run as bench, timing
     try:
         plan = bench.plan_for(quick=args.quick, dtype=args.dtype, rounds=args.repeat,
-                              threads=args.threads, peers=not args.no_peers,
-                              numpy=not args.no_numpy)
+                              threads=args.threads, with_peers=not args.no_peers,
+                              with_numpy=not args.no_numpy)
         outputs.check_writable({"--json": args.json, "--markdown": args.markdown,
                                 "--chart": args.chart})
         if args.chart:
