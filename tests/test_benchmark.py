@@ -12,12 +12,13 @@ import math
 import os
 import pathlib
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import bnfast
-from bnfast.bench import cases, contestants, floor, report, results, run, targets
+from bnfast.bench import cases, contestants, floor, report, results, run, targets, timing
 from bnfast.bench.cases import CF, CL, FRESH, NC, PRE, Case
 from bnfast.cli import main
 
@@ -168,6 +169,27 @@ def test_torch_without_a_backward_out_call_is_not_timed_preallocated(monkeypatch
 def test_chart_is_a_png(tiny_result):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed; no chart to test")
     assert report.chart_png(tiny_result)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_work_a_device_does_after_the_call_is_timed_through_sync():
+    pending = []
+
+    def launch():             # returns at once, like an asynchronous GPU launch
+        pending.append(2e-3)
+
+    def sync():               # waits for what was launched
+        while pending:
+            time.sleep(pending.pop())
+
+    seconds = timing.time_interleaved({"kernel": launch}, rounds=2, block=2, sync=sync)
+    assert len(seconds["kernel"]) == 2
+    assert min(seconds["kernel"]) >= 2e-3
+    assert not pending
+
+
+def test_interleaved_timing_refuses_zero_rounds():
+    with pytest.raises(ValueError, match="at least 1"):
+        timing.time_interleaved({"a": lambda: None}, rounds=0)
 
 
 # ---------------------------------------------------------------- cases

@@ -59,10 +59,6 @@ class Case:
     def label(self):
         return f"{self.shape} {self.layout} {self.dtype}"
 
-    @property
-    def nbytes(self):
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
-
 
 def layouts_of(shape):
     """Both memory orders for a tensor with spatial axes; (N, C) has one."""
