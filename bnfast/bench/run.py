@@ -13,8 +13,10 @@ import dataclasses
 import datetime
 import functools
 import importlib
+import numbers
 import os
 import platform
+import statistics
 import time
 
 import numpy as np
@@ -42,11 +44,13 @@ class Plan:
     torch_floor: bool = True      # time torch's copy_ for the floor when torch is installed
 
 
-def _count(name, value, allow_none=True):
-    if value is None and allow_none:
+def _count(name, value):
+    """A positive int (numpy's too), or None; TypeError or ValueError otherwise."""
+    if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
     return value
@@ -110,7 +114,7 @@ def measure_scaling(case, plan):
     times.update({w: (seconds[(w, 1)], seconds[(w, 2)]) for w in cases.SCALING_WORKLOADS})
     rows = []
     for workload, (one, two) in times.items():
-        one, two = results.spread(one)["median_s"], results.spread(two)["median_s"]
+        one, two = statistics.median(one), statistics.median(two)
         rows.append({"shape": list(case.shape), "layout": case.layout, "dtype": case.dtype,
                      "workload": workload, "one_thread_s": one, "two_threads_s": two,
                      "speedup": one / two})
