@@ -1,10 +1,11 @@
 """BatchNorm timings as ratios to a plain copy, beside PyTorch, onnxruntime and numpy.
 
-The harness lives in bnfast.benchmark (so `bnfast bench` runs it too; its
-docstring says how it measures and where the targets come from). This script
-runs it and keeps the report, the figures and the chart in benchmarks/results/
-as bench_bn_<dtype>.md, .json and .png (bench_bn_<dtype>_quick.* with --quick;
-no chart without matplotlib); --markdown, --json and --chart put them elsewhere.
+The benchmark lives in bnfast.bench (so `bnfast bench` runs it too; its
+modules say how it measures, bnfast/bench/target_table.py holds the targets).
+This script runs it with `bnfast bench`'s flags and keeps the report, the
+figures and the chart in benchmarks/results/ as bench_bn_<dtype>.md, .json
+and .png (bench_bn_<dtype>_quick.* with --quick; no chart without
+matplotlib); --markdown, --json and --chart put them elsewhere.
 
     python benchmarks/bench_bn.py                  # standard set, float32 (+ one float64 case)
     python benchmarks/bench_bn.py --dtype float64  # the whole set in float64
@@ -15,7 +16,7 @@ import importlib.util
 import os
 import sys
 
-from bnfast import benchmark
+from bnfast.commands import bench
 from bnfast.errors import UsageError
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -28,7 +29,7 @@ def default_path(args, ext):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    benchmark.add_arguments(parser)
+    bench.add_arguments(parser)
     args = parser.parse_args(argv)
     os.makedirs(RESULTS, exist_ok=True)
     args.markdown = args.markdown or default_path(args, "md")
@@ -38,7 +39,7 @@ def main(argv=None):
     elif args.chart is None:
         args.chart = default_path(args, "png")
     try:
-        return benchmark.run_benchmark(args)
+        return bench.run(args)
     except UsageError as err:
         print(f"bench_bn.py: error: {err}", file=sys.stderr)
         return 2
