@@ -92,8 +92,7 @@ def extensions():
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=["src_c/bn.h", "src_c/bn_internal.h", "src_c/bn_kernels.h",
-                 "src_c/bn_variants.h", "src_c/bn_dispatch.h"],
+        depends=["src_c/bn.h", "src_c/bn_internal.h", "src_c/bn_kernels.tmpl.c"],
     )
     directives = {
         "language_level": 3,

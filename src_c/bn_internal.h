@@ -1,5 +1,5 @@
 /*
- * Helpers shared by every compilation of the kernels (see bn_kernels.h).
+ * Helpers shared by every compilation of the kernels (see bn_kernels.tmpl.c).
  * Static inline, so each instruction-set build gets its own copy.
  */
 #ifndef BNFAST_BN_INTERNAL_H

@@ -1,17 +1,36 @@
 /*
- * Kernel bodies, included by bn_kernels_<isa>.c once per element type `real`
- * (float, double); FN(name) appends the type and instruction-set suffix.
- * See bn.h for N, C, S, M and conventions.
+ * A TEMPLATE, not a header: the kernel bodies, written once against an element
+ * type `real`. No include guard, on purpose. It is instantiated four times,
+ * for float and double in each of bn_kernels_baseline.c and bn_kernels_avx2.c:
  *
- * Each job walks the block one of three ways, picked by S:
- *   S == 1            channels-last: parallel over rows of C values, vectorised
- *                     over C, per-thread partial sums of size C for reductions
- *   1 < S <= SHORT_SLICE   short slices (7x7 maps): plane by plane in memory
- *                     order, parallel over n, per-thread partial sums
- *   S > SHORT_SLICE   channels-first: parallel over groups of adjacent
- *                     channels (reductions) or (n, c) slices (apply),
- *                     unit-stride over S; training forward and backward
- *                     finish a channel group while it is in cache
+ *     #define real float
+ *     #define FN(name) name##_f32_avx2      element-type and instruction-set suffix
+ *     #include "bn_kernels.tmpl.c"
+ *
+ * so `int FN(bn_forward_train)(...)` below defines bn_forward_train_f32_avx2,
+ * one variant of bn.h's bn_forward_train_f32, which bn.c calls. Everything
+ * else here is static. See bn.h for N, C, S, M and the conventions.
+ *
+ * How each job walks the (N, C, S) block (the choice depends on S, C and the
+ * thread count, not on S alone):
+ *
+ *   statistics, backward reductions (bn_collect_stats, bn_backward_reduce)
+ *     rows     S == 1 (channels-last, BatchNorm1d): N rows of C values,
+ *              parallel over rows, vectorised over C, per-thread partial sums
+ *              of size 2C; rows four at a time once the per-channel arrays
+ *              outgrow L1 (rows_by_four)
+ *     planes   walk_planes(): short slices (S <= SHORT_SLICE) or too few
+ *              channels to share among the threads: (C, S) planes in memory
+ *              order, parallel over n, per-thread partial sums
+ *     groups   otherwise: groups of adjacent channels (channels_per_group),
+ *              parallel over groups, unit stride over S
+ *   apply, inference, dx pass (bn_apply, bn_forward_infer, bn_backward_apply)
+ *     rows     S == 1, four at a time as above
+ *     slices   S > 1: parallel over the N * C slices of S values
+ *   training forward, backward (bn_forward_train, bn_backward)
+ *     walk_planes(): the statistics (reductions), then the apply (dx pass),
+ *     each walking as above; otherwise channel groups, each group reduced and
+ *     then written while it is still in cache
  *
  * Parallel work is written as a "share" function: one thread's part of a job,
  * its loops orphaned `omp for` constructs, run by ON_THREADS (bn_internal.h)
