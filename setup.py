@@ -2,8 +2,20 @@
 
 OpenMP is detected by compiling and running a tiny program, as scikit-learn
 does; where the compiler has none the build warns and goes serial from the same
-source. BNFAST_NO_OPENMP=1 forces the serial build. BNFAST_DEBUG=1 turns
-Cython's bounds checks back on and builds with -O0 -g.
+source.
+
+Environment variables (1, true, yes or on):
+  BNFAST_NO_OPENMP  build the serial kernels even where OpenMP is available.
+  BNFAST_DEBUG      compile the C kernels and the Cython bridge with -O0 -g
+                    (unoptimised, with debug symbols: for gdb and readable
+                    sanitizer reports) instead of -O3, and turn Cython's
+                    boundscheck, wraparound and initializedcheck on. The bridge
+                    indexes no Python-level arrays today, so those checks guard
+                    only code added to it later; the kernels' own arguments are
+                    checked in the bridge's `buffer` in every build.
+
+Cython's directives are set here and nowhere else (_kernels.pyx has no
+`# cython:` line, which would override them).
 """
 import os
 import shutil
@@ -94,7 +106,7 @@ def extensions():
         extra_link_args=link_args,
         depends=["src_c/bn.h", "src_c/bn_internal.h", "src_c/bn_kernels.tmpl.c"],
     )
-    directives = {
+    directives = {   # the only place they are set (see the module docstring)
         "language_level": 3,
         "boundscheck": debug,
         "wraparound": False,
