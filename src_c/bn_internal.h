@@ -149,6 +149,14 @@ static inline void sum_partials(double *first, double *second, const double *par
     }
 }
 
+/* 1 if first[c] and second[c] are finite for every channel c. */
+static inline int all_finite(const double *first, const double *second, int64_t C)
+{
+    int finite = 1;
+    for (int64_t c = 0; c < C; c++) finite &= isfinite(first[c]) && isfinite(second[c]);
+    return finite;
+}
+
 /* Coefficients of the dx pass of one channel, so each element costs two
  * multiply-adds:
  *   dx = k * (dy - mean_dy - xhat * mean_dy_xhat),  xhat = (x - mean) * invstd
