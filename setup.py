@@ -13,6 +13,14 @@ Environment variables (1, true, yes or on):
                     indexes no Python-level arrays today, so those checks guard
                     only code added to it later; the kernels' own arguments are
                     checked in the bridge's `buffer` in every build.
+  BNFAST_SANITIZE   compile and link with AddressSanitizer and
+                    UndefinedBehaviorSanitizer (-fsanitize=address,undefined
+                    -fno-sanitize-recover=undefined -fno-omit-frame-pointer,
+                    -O1 -g, and -fno-wrapv so that signed overflow is checked
+                    too). The module then only loads in a process that
+                    starts with the compiler's libasan, e.g.
+                    LD_PRELOAD=$(gcc -print-file-name=libasan.so); .ci/sanitizers
+                    builds it this way and runs the kernel tests under it.
 
 Cython's directives are set here and nowhere else (_kernels.pyx has no
 `# cython:` line, which would override them).
@@ -90,6 +98,13 @@ def extensions():
     omp = openmp_flags()
     compile_args = ["-O0", "-g"] if debug else ["-O3"]
     link_args = []
+    if _env_flag("BNFAST_SANITIZE"):
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                    "-fno-omit-frame-pointer"]
+        # -fno-wrapv undoes Python's -fwrapv, under which signed overflow is
+        # defined and UBSan would not check the kernels' index arithmetic
+        compile_args = (["-O0"] if debug else ["-O1"]) + ["-g", "-fno-wrapv"] + sanitize
+        link_args += sanitize
     if omp:
         compile_args += omp
         link_args += omp
