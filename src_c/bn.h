@@ -21,11 +21,12 @@
  * Per-channel statistics that cross kernels (mean, invstd, m2, gradient sums)
  * are double; tensors and per-channel parameters are float or double (suffix
  * _f32 / _f64). Sums are accumulated in double (channels-last rows, four at a
- * time, are first combined in the tensor's type); outputs are computed in the
- * tensor's type in a pivot form that keeps its precision at any offset (see
- * pivot_form in bn_kernels.tmpl.c). Sizes are int64_t, so any
- * tensor that fits in memory is indexed correctly. y may be the same array
- * as x (in place); it must not overlap x in any other way.
+ * time, are first combined in the tensor's type, and summed again in double if
+ * that overflowed); outputs are computed in the tensor's type in a pivot form
+ * that keeps its precision at any offset (see pivot_form in bn_kernels.tmpl.c).
+ * Sizes are int64_t, so any tensor that fits in memory is indexed correctly.
+ * y may be the same array as x (in place); it must not overlap x in any other
+ * way.
  *
  * Return values: 0 on success, -1 if C-sized scratch could not be allocated;
  * a positive count of bad channels from bn_forward_train_* (batch statistics

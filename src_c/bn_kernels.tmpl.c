@@ -454,7 +454,7 @@ static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
 }
 
 /* Two passes: the statistics of the whole block, then one normalising pass
- * (channels-last, and channels-first with short slices). */
+ * (when walk_planes: channels-last, short slices, or few channels). */
 static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invstd,
                                       double *batch_mean, double *batch_var,
                                       const real *x, const real *weight, const real *bias,
@@ -877,7 +877,8 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
     }
 
     if (walk_planes(N, C, S, n_threads)) {
-        /* channels-last or short slices: the two reductions, then one pass for dx */
+        /* channels-last, short slices or few channels: the two reductions,
+         * then one pass for dx */
         if (FN(bn_backward_reduce)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
                                    n_threads) != 0) {
             free(scratch);
