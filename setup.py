@@ -16,8 +16,8 @@ Environment variables (1, true, yes or on):
   BNFAST_SANITIZE   compile and link with AddressSanitizer and
                     UndefinedBehaviorSanitizer (-fsanitize=address,undefined
                     -fno-sanitize-recover=undefined -fno-omit-frame-pointer,
-                    -O1 -g, and -fno-wrapv so that signed overflow is checked
-                    too). The module then only loads in a process that
+                    -O1 -g (-O0 with BNFAST_DEBUG), and -fno-wrapv so that
+                    signed overflow is checked too). The module then only loads in a process that
                     starts with the compiler's libasan, e.g.
                     LD_PRELOAD=$(gcc -print-file-name=libasan.so); .ci/sanitizers
                     builds it this way and runs the kernel tests under it.
@@ -124,7 +124,7 @@ def extensions():
     directives = {   # the only place they are set (see the module docstring)
         "language_level": 3,
         "boundscheck": debug,
-        "wraparound": False,
+        "wraparound": debug,
         "cdivision": True,
         "initializedcheck": debug,
     }
