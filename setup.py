@@ -2,8 +2,28 @@
 
 OpenMP is detected by compiling and running a tiny program, as scikit-learn
 does; where the compiler has none the build warns and goes serial from the same
-source. BNFAST_NO_OPENMP=1 forces the serial build. BNFAST_DEBUG=1 turns
-Cython's bounds checks back on and builds with -O0 -g.
+source.
+
+Environment variables (1, true, yes or on):
+  BNFAST_NO_OPENMP  build the serial kernels even where OpenMP is available.
+  BNFAST_DEBUG      compile the C kernels and the Cython bridge with -O0 -g
+                    (unoptimised, with debug symbols: for gdb and readable
+                    sanitizer reports) instead of -O3, and turn Cython's
+                    boundscheck, wraparound and initializedcheck on. The bridge
+                    indexes no Python-level arrays today, so those checks guard
+                    only code added to it later; the kernels' own arguments are
+                    checked in the bridge's `buffer` in every build.
+  BNFAST_SANITIZE   compile and link with AddressSanitizer and
+                    UndefinedBehaviorSanitizer (-fsanitize=address,undefined
+                    -fno-sanitize-recover=undefined -fno-omit-frame-pointer,
+                    -O1 -g (-O0 with BNFAST_DEBUG), and -fno-wrapv so that
+                    signed overflow is checked too). The module then only loads in a process that
+                    starts with the compiler's libasan, e.g.
+                    LD_PRELOAD=$(gcc -print-file-name=libasan.so); .ci/sanitizers
+                    builds it this way and runs the kernel tests under it.
+
+Cython's directives are set here and nowhere else (_kernels.pyx has no
+`# cython:` line, which would override them).
 """
 import os
 import shutil
@@ -78,6 +98,13 @@ def extensions():
     omp = openmp_flags()
     compile_args = ["-O0", "-g"] if debug else ["-O3"]
     link_args = []
+    if _env_flag("BNFAST_SANITIZE"):
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                    "-fno-omit-frame-pointer"]
+        # -fno-wrapv undoes Python's -fwrapv, under which signed overflow is
+        # defined and UBSan would not check the kernels' index arithmetic
+        compile_args = (["-O0"] if debug else ["-O1"]) + ["-g", "-fno-wrapv"] + sanitize
+        link_args += sanitize
     if omp:
         compile_args += omp
         link_args += omp
@@ -92,13 +119,12 @@ def extensions():
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=["src_c/bn.h", "src_c/bn_internal.h", "src_c/bn_kernels.h",
-                 "src_c/bn_variants.h", "src_c/bn_dispatch.h"],
+        depends=["src_c/bn.h", "src_c/bn_internal.h", "src_c/bn_kernels.tmpl.c"],
     )
-    directives = {
+    directives = {   # the only place they are set (see the module docstring)
         "language_level": 3,
         "boundscheck": debug,
-        "wraparound": False,
+        "wraparound": debug,
         "cdivision": True,
         "initializedcheck": debug,
     }

@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The bridge to src_c/bn.c: arrays in, the GIL released, one C call each.
 
 No validation, allocation or defaults here: bnfast.functional does all of that
@@ -6,6 +5,10 @@ and hands over C-contiguous arrays laid out as the (N, C, S) block (any shape:
 only the element count matters here). Per-channel arrays may be None (weight,
 bias, running statistics), which C reads as absent. Each function returns the
 C status (0 ok, -1 out of memory, > 0 see bn.h).
+
+Cython directives (language level, bounds checks) are set in setup.py only, so
+that BNFAST_DEBUG=1 can turn the checks on; a `# cython:` line here would
+override it.
 
 Buffers are taken straight from the ndarray (a few nanoseconds) rather than
 through typed memoryviews (a few hundred each), which matters for small

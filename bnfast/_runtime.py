@@ -16,6 +16,7 @@ import os
 from bnfast import _kernels
 
 _n_threads = None   # None: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
+_MAX_THREADS = 2**31 - 1   # the kernels take the count as a C int
 
 
 def openmp_enabled():
@@ -29,7 +30,8 @@ def set_num_threads(n_threads):
     Follows scikit-learn's convention: ``None`` goes back to the default
     (OpenMP's: OMP_NUM_THREADS or threadpoolctl's limit, else all cores), a
     positive count is used as given, a negative one counts back from the number
-    of cores (-1 all, -2 all but one). 0 is a ValueError. The serial build
+    of cores (-1 all, -2 all but one). 0, and counts beyond 2**31 - 1 either
+    way (what the kernels' C int holds), are a ValueError. The serial build
     accepts any valid count and runs on one thread. Tensors too small to gain
     from a thread team always run on one thread.
     """
@@ -42,6 +44,10 @@ def set_num_threads(n_threads):
     if n_threads == 0:
         raise ValueError("n_threads=0 is not a thread count; use None for the default, "
                          "a positive count, or a negative one to count back from the cores")
+    if abs(n_threads) > _MAX_THREADS:
+        raise ValueError(f"n_threads={n_threads} is out of range: use a count from 1 to "
+                         f"{_MAX_THREADS}, a negative one down to -{_MAX_THREADS} to count "
+                         f"back from the cores, or None for the default")
     if n_threads < 0:
         n_threads = max(1, _kernels.num_procs() + 1 + n_threads)
     _n_threads = n_threads

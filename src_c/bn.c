@@ -1,17 +1,29 @@
 /*
- * bnfast kernels, see bn.h for the legend (N, C, S, M) and conventions.
+ * bnfast's public kernels (bn.h) and the one place that picks an instruction set.
  *
- * The kernels are written once, in bn_kernels.h, against a type `real`, and
- * compiled for float (_f32) and double (_f64) in two builds:
- *   bn_kernels_baseline.c  the compiler's default target (any CPU)
- *   bn_kernels_avx2.c      x86-64 with AVX2 and FMA, where the compiler can
- * The public functions below pick a build per call from `selected_isa`, set
- * once when the module loads (bn_best_isa) and changeable for tests.
+ * The kernel bodies are written once, in bn_kernels.tmpl.c, and compiled four
+ * times, for float (_f32) and double (_f64) in each of two builds:
+ *   bn_kernels_baseline.c  the compiler's default target (any CPU), suffix _baseline
+ *   bn_kernels_avx2.c      x86-64 with AVX2 and FMA, suffix _avx2 (GCC or clang only)
+ * so bn_forward_train_f32 has two compiled variants, bn_forward_train_f32_baseline
+ * and bn_forward_train_f32_avx2. Each public function below calls the variant of
+ * the selected instruction set through `kernels`, a table with one entry per
+ * public kernel. The best set the CPU supports is selected when the module loads
+ * (bn_best_isa, from bnfast/_runtime.py); bn_set_isa changes it (BNFAST_ISA, tests).
+ *
+ * Adding a kernel: its prototypes in bn.h, its body in bn_kernels.tmpl.c, and
+ * here a table entry, the two variants' declarations and table slots, and the
+ * public function; then its wrapper in bnfast/_kernels.pyx.
+ *
  * Without OpenMP the same source builds serially: `omp parallel` pragmas are
- * ignored, `omp simd` still vectorises under -fopenmp-simd.
+ * ignored and `omp simd` still vectorises under -fopenmp-simd.
  */
 #include "bn.h"
 #include "bn_internal.h"
+
+/* ------------------------------------------------------------------ */
+/* build facts                                                         */
+/* ------------------------------------------------------------------ */
 
 int bn_openmp_enabled(void)
 {
@@ -40,6 +52,8 @@ int bn_num_procs(void)
 #endif
 }
 
+/* alpha = weight * invstd, beta = bias - mean * alpha, per channel (weight and
+ * bias NULL read as 1 and 0): the inference fold, shared with bnfast.fold. */
 void bn_scale_shift(double *alpha, double *beta, const double *weight, const double *bias,
                     const double *mean, const double *invstd, int64_t C)
 {
@@ -50,10 +64,103 @@ void bn_scale_shift(double *alpha, double *beta, const double *weight, const dou
 }
 
 /* ------------------------------------------------------------------ */
-/* instruction sets                                                    */
+/* the kernels of each instruction set                                 */
+/* ------------------------------------------------------------------ */
+
+/* One entry per public kernel of bn.h, each of that kernel's type
+ * (__typeof__: GCC and clang; C23's typeof), so the signatures are written
+ * once, in bn.h. */
+struct kernel_table {
+    __typeof__(bn_collect_stats_f32)   *collect_stats_f32;
+    __typeof__(bn_forward_train_f32)   *forward_train_f32;
+    __typeof__(bn_forward_infer_f32)   *forward_infer_f32;
+    __typeof__(bn_apply_f32)           *apply_f32;
+    __typeof__(bn_backward_reduce_f32) *backward_reduce_f32;
+    __typeof__(bn_backward_apply_f32)  *backward_apply_f32;
+    __typeof__(bn_backward_f32)        *backward_f32;
+    __typeof__(bn_collect_stats_f64)   *collect_stats_f64;
+    __typeof__(bn_forward_train_f64)   *forward_train_f64;
+    __typeof__(bn_forward_infer_f64)   *forward_infer_f64;
+    __typeof__(bn_apply_f64)           *apply_f64;
+    __typeof__(bn_backward_reduce_f64) *backward_reduce_f64;
+    __typeof__(bn_backward_apply_f64)  *backward_apply_f64;
+    __typeof__(bn_backward_f64)        *backward_f64;
+};
+
+/* The variants defined by bn_kernels_baseline.c (from bn_kernels.tmpl.c). */
+__typeof__(bn_collect_stats_f32)   bn_collect_stats_f32_baseline;
+__typeof__(bn_forward_train_f32)   bn_forward_train_f32_baseline;
+__typeof__(bn_forward_infer_f32)   bn_forward_infer_f32_baseline;
+__typeof__(bn_apply_f32)           bn_apply_f32_baseline;
+__typeof__(bn_backward_reduce_f32) bn_backward_reduce_f32_baseline;
+__typeof__(bn_backward_apply_f32)  bn_backward_apply_f32_baseline;
+__typeof__(bn_backward_f32)        bn_backward_f32_baseline;
+__typeof__(bn_collect_stats_f64)   bn_collect_stats_f64_baseline;
+__typeof__(bn_forward_train_f64)   bn_forward_train_f64_baseline;
+__typeof__(bn_forward_infer_f64)   bn_forward_infer_f64_baseline;
+__typeof__(bn_apply_f64)           bn_apply_f64_baseline;
+__typeof__(bn_backward_reduce_f64) bn_backward_reduce_f64_baseline;
+__typeof__(bn_backward_apply_f64)  bn_backward_apply_f64_baseline;
+__typeof__(bn_backward_f64)        bn_backward_f64_baseline;
+
+static const struct kernel_table baseline_kernels = {
+    .collect_stats_f32   = bn_collect_stats_f32_baseline,
+    .forward_train_f32   = bn_forward_train_f32_baseline,
+    .forward_infer_f32   = bn_forward_infer_f32_baseline,
+    .apply_f32           = bn_apply_f32_baseline,
+    .backward_reduce_f32 = bn_backward_reduce_f32_baseline,
+    .backward_apply_f32  = bn_backward_apply_f32_baseline,
+    .backward_f32        = bn_backward_f32_baseline,
+    .collect_stats_f64   = bn_collect_stats_f64_baseline,
+    .forward_train_f64   = bn_forward_train_f64_baseline,
+    .forward_infer_f64   = bn_forward_infer_f64_baseline,
+    .apply_f64           = bn_apply_f64_baseline,
+    .backward_reduce_f64 = bn_backward_reduce_f64_baseline,
+    .backward_apply_f64  = bn_backward_apply_f64_baseline,
+    .backward_f64        = bn_backward_f64_baseline,
+};
+
+#if BN_HAVE_AVX2_BUILD
+/* The variants defined by bn_kernels_avx2.c (from bn_kernels.tmpl.c). */
+__typeof__(bn_collect_stats_f32)   bn_collect_stats_f32_avx2;
+__typeof__(bn_forward_train_f32)   bn_forward_train_f32_avx2;
+__typeof__(bn_forward_infer_f32)   bn_forward_infer_f32_avx2;
+__typeof__(bn_apply_f32)           bn_apply_f32_avx2;
+__typeof__(bn_backward_reduce_f32) bn_backward_reduce_f32_avx2;
+__typeof__(bn_backward_apply_f32)  bn_backward_apply_f32_avx2;
+__typeof__(bn_backward_f32)        bn_backward_f32_avx2;
+__typeof__(bn_collect_stats_f64)   bn_collect_stats_f64_avx2;
+__typeof__(bn_forward_train_f64)   bn_forward_train_f64_avx2;
+__typeof__(bn_forward_infer_f64)   bn_forward_infer_f64_avx2;
+__typeof__(bn_apply_f64)           bn_apply_f64_avx2;
+__typeof__(bn_backward_reduce_f64) bn_backward_reduce_f64_avx2;
+__typeof__(bn_backward_apply_f64)  bn_backward_apply_f64_avx2;
+__typeof__(bn_backward_f64)        bn_backward_f64_avx2;
+
+static const struct kernel_table avx2_kernels = {
+    .collect_stats_f32   = bn_collect_stats_f32_avx2,
+    .forward_train_f32   = bn_forward_train_f32_avx2,
+    .forward_infer_f32   = bn_forward_infer_f32_avx2,
+    .apply_f32           = bn_apply_f32_avx2,
+    .backward_reduce_f32 = bn_backward_reduce_f32_avx2,
+    .backward_apply_f32  = bn_backward_apply_f32_avx2,
+    .backward_f32        = bn_backward_f32_avx2,
+    .collect_stats_f64   = bn_collect_stats_f64_avx2,
+    .forward_train_f64   = bn_forward_train_f64_avx2,
+    .forward_infer_f64   = bn_forward_infer_f64_avx2,
+    .apply_f64           = bn_apply_f64_avx2,
+    .backward_reduce_f64 = bn_backward_reduce_f64_avx2,
+    .backward_apply_f64  = bn_backward_apply_f64_avx2,
+    .backward_f64        = bn_backward_f64_avx2,
+};
+#endif
+
+/* ------------------------------------------------------------------ */
+/* selecting an instruction set                                        */
 /* ------------------------------------------------------------------ */
 
 static int selected_isa = BN_ISA_BASELINE;
+static const struct kernel_table *kernels = &baseline_kernels;
 
 int bn_isa_supported(int isa)
 {
@@ -80,45 +187,134 @@ int bn_get_isa(void)
 int bn_set_isa(int isa)
 {
     if (!bn_isa_supported(isa)) return -1;
+    switch (isa) {
+#if BN_HAVE_AVX2_BUILD
+    case BN_ISA_AVX2:
+        kernels = &avx2_kernels;
+        break;
+#endif
+    default:
+        kernels = &baseline_kernels;
+        break;
+    }
     selected_isa = isa;
     return 0;
 }
 
-#define PASTE_(a, b) a##b
-#define PASTE(a, b) PASTE_(a, b)
-#if BN_HAVE_AVX2_BUILD
-#define VARIANT(name) (selected_isa == BN_ISA_AVX2 ? PASTE(name, _avx2) : PASTE(name, _baseline))
-#else
-#define VARIANT(name) PASTE(name, _baseline)
-#endif
+/* ------------------------------------------------------------------ */
+/* the public kernels: each calls the selected instruction set's one   */
+/* ------------------------------------------------------------------ */
 
-/* prototypes of every compiled variant */
-#define real float
-#define FN(name) name##_f32_baseline
-#include "bn_variants.h"
-#undef FN
-#define FN(name) name##_f32_avx2
-#include "bn_variants.h"
-#undef FN
-#undef real
-#define real double
-#define FN(name) name##_f64_baseline
-#include "bn_variants.h"
-#undef FN
-#define FN(name) name##_f64_avx2
-#include "bn_variants.h"
-#undef FN
-#undef real
+int bn_collect_stats_f32(double *mean, double *m2, const float *x,
+                         int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    return kernels->collect_stats_f32(mean, m2, x, N, C, S, n_threads);
+}
 
-/* the public functions */
-#define real float
-#define FN(name) name##_f32
-#include "bn_dispatch.h"
-#undef real
-#undef FN
+int bn_forward_train_f32(float *y, float *save_mean, float *save_invstd,
+                         float *running_mean, float *running_var,
+                         const float *x, const float *weight, const float *bias,
+                         int64_t N, int64_t C, int64_t S,
+                         double eps, double momentum, int n_threads)
+{
+    return kernels->forward_train_f32(y, save_mean, save_invstd, running_mean, running_var,
+                                      x, weight, bias, N, C, S, eps, momentum, n_threads);
+}
 
-#define real double
-#define FN(name) name##_f64
-#include "bn_dispatch.h"
-#undef real
-#undef FN
+int bn_forward_infer_f32(float *y, const float *x, const float *weight, const float *bias,
+                         const float *running_mean, const float *running_var,
+                         int64_t N, int64_t C, int64_t S, double eps, int n_threads)
+{
+    return kernels->forward_infer_f32(y, x, weight, bias, running_mean, running_var,
+                                      N, C, S, eps, n_threads);
+}
+
+int bn_apply_f32(float *y, const float *x, const double *alpha, const double *beta,
+                 int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    return kernels->apply_f32(y, x, alpha, beta, N, C, S, n_threads);
+}
+
+int bn_backward_reduce_f32(double *sum_dy, double *sum_dy_xhat,
+                           const float *dy, const float *x,
+                           const double *mean, const double *invstd,
+                           int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    return kernels->backward_reduce_f32(sum_dy, sum_dy_xhat, dy, x, mean, invstd,
+                                        N, C, S, n_threads);
+}
+
+int bn_backward_apply_f32(float *dx, const float *dy, const float *x,
+                          const double *mean, const double *invstd, const float *weight,
+                          const double *sum_dy, const double *sum_dy_xhat, double count,
+                          int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    return kernels->backward_apply_f32(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                       count, N, C, S, n_threads);
+}
+
+int bn_backward_f32(float *dx, float *dweight, float *dbias,
+                    const float *dy, const float *x, const float *weight,
+                    const float *save_mean, const float *save_invstd,
+                    int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    return kernels->backward_f32(dx, dweight, dbias, dy, x, weight, save_mean, save_invstd,
+                                 N, C, S, n_threads);
+}
+
+int bn_collect_stats_f64(double *mean, double *m2, const double *x,
+                         int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    return kernels->collect_stats_f64(mean, m2, x, N, C, S, n_threads);
+}
+
+int bn_forward_train_f64(double *y, double *save_mean, double *save_invstd,
+                         double *running_mean, double *running_var,
+                         const double *x, const double *weight, const double *bias,
+                         int64_t N, int64_t C, int64_t S,
+                         double eps, double momentum, int n_threads)
+{
+    return kernels->forward_train_f64(y, save_mean, save_invstd, running_mean, running_var,
+                                      x, weight, bias, N, C, S, eps, momentum, n_threads);
+}
+
+int bn_forward_infer_f64(double *y, const double *x, const double *weight, const double *bias,
+                         const double *running_mean, const double *running_var,
+                         int64_t N, int64_t C, int64_t S, double eps, int n_threads)
+{
+    return kernels->forward_infer_f64(y, x, weight, bias, running_mean, running_var,
+                                      N, C, S, eps, n_threads);
+}
+
+int bn_apply_f64(double *y, const double *x, const double *alpha, const double *beta,
+                 int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    return kernels->apply_f64(y, x, alpha, beta, N, C, S, n_threads);
+}
+
+int bn_backward_reduce_f64(double *sum_dy, double *sum_dy_xhat,
+                           const double *dy, const double *x,
+                           const double *mean, const double *invstd,
+                           int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    return kernels->backward_reduce_f64(sum_dy, sum_dy_xhat, dy, x, mean, invstd,
+                                        N, C, S, n_threads);
+}
+
+int bn_backward_apply_f64(double *dx, const double *dy, const double *x,
+                          const double *mean, const double *invstd, const double *weight,
+                          const double *sum_dy, const double *sum_dy_xhat, double count,
+                          int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    return kernels->backward_apply_f64(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                       count, N, C, S, n_threads);
+}
+
+int bn_backward_f64(double *dx, double *dweight, double *dbias,
+                    const double *dy, const double *x, const double *weight,
+                    const double *save_mean, const double *save_invstd,
+                    int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    return kernels->backward_f64(dx, dweight, dbias, dy, x, weight, save_mean, save_invstd,
+                                 N, C, S, n_threads);
+}

@@ -8,9 +8,9 @@
  *   M  = N * S, the number of values per channel
  *
  * Channels-first NCHW is (N, C, H*W); channels-last NHWC is (N*H*W, C, 1);
- * BatchNorm1d on (N, C) is (N, C, 1). Every kernel picks how to walk the block
- * from S (see bn_kernels.h): channels-last rows when S == 1, planes for short
- * slices, channel by channel for long ones.
+ * BatchNorm1d on (N, C) is (N, C, 1). How a kernel walks the block (rows of C
+ * values when S == 1, planes, channel groups or slices otherwise) depends on
+ * the job, S, C and the thread count: bn_kernels.tmpl.c lists the walks.
  *
  * Conventions (PyTorch's; ONNX's momentum is the complement):
  *   var      biased batch variance, used to normalise
@@ -21,11 +21,12 @@
  * Per-channel statistics that cross kernels (mean, invstd, m2, gradient sums)
  * are double; tensors and per-channel parameters are float or double (suffix
  * _f32 / _f64). Sums are accumulated in double (channels-last rows, four at a
- * time, are first combined in the tensor's type); outputs are computed in the
- * tensor's type in a pivot form that keeps its precision at any offset (see
- * pivot_form in bn_kernels.h). Sizes are int64_t, so any
- * tensor that fits in memory is indexed correctly. y may be the same array
- * as x (in place); it must not overlap x in any other way.
+ * time, are first combined in the tensor's type, and summed again in double if
+ * that overflowed); outputs are computed in the tensor's type in a pivot form
+ * that keeps its precision at any offset (see pivot_form in bn_kernels.tmpl.c).
+ * Sizes are int64_t, so any tensor that fits in memory is indexed correctly.
+ * y may be the same array as x (in place); it must not overlap x in any other
+ * way.
  *
  * Return values: 0 on success, -1 if C-sized scratch could not be allocated;
  * a positive count of bad channels from bn_forward_train_* (batch statistics

@@ -1,5 +1,5 @@
 /*
- * Helpers shared by every compilation of the kernels (see bn_kernels.h).
+ * Helpers shared by every compilation of the kernels (see bn_kernels.tmpl.c).
  * Static inline, so each instruction-set build gets its own copy.
  */
 #ifndef BNFAST_BN_INTERNAL_H
@@ -147,6 +147,14 @@ static inline void sum_partials(double *first, double *second, const double *par
         first[c] = a;
         second[c] = b;
     }
+}
+
+/* 1 if first[c] and second[c] are finite for every channel c. */
+static inline int all_finite(const double *first, const double *second, int64_t C)
+{
+    int finite = 1;
+    for (int64_t c = 0; c < C; c++) finite &= isfinite(first[c]) && isfinite(second[c]);
+    return finite;
 }
 
 /* Coefficients of the dx pass of one channel, so each element costs two

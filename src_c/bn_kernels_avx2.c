@@ -1,8 +1,10 @@
 /*
- * The same kernels compiled for x86-64 CPUs with AVX2 and FMA (x86-64-v3:
- * Intel since Haswell, AMD since Excavator/Zen). Suffix _avx2; bn.c calls
- * them only after checking the running CPU has both. Elsewhere (other
- * architectures, other compilers) this file compiles to nothing.
+ * The kernels for x86-64 CPUs with AVX2 and FMA (x86-64-v3: Intel since
+ * Haswell, AMD since Excavator/Zen): bn_kernels.tmpl.c instantiated for float
+ * and double with the suffix _avx2 (bn_forward_train_f32_avx2, ...), every
+ * function compiled for that target. bn.c calls them only after checking that
+ * the running CPU has both. Elsewhere (other architectures, other compilers)
+ * this file compiles to nothing.
  */
 #include "bn.h"
 
@@ -26,13 +28,13 @@
 
 #define real float
 #define FN(name) name##_f32_avx2
-#include "bn_kernels.h"
+#include "bn_kernels.tmpl.c"
 #undef real
 #undef FN
 
 #define real double
 #define FN(name) name##_f64_avx2
-#include "bn_kernels.h"
+#include "bn_kernels.tmpl.c"
 #undef real
 #undef FN
 

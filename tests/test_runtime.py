@@ -93,6 +93,31 @@ def test_set_num_threads_overrides_and_resets():
                                         if bnfast.openmp_enabled() else 1)
 
 
+@pytest.mark.parametrize("n_threads", [2**31, 2**40, -2**31, -2**40])
+def test_set_num_threads_refuses_counts_beyond_a_c_int(n_threads):
+    bnfast.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match=rf"n_threads={n_threads} is out of range: use a "
+                                             rf"count from 1 to 2147483647"):
+            bnfast.set_num_threads(n_threads)
+        # refused at set time: the earlier setting stands and kernels still run
+        assert bnfast.get_num_threads() == (2 if bnfast.openmp_enabled() else 1)
+        bnfast.batch_norm_train(random_input((4, 3, 5), np.float32))
+    finally:
+        bnfast.set_num_threads(None)
+
+
+def test_set_num_threads_accepts_the_largest_c_int():
+    try:
+        bnfast.set_num_threads(2**31 - 1)
+        y, _, _ = bnfast.batch_norm_train(random_input((4, 3, 5), np.float32))
+        assert np.all(np.isfinite(y))
+        bnfast.set_num_threads(-(2**31 - 1))   # counts back to one thread
+        assert bnfast.get_num_threads() == 1
+    finally:
+        bnfast.set_num_threads(None)
+
+
 @needs_openmp
 def test_set_num_threads_covers_other_python_threads():
     import threading

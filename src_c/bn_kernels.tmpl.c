@@ -1,17 +1,36 @@
 /*
- * Kernel bodies, included by bn_kernels_<isa>.c once per element type `real`
- * (float, double); FN(name) appends the type and instruction-set suffix.
- * See bn.h for N, C, S, M and conventions.
+ * A TEMPLATE, not a header: the kernel bodies, written once against an element
+ * type `real`. No include guard, on purpose. It is instantiated four times,
+ * for float and double in each of bn_kernels_baseline.c and bn_kernels_avx2.c:
  *
- * Each job walks the block one of three ways, picked by S:
- *   S == 1            channels-last: parallel over rows of C values, vectorised
- *                     over C, per-thread partial sums of size C for reductions
- *   1 < S <= SHORT_SLICE   short slices (7x7 maps): plane by plane in memory
- *                     order, parallel over n, per-thread partial sums
- *   S > SHORT_SLICE   channels-first: parallel over groups of adjacent
- *                     channels (reductions) or (n, c) slices (apply),
- *                     unit-stride over S; training forward and backward
- *                     finish a channel group while it is in cache
+ *     #define real float
+ *     #define FN(name) name##_f32_avx2      element-type and instruction-set suffix
+ *     #include "bn_kernels.tmpl.c"
+ *
+ * so `int FN(bn_forward_train)(...)` below defines bn_forward_train_f32_avx2,
+ * one variant of bn.h's bn_forward_train_f32, which bn.c calls. Everything
+ * else here is static. See bn.h for N, C, S, M and the conventions.
+ *
+ * How each job walks the (N, C, S) block (the choice depends on S, C and the
+ * thread count, not on S alone):
+ *
+ *   statistics, backward reductions (bn_collect_stats, bn_backward_reduce)
+ *     rows     S == 1 (channels-last, BatchNorm1d): N rows of C values,
+ *              parallel over rows, vectorised over C, per-thread partial sums
+ *              of size 2C; rows four at a time once the per-channel arrays
+ *              outgrow L1 (rows_by_four)
+ *     planes   walk_planes(): short slices (S <= SHORT_SLICE) or too few
+ *              channels to share among the threads: (C, S) planes in memory
+ *              order, parallel over n, per-thread partial sums
+ *     groups   otherwise: groups of adjacent channels (channels_per_group),
+ *              parallel over groups, unit stride over S
+ *   apply, inference, dx pass (bn_apply, bn_forward_infer, bn_backward_apply)
+ *     rows     S == 1, four at a time as above
+ *     slices   S > 1: parallel over the N * C slices of S values
+ *   training forward, backward (bn_forward_train, bn_backward)
+ *     walk_planes(): the statistics (reductions), then the apply (dx pass),
+ *     each walking as above; otherwise channel groups, each group reduced and
+ *     then written while it is still in cache
  *
  * Parallel work is written as a "share" function: one thread's part of a job,
  * its loops orphaned `omp for` constructs, run by ON_THREADS (bn_internal.h)
@@ -79,21 +98,20 @@ static void FN(collect_stats_cf)(double *mean, double *m2, const real *x,
 }
 
 /* One thread's share of collect_stats_cl: its rows, summed into its own
- * partials s1, s2 (2C values at partial + stride * thread). */
+ * partials s1, s2 (2C values at partial + stride * thread), the first R4 rows
+ * four at a time. */
 static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const real *x,
-                                       int64_t R, int64_t C)
+                                       int64_t R, int64_t C, int64_t R4)
 {
     double *restrict s1 = partial + stride * THREAD_ID();
     double *restrict s2 = s1 + C;
     /* Every channel is shifted by its value in row 0, so x - shift is exact for
-     * data far from zero. Shift and two partials per channel: four rows per pass
-     * once they outgrow L1. Such blocks are often cache-resident, where
-     * arithmetic is the cost, so the four rows are combined in the tensor's own
-     * type and only their sums are added in double: half the instructions, for
-     * a few roundings of 1e-7 (float) per group that are independent from group
-     * to group. */
+     * data far from zero. Blocks wide enough for four rows per pass are often
+     * cache-resident, where arithmetic is the cost, so the four rows are
+     * combined in the tensor's own type and only their sums are added in
+     * double: half the instructions, for a few roundings of 1e-7 (float) per
+     * group that are independent from group to group. */
     const real *restrict row0 = x;
-    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R4 / 4; g++) {
         const real *restrict x0 = x + 4 * g * C;
@@ -131,10 +149,22 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
     int64_t stride;
     double *partial = alloc_partials(nt, 2 * C, &stride);
     if (!partial) return -1;
-    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, x, R, C));
-
-    /* add the partials over threads (into mean, m2), then centre them on row 0 */
+    /* shift and two partials per channel: four rows per pass once they outgrow L1 */
+    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
+    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, x, R, C, R4));
     sum_partials(mean, m2, partial, stride, nt, C);
+
+    /* In float, four squares can overflow (values beyond ~1e19) where their
+     * double sums would not: if any channel's sums came out non-finite, sum
+     * again with every row in double, so that whether a batch has finite
+     * statistics does not depend on C. Non-finite data pay this second pass. */
+    if (R4 > 0 && sizeof(real) < sizeof(double) && !all_finite(mean, m2, C)) {
+        memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
+        ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, x, R, C, 0));
+        sum_partials(mean, m2, partial, stride, nt, C);
+    }
+
+    /* centre the sums on row 0 */
     for (int64_t c = 0; c < C; c++) {
         shifted_moments(&mean[c], &m2[c], (double)x[c], mean[c], m2[c], R);
     }
@@ -424,7 +454,7 @@ static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
 }
 
 /* Two passes: the statistics of the whole block, then one normalising pass
- * (channels-last, and channels-first with short slices). */
+ * (when walk_planes: channels-last, short slices, or few channels). */
 static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invstd,
                                       double *batch_mean, double *batch_var,
                                       const real *x, const real *weight, const real *bias,
@@ -540,17 +570,16 @@ static inline void FN(backward_apply_slice)(real *dx_nc, const real *dy_nc, cons
 
 /* One thread's share of backward_reduce_cl: its rows, summed into its own
  * partials a = sum(dy), b = sum(dy * (x - pivot)) (2C values at partial +
- * stride * thread). */
+ * stride * thread), the first R4 rows four at a time, each group of four
+ * combined in the tensor's own type (as in collect_stats_cl_share), its sums
+ * added in double. */
 static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
                                          const real *dy, const real *x,
-                                         const real *restrict pivot, int64_t R, int64_t C)
+                                         const real *restrict pivot, int64_t R, int64_t C,
+                                         int64_t R4)
 {
     double *restrict a = partial + stride * THREAD_ID();
     double *restrict b = a + C;
-    /* pivot and two partials per channel: four rows per pass once they outgrow
-     * L1, each group of four combined in the tensor's own type (as in
-     * collect_stats_cl_share), its sums added in double */
-    const int64_t R4 = rows_by_four(R, C, sizeof(real) + 2 * sizeof(double));
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R4 / 4; g++) {
         const real *restrict dy0 = dy + 4 * g * C;
@@ -596,10 +625,20 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
         return -1;
     }
     for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
-    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C));
-
-    /* add the partials over threads, move them from the pivot to the mean */
+    /* pivot and two partials per channel: four rows per pass once they outgrow L1 */
+    const int64_t R4 = rows_by_four(R, C, sizeof(real) + 2 * sizeof(double));
+    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, R4));
     sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
+
+    /* as in collect_stats_cl: a float combination of four rows can overflow
+     * where double would not; if so, sum again with every row in double */
+    if (R4 > 0 && sizeof(real) < sizeof(double) && !all_finite(sum_dy, sum_dy_xhat, C)) {
+        memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
+        ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, 0));
+        sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
+    }
+
+    /* move the products from the pivot to the mean */
     for (int64_t c = 0; c < C; c++) {
         sum_dy_xhat[c] = (sum_dy_xhat[c] + ((double)pivot[c] - mean[c]) * sum_dy[c]) * invstd[c];
     }
@@ -838,7 +877,8 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
     }
 
     if (walk_planes(N, C, S, n_threads)) {
-        /* channels-last or short slices: the two reductions, then one pass for dx */
+        /* channels-last, short slices or few channels: the two reductions,
+         * then one pass for dx */
         if (FN(bn_backward_reduce)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
                                    n_threads) != 0) {
             free(scratch);

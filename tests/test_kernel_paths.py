@@ -1,0 +1,130 @@
+"""The outcome of a kernel does not depend on the walk it takes through the block.
+
+The C kernels walk an (N, C, S) block in different ways (src_c/bn_kernels.tmpl.c
+lists them): channels-last rows, taken four at a time once C is large enough
+that the per-channel arrays outgrow L1 (C >= 683 for the statistics, C >= 820
+for the backward reductions, in float32), planes for short slices, channel
+groups for long ones. Each walk must give the float64 answer for float32 data
+whose squares (or products dy * x) overflow float32 but not double: such a
+batch has finite statistics whatever C is.
+"""
+import numpy as np
+import pytest
+
+import bnfast
+
+# float32 values up to 1.5e19: differences up to 3e19, squares up to 9e38
+# (float32 holds 3.4e38); the variance, 7.5e37, and every result are finite.
+HUGE = 1.5e19
+
+# (name, shape as (N, C, spatial...), layout); channels_last stores N, spatial..., C
+STATS_WALKS = [
+    ("channels-last-rows-C682", (8, 682, 4, 4), "channels_last"),
+    ("channels-last-four-rows-C683", (8, 683, 4, 4), "channels_last"),
+    ("bn1d-rows-C682", (128, 682), "channels_first"),
+    ("bn1d-four-rows-C683", (128, 683), "channels_first"),
+    ("channels-first-planes", (8, 32, 4, 4), "channels_first"),        # S = 16 <= 256
+    ("channels-first-groups", (4, 16, 20, 20), "channels_first"),      # S = 400 > 256
+]
+BACKWARD_WALKS = [
+    ("channels-last-rows-C819", (8, 819, 4, 4), "channels_last"),
+    ("channels-last-four-rows-C820", (8, 820, 4, 4), "channels_last"),
+    ("bn1d-rows-C819", (128, 819), "channels_first"),
+    ("bn1d-four-rows-C820", (128, 820), "channels_first"),
+    ("channels-first-planes", (8, 32, 4, 4), "channels_first"),
+    ("channels-first-groups", (4, 16, 20, 20), "channels_first"),
+]
+
+
+def _params(walks):
+    return [pytest.param(shape, layout, id=name) for name, shape, layout in walks]
+
+
+def _huge_input(shape, layout, scale=HUGE, seed=0):
+    """float32 values uniform in [-scale, scale], in the given layout."""
+    rng = np.random.default_rng(seed)
+    if layout == "channels_last":
+        stored = rng.uniform(-scale, scale, shape[:1] + shape[2:] + shape[1:2])
+        return stored.astype(np.float32).transpose(0, stored.ndim - 1, *range(1, stored.ndim - 1))
+    return rng.uniform(-scale, scale, shape).astype(np.float32)
+
+
+def _per_channel(a, ndim):
+    return np.asarray(a, np.float64).reshape((1, -1) + (1,) * (ndim - 2))
+
+
+@pytest.mark.parametrize("shape,layout", _params(STATS_WALKS))
+def test_huge_float32_batch_trains_to_float64_statistics_on_every_walk(shape, layout, isa):
+    x = _huge_input(shape, layout)
+    C = shape[1]
+    axes = (0,) + tuple(range(2, x.ndim))
+    M = x.size // C
+    x64 = x.astype(np.float64)
+    mean_ref, var_ref = x64.mean(axis=axes), x64.var(axis=axes)
+    running_mean = np.zeros(C, np.float32)
+    running_var = np.ones(C, np.float32)
+
+    y, mean, invstd = bnfast.batch_norm_train(x, eps=0.0, momentum=1.0,
+                                              running_mean=running_mean,
+                                              running_var=running_var)
+
+    std_ref = np.sqrt(var_ref)
+    assert np.all(np.abs(mean - mean_ref) <= 1e-5 * std_ref)
+    np.testing.assert_allclose(invstd, 1.0 / std_ref, rtol=1e-5)
+    np.testing.assert_allclose(running_mean, mean_ref, rtol=0, atol=1e-5 * std_ref.max())
+    np.testing.assert_allclose(running_var, var_ref * M / (M - 1), rtol=1e-5)
+    y_ref = (x64 - _per_channel(mean_ref, x.ndim)) / _per_channel(std_ref, x.ndim)
+    assert np.max(np.abs(y - y_ref)) <= 1e-4
+
+
+@pytest.mark.parametrize("shape,layout", _params(STATS_WALKS))
+def test_huge_float32_batch_stats_match_float64_on_every_walk(shape, layout, isa):
+    x = _huge_input(shape, layout)
+    axes = (0,) + tuple(range(2, x.ndim))
+    x64 = x.astype(np.float64)
+    count, mean, m2 = bnfast.functional.batch_norm_stats(x)
+    assert count == x.size // shape[1]
+    np.testing.assert_allclose(mean, x64.mean(axis=axes), rtol=0,
+                               atol=1e-9 * np.sqrt(x64.var(axis=axes)).max())
+    np.testing.assert_allclose(m2, ((x64 - x64.mean(axis=axes, keepdims=True)) ** 2)
+                               .sum(axis=axes), rtol=1e-9)
+
+
+@pytest.mark.parametrize("shape,layout", _params(BACKWARD_WALKS))
+def test_backward_with_huge_products_matches_float64_on_every_walk(shape, layout, isa):
+    # dy * (x - mean) reaches 3e39: beyond float32, well inside double
+    x = _huge_input(shape, layout)
+    dy = _huge_input(shape, layout, scale=1e20, seed=1)
+    C = shape[1]
+    axes = (0,) + tuple(range(2, x.ndim))
+    mean = x.astype(np.float64).mean(axis=axes).astype(np.float32)
+    invstd = (1.0 / x.astype(np.float64).std(axis=axes)).astype(np.float32)
+    weight = np.full(C, 0.5, np.float32)
+
+    dx, dweight, dbias = bnfast.batch_norm_backward(dy, x, weight, mean, invstd)
+
+    n = x.ndim
+    M = x.size // C
+    xhat = (x.astype(np.float64) - _per_channel(mean, n)) * _per_channel(invstd, n)
+    dy64 = dy.astype(np.float64)
+    dbias_ref = dy64.sum(axis=axes)
+    dweight_ref = (dy64 * xhat).sum(axis=axes)
+    dx_ref = (_per_channel(0.5 * invstd.astype(np.float64), n)
+              * (dy64 - _per_channel(dbias_ref, n) / M - xhat * _per_channel(dweight_ref, n) / M))
+    for name, got, ref in (("dx", dx, dx_ref), ("dweight", dweight, dweight_ref),
+                           ("dbias", dbias, dbias_ref)):
+        assert np.all(np.isfinite(got)), f"{name} is not finite"
+        err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+        assert err <= 1e-5, f"{name} off by {err:.3g} of its largest value"
+
+
+@pytest.mark.parametrize("shape,layout", _params(STATS_WALKS))
+def test_batch_with_nan_is_refused_on_every_walk(shape, layout, isa):
+    # the second, all-double pass that rescues huge values must still report NaN
+    x = _huge_input(shape, layout, scale=1.0).copy()
+    x[(0,) * x.ndim] = np.nan
+    running_mean = np.zeros(shape[1], np.float32)
+    with pytest.raises(FloatingPointError, match="not finite in 1 of"):
+        bnfast.batch_norm_train(x, running_mean=running_mean,
+                                running_var=np.ones(shape[1], np.float32))
+    assert np.all(running_mean == 0)
