@@ -17,6 +17,7 @@ Modes, as in PyTorch:
 """
 import numpy as np
 
+from bnfast import _validation as V
 from bnfast import functional as F
 
 
@@ -25,15 +26,11 @@ class _BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32):
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
-                or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        F._real(eps, "eps", 0.0, np.inf)
+        num_features = V.positive_int(num_features, "num_features")
+        dtype = V.float_dtype(dtype)
+        V.real(eps, "eps", 0.0, np.inf)
         if momentum is not None:
-            F._real(momentum, "momentum", 0.0, 1.0)
+            V.real(momentum, "momentum", 0.0, 1.0)
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = momentum
@@ -80,12 +77,12 @@ class _BatchNorm:
     # ---- forward / backward ---------------------------------------------
 
     def _check_input(self, x):
-        x = F._as_tensor(x, "x")
+        x = V.as_float_array(x, "x")
         if x.ndim not in self._accepted_ndims:
             dims = " or ".join(f"{d}D" for d in self._accepted_ndims)
             raise ValueError(f"{type(self).__name__} expected {dims} input (got {x.ndim}D "
                              f"input of shape {x.shape})")
-        axis = F._channel_axis(self.axis, x.ndim)
+        axis = V.channel_axis(self.axis, x.ndim)
         if x.shape[axis] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) got "
                              f"{x.shape[axis]} channels on axis {self.axis} of an input of "
@@ -143,7 +140,7 @@ class _BatchNorm:
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         kind, x, mean, invstd = self._cache
-        dy = F._as_tensor(dy, "dy")
+        dy = V.as_float_array(dy, "dy")
         if dy.shape != x.shape:
             raise ValueError(f"dy must have the shape of the last forward's input {x.shape}, "
                              f"got {dy.shape}")

@@ -152,6 +152,30 @@ def test_rejects_mismatched_dy():
                                    np.zeros(3, np.float32), np.ones(3, np.float32))
 
 
+_BACKWARD_CALLS = {
+    "batch_norm_backward": lambda dy, x: bnfast.batch_norm_backward(
+        dy, x, None, np.zeros(3, x.dtype), np.ones(3, x.dtype)),
+    "batch_norm_backward_reduce": lambda dy, x: F.batch_norm_backward_reduce(
+        dy, x, np.zeros(3), np.ones(3)),
+    "batch_norm_backward_apply": lambda dy, x: F.batch_norm_backward_apply(
+        dy, x, np.zeros(3), np.ones(3), None, np.zeros(3), np.zeros(3), 5),
+}
+
+
+@pytest.mark.parametrize("call", _BACKWARD_CALLS.values(), ids=_BACKWARD_CALLS.keys())
+def test_dy_of_another_dtype_is_a_type_error_in_every_backward_call(call):
+    x = random_input((5, 3), np.float32)
+    with pytest.raises(TypeError, match=r"dy is float64 but x is float32; .*dy.astype\(x.dtype\)"):
+        call(random_input((5, 3), np.float64), x)
+
+
+@pytest.mark.parametrize("call", _BACKWARD_CALLS.values(), ids=_BACKWARD_CALLS.keys())
+def test_dy_of_another_shape_is_a_value_error_in_every_backward_call(call):
+    x = random_input((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"dy must have x's shape \(5, 3\), got \(4, 3\)"):
+        call(random_input((4, 3), np.float32), x)
+
+
 def test_rejects_out_of_wrong_shape():
     x = random_input((5, 3, 2), np.float32)
     with pytest.raises(ValueError, match=r"out must have x's shape \(5, 3, 2\), got \(5, 3\)"):
