@@ -289,9 +289,23 @@ def test_conv2d_rejects_wrong_channels_and_dtype():
         conv(np.zeros((1, 3, 2, 2), np.float32))
 
 
-def test_sequential_rejects_a_core_batchnorm_layer_with_a_hint():
-    with pytest.raises(TypeError, match="use bnfast.nn.BatchNorm2d"):
-        nn.Sequential(bnfast.BatchNorm2d(3))
+def test_one_batchnorm_class_serves_functional_users_and_networks(tmp_path):
+    assert nn.BatchNorm1d is bnfast.BatchNorm1d and nn.BatchNorm2d is bnfast.BatchNorm2d
+    assert nn.BatchNorm3d is bnfast.BatchNorm3d
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, rng=0), bnfast.BatchNorm2d(3), nn.ReLU(),
+                        nn.GlobalAvgPool2d(), nn.Flatten(), input_shape=(1, 5, 5))
+    x = np.random.default_rng(0).standard_normal((4, 1, 5, 5)).astype(np.float32)
+    y = net(x)
+    net.backward(np.ones_like(y))
+    assert len(net.parameters()) == len(net.grads()) == 4     # conv W, b; BN weight, bias
+    net.save(tmp_path / "net.npz")
+    loaded = nn.load(tmp_path / "net.npz").eval()
+    np.testing.assert_array_equal(loaded(x), net.eval()(x))
+
+
+def test_sequential_rejects_a_non_layer():
+    with pytest.raises(TypeError, match="layer 1 must be a bnfast.nn Module, got ufunc"):
+        nn.Sequential(nn.ReLU(), np.tanh)
 
 
 @pytest.mark.parametrize("layer", [nn.Conv2d(1, 2, 3), nn.Linear(2, 2), nn.BatchNorm2d(2),
