@@ -20,7 +20,9 @@ Errors (the checks live in ``bnfast._validation``, shared by every backend):
 ``TypeError`` for wrong dtypes and types, ``ValueError`` for wrong shapes, axes,
 values and overlapping memory, ``FloatingPointError`` when a training batch has
 non-finite statistics (running statistics are then left unchanged).
-Inputs are never modified, except ``out`` and the running statistics.
+Inputs are never modified, except ``out`` and the running statistics. An array
+a call writes (``out``, running statistics) must not share memory with any other
+argument (ValueError naming both), except that ``out`` may be x (or dy) itself.
 """
 import math
 
@@ -160,8 +162,10 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     momentum : PyTorch convention, in [0, 1]:
         ``running = (1 - momentum) * running + momentum * batch_stat``.
     running_mean, running_var : (C,) arrays of x's dtype, updated in place
-        (running_var with the unbiased batch variance), or None.
-    out : array of x's shape and dtype to write y into; may be x itself.
+        (running_var with the unbiased batch variance), or None; they must not
+        overlap each other, x, weight, bias or out.
+    out : array of x's shape and dtype to write y into; may be x itself, but must
+        not overlap weight, bias or the running statistics.
 
     Returns
     -------
@@ -185,15 +189,15 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     if running_mean is not None:
         running_mean = V.as_running_stat(running_mean, "running_mean", C, x.dtype)
         running_var = V.as_running_stat(running_var, "running_var", C, x.dtype)
-        if np.may_share_memory(running_mean, running_var):
-            raise ValueError("running_mean and running_var share memory, so updating one "
-                             "would overwrite the other; pass two separate arrays")
+        V.check_disjoint([("running_mean", running_mean), ("running_var", running_var)],
+                         [("x", x), ("weight", weight), ("bias", bias), ("out", out)])
     eps = V.real(eps, "eps", 0.0, math.inf)
     momentum = V.real(momentum, "momentum", 0.0, 1.0)
     V.check_trainable(x.shape, axis)
 
     block = _Block(x, axis)
     y, y_stored, copy_to = block.output(out, [block.x])
+    V.check_disjoint([("out", out)], [("weight", weight), ("bias", bias)])
     save_mean = np.empty(C, dtype=x.dtype)
     save_invstd = np.empty(C, dtype=x.dtype)
     if C == 0:
@@ -240,6 +244,9 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
 
     block = _Block(x, axis)
     y, y_stored, copy_to = block.output(out, [block.x])
+    V.check_disjoint([("out", out)], [("weight", weight), ("bias", bias),
+                                      ("running_mean", running_mean),
+                                      ("running_var", running_var)])
     if C:   # (N or S may be 0: the statistics are still checked)
         status = _kernels.forward_infer(y_stored, block.x, weight, bias, running_mean,
                                         running_var, block.N, C, block.S, eps,
@@ -278,6 +285,8 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     block = _Block(x, axis)
     dy_stored = block.stored(dy)
     dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
+    V.check_disjoint([("out", out)], [("weight", weight), ("save_mean", save_mean),
+                                      ("save_invstd", save_invstd)])
     dweight = np.zeros(C, dtype=x.dtype)
     dbias = np.zeros(C, dtype=x.dtype)
     if x.size:
@@ -383,6 +392,8 @@ def batch_norm_apply(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     bias = None if bias is None else V.as_channel_stat(bias, "bias", C)
     block = _Block(x, axis)
     y, y_stored, copy_to = block.output(out, [block.x])
+    V.check_disjoint([("out", out)], [("mean", mean), ("invstd", invstd), ("weight", weight),
+                                      ("bias", bias)])
     if x.size:
         alpha = np.empty(C)
         beta = np.empty(C)
@@ -434,6 +445,8 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     block = _Block(x, axis)
     dy_stored = block.stored(dy)
     dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
+    V.check_disjoint([("out", out)], [("mean", mean), ("invstd", invstd), ("weight", weight),
+                                      ("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat)])
     if x.size:
         _check_status(_kernels.backward_apply(dx_stored, dy_stored, block.x, mean, invstd, weight,
                                               sum_dy, sum_dy_xhat, count, block.N, C, block.S,

@@ -368,3 +368,104 @@ def test_rejects_running_mean_and_running_var_sharing_memory():
     with pytest.raises(ValueError, match="share memory"):
         bnfast.batch_norm_train(x, running_mean=stats, running_var=stats)
     np.testing.assert_array_equal(stats, 0)
+
+
+# --------------------------------------------------------------------------
+# an array the call writes must not overlap another argument
+# --------------------------------------------------------------------------
+
+def _overlap_case(function, argument):
+    """A call of `function` whose `out` holds `argument` in its row 1 (x float64, so no
+    argument is converted and the kernel would read what it has already written)."""
+    C = 5
+    x = random_input((4, C), np.float64)
+    out = np.empty_like(x)
+    rng = np.random.default_rng(3)
+    args = {name: rng.uniform(0.5, 1.5, C) for name in
+            ("weight", "bias", "running_mean", "running_var", "save_mean", "save_invstd",
+             "mean", "invstd", "sum_dy", "sum_dy_xhat")}
+    out[1] = args[argument]
+    args[argument] = out[1]
+    dy = random_input((4, C), np.float64, seed=1)
+    a = args
+    calls = {
+        "batch_norm_train": lambda: bnfast.batch_norm_train(
+            x, a["weight"], a["bias"], running_mean=a["running_mean"],
+            running_var=a["running_var"], out=out),
+        "batch_norm_infer": lambda: bnfast.batch_norm_infer(
+            x, a["weight"], a["bias"], a["running_mean"], a["running_var"], out=out),
+        "batch_norm_backward": lambda: bnfast.batch_norm_backward(
+            dy, x, a["weight"], a["save_mean"], a["save_invstd"], out=out),
+        "batch_norm_apply": lambda: F.batch_norm_apply(
+            x, a["mean"], a["invstd"], a["weight"], a["bias"], out=out),
+        "batch_norm_backward_apply": lambda: F.batch_norm_backward_apply(
+            dy, x, a["mean"], a["invstd"], a["weight"], a["sum_dy"], a["sum_dy_xhat"], 4,
+            out=out),
+    }
+    return calls[function]
+
+
+_OUT_ARGUMENTS = [
+    ("batch_norm_train", "weight"), ("batch_norm_train", "bias"),
+    ("batch_norm_train", "running_mean"), ("batch_norm_train", "running_var"),
+    ("batch_norm_infer", "weight"), ("batch_norm_infer", "bias"),
+    ("batch_norm_infer", "running_mean"), ("batch_norm_infer", "running_var"),
+    ("batch_norm_backward", "weight"), ("batch_norm_backward", "save_mean"),
+    ("batch_norm_backward", "save_invstd"),
+    ("batch_norm_apply", "mean"), ("batch_norm_apply", "invstd"),
+    ("batch_norm_apply", "weight"), ("batch_norm_apply", "bias"),
+    ("batch_norm_backward_apply", "mean"), ("batch_norm_backward_apply", "invstd"),
+    ("batch_norm_backward_apply", "weight"), ("batch_norm_backward_apply", "sum_dy"),
+    ("batch_norm_backward_apply", "sum_dy_xhat"),
+]
+
+
+@pytest.mark.parametrize("function,argument", _OUT_ARGUMENTS,
+                         ids=[f"{f}-{a}" for f, a in _OUT_ARGUMENTS])
+def test_rejects_out_overlapping_an_argument(function, argument):
+    call = _overlap_case(function, argument)
+    with pytest.raises(ValueError, match=rf"(out and {argument}|{argument} and out) share "
+                                         rf"memory"):
+        call()
+
+
+def test_weight_inside_out_is_refused_where_it_gave_wrong_numbers():
+    # the reported case: (2, 8, 300) float32 with weight a slice of out
+    x = random_input((2, 8, 300), np.float32)
+    out = np.empty_like(x)
+    out[0, 0, :8] = np.linspace(0.5, 2.0, 8)
+    weight = out[0, 0, :8]
+    with pytest.raises(ValueError, match="out and weight share memory"):
+        bnfast.batch_norm_train(x, weight, out=out)
+
+
+@pytest.mark.parametrize("other", ["x", "weight", "bias"])
+@pytest.mark.parametrize("stat", ["running_mean", "running_var"])
+def test_rejects_running_statistics_overlapping_an_input(stat, other):
+    C = 5
+    x = random_input((4, C), np.float64)
+    args = {"weight": np.full(C, 1.5), "bias": np.full(C, 0.5),
+            "running_mean": np.zeros(C), "running_var": np.ones(C)}
+    if other == "x":
+        args[stat] = x[1]
+    else:
+        args[stat] = args[other]
+    with pytest.raises(ValueError, match=f"{stat} and {other} share memory"):
+        bnfast.batch_norm_train(x, args["weight"], args["bias"],
+                                running_mean=args["running_mean"],
+                                running_var=args["running_var"])
+
+
+def test_interleaved_but_disjoint_arrays_are_accepted():
+    # weight and out come from one buffer, interleaved: their bounds overlap, their
+    # elements do not, so the call runs and gives the reference result
+    C = 6
+    buffer = np.zeros(2 * 4 * C)
+    out = buffer[0::2].reshape(4, C)
+    weight = buffer[1::2][:C]
+    weight[...] = np.linspace(0.5, 1.5, C)
+    x = random_input((4, C), np.float64)
+    expected = bnfast.batch_norm_train(x, weight.copy())[0]
+    y, _, _ = bnfast.batch_norm_train(x, weight, out=out)
+    assert y is out
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
