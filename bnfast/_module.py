@@ -15,6 +15,8 @@
 It lives below both ``bnfast.layers`` and ``bnfast.nn`` so that one BatchNorm
 class serves the functional user and the network, without an import circle.
 """
+import numpy as np
+
 from bnfast import _validation as V
 
 
@@ -99,7 +101,11 @@ class Module:
             if value.size != 1 or value.dtype.kind not in "iu":
                 raise ValueError(f"{name} must be one integer, got {value.dtype} of shape "
                                  f"{value.shape}")
-            return value.reshape(()).astype(target.dtype)
+            count = int(value.reshape(()))
+            if not 0 <= count <= np.iinfo(target.dtype).max:
+                raise ValueError(f"{name} counts batches, so it must be an integer >= 0 "
+                                 f"that {target.dtype} holds, got {count}")
+            return np.array(count, dtype=target.dtype)
         if value.dtype.kind != "f":
             raise TypeError(f"{name} must be floating, got {value.dtype}")
         if value.shape != target.shape:

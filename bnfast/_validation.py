@@ -193,8 +193,9 @@ def real(value, name, low, high):
     try:
         as_float = float(value)
     except OverflowError:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value:.3g} which is too "
-                         f"large for a float") from None
+        digits = len(str(abs(int(value))))
+        raise ValueError(f"{name} must be in [{low}, {high}], got a number of {digits} "
+                         f"digits, too large for a float") from None
     if not (math.isfinite(as_float) and low <= as_float <= high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {as_float}")
     return as_float

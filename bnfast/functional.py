@@ -325,11 +325,13 @@ def merge_stats(counts, means, m2s):
 
     counts : (P,) values per channel in each part (or (P, C));
     means, m2s : (P, C) from ``batch_norm_stats`` of each part.
-    Returns ``count, mean, m2`` of the union: count an int (or (C,) array),
+    Returns ``count, mean, m2`` of the union: count an int (or (C,) int64 array),
     mean and m2 (C,) float64. Parts with count 0 contribute nothing.
 
     mean = sum(n_i mean_i) / n;  m2 = sum(m2_i + n_i (mean_i - mean)^2)
     """
+    for name, value in (("counts", counts), ("means", means), ("m2s", m2s)):
+        V.check_not_masked(value, name)
     means = np.asarray(means, dtype=np.float64)
     m2s = np.asarray(m2s, dtype=np.float64)
     counts = np.asarray(counts)
@@ -349,7 +351,12 @@ def merge_stats(counts, means, m2s):
     safe_total = np.where(total > 0, total, 1.0)
     mean = (n_i * means).sum(axis=0) / safe_total
     m2 = (m2s + n_i * (means - mean) ** 2).sum(axis=0)
-    count = int(counts.sum()) if counts.ndim == 1 else counts.sum(axis=0)
+    # the total in Python ints: a sum in the counts' own dtype could wrap around
+    exact = counts.astype(object).sum(axis=0)
+    if np.any(exact > np.iinfo(np.int64).max):
+        raise ValueError(f"counts sum to {np.max(exact)} values per channel, more than an "
+                         f"int64 holds; pass the counts of real parts of a batch")
+    count = int(exact) if counts.ndim == 1 else exact.astype(np.int64)
     return count, mean, m2
 
 
@@ -360,7 +367,7 @@ def scale_shift(weight, bias, mean, var, eps):
     float64. weight, bias may be None (1, 0). The inference kernel and the
     folding functions use this same algebra (``bn_scale_shift`` in C).
     """
-    mean = np.ascontiguousarray(mean, dtype=np.float64)
+    mean = np.ascontiguousarray(V.as_numpy(mean, "mean"), dtype=np.float64)
     if mean.ndim != 1:
         raise ValueError(f"mean must have shape (C,), got {mean.shape}")
     C = mean.shape[0]

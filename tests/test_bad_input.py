@@ -469,3 +469,90 @@ def test_interleaved_but_disjoint_arrays_are_accepted():
     y, _, _ = bnfast.batch_norm_train(x, weight, out=out)
     assert y is out
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# accepted early and failing later, or failing with the wrong error
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda eps: bnfast.batch_norm_train(random_input((4, 3), np.float32), eps=eps),
+    lambda eps: bnfast.batch_norm_infer(random_input((4, 3), np.float32), None, None,
+                                        np.zeros(3, np.float32), np.ones(3, np.float32),
+                                        eps=eps),
+    lambda eps: bnfast.BatchNorm1d(3, eps=eps),
+    lambda eps: F.scale_shift(None, None, np.zeros(3), np.ones(3), eps),
+    lambda eps: bnfast.fold_linear_bn(np.ones((3, 2)), None, None, None, np.zeros(3),
+                                      np.ones(3), eps),
+], ids=["train", "infer", "layer", "scale_shift", "fold"])
+def test_eps_too_large_for_a_float_is_a_value_error(call):
+    with pytest.raises(ValueError, match=r"eps must be in \[0.0, inf\], got a number of 401 "
+                                         r"digits, too large for a float"):
+        call(10 ** 400)
+
+
+def test_momentum_too_large_for_a_float_is_a_value_error():
+    with pytest.raises(ValueError, match="momentum must be in"):
+        bnfast.batch_norm_train(random_input((4, 3), np.float32), momentum=-10 ** 400)
+
+
+def test_load_state_dict_refuses_a_negative_batch_count_and_loads_nothing():
+    bn = bnfast.BatchNorm1d(3, momentum=None)
+    state = dict(bn.state_dict(), weight=np.full(3, 2.0, np.float32),
+                 num_batches_tracked=np.array(-1))
+    with pytest.raises(ValueError, match="num_batches_tracked counts batches.* got -1"):
+        bn.load_state_dict(state)
+    assert int(bn.num_batches_tracked) == 0
+    np.testing.assert_array_equal(bn.weight, 1.0)
+    bn(random_input((4, 3), np.float32))   # momentum=None training still works
+
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.int64])
+def test_merge_stats_refuses_counts_whose_sum_wraps_around(dtype):
+    big = np.iinfo(dtype).max // 2 + 1
+    with pytest.raises(ValueError, match="more than an int64 holds"):
+        F.merge_stats(np.array([big, big, big], dtype=dtype), np.zeros((3, 2)),
+                      np.ones((3, 2)))
+
+
+def test_merge_stats_counts_uint64_parts_exactly():
+    counts = np.array([3, 5], dtype=np.uint64)
+    count, mean, _ = F.merge_stats(counts, [[1.0], [3.0]], [[0.0], [0.0]])
+    assert count == 8 and type(count) is int
+    np.testing.assert_allclose(mean, [2.25])
+    count, _, _ = F.merge_stats(np.array([[3], [5]], np.uint64), [[1.0], [3.0]], [[0.0], [0.0]])
+    assert count.dtype == np.int64 and count.tolist() == [8]
+
+
+_MASKED_CALLS = {
+    "x": lambda m: bnfast.batch_norm_train(m),
+    "dy": lambda m: bnfast.batch_norm_backward(m, np.asarray(m), None, np.zeros(3, np.float32),
+                                               np.ones(3, np.float32)),
+    "weight": lambda m: bnfast.batch_norm_train(np.asarray(m), m[0]),
+    "running_mean": lambda m: bnfast.batch_norm_infer(np.asarray(m), None, None, m[0],
+                                                      np.ones(3, np.float32)),
+    "mean": lambda m: F.batch_norm_apply(np.asarray(m), m[0], np.ones(3)),
+    "out": lambda m: bnfast.batch_norm_train(np.asarray(m).copy(), out=m),
+    "means": lambda m: F.merge_stats([4], m[:1], np.ones((1, 3))),
+    "W": lambda m: bnfast.fold_linear_bn(m, None, None, None, np.zeros(4), np.ones(4), 1e-5),
+}
+
+
+@pytest.mark.parametrize("name", _MASKED_CALLS)
+def test_rejects_masked_arrays_and_says_what_to_pass(name):
+    data = random_input((4, 3), np.float32)
+    masked = np.ma.masked_array(data, mask=data > 1.0)
+    with pytest.raises(TypeError, match=rf"{name} is a numpy.ma.MaskedArray.*"
+                                        rf"{name}.filled\(value\).*{name}.compressed\(\).*"
+                                        rf"np.asarray\({name}\)"):
+        _MASKED_CALLS[name](masked)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8"])
+def test_big_endian_input_is_told_to_use_native_byte_order(dtype):
+    x = random_input((4, 3), np.float32).astype(dtype)
+    native = np.dtype(dtype).newbyteorder("=").name
+    with pytest.raises(TypeError, match=rf"x must be float32 or float64, got {dtype}; x is "
+                                        rf"{native} in non-native byte order; pass "
+                                        rf"x.astype\(np.{native}\)"):
+        bnfast.batch_norm_train(x)

@@ -602,3 +602,13 @@ def test_load_rejects_entries_that_are_not_npy_arrays(tmp_path):
 def test_load_missing_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         nn.load(tmp_path / "absent.npz")
+
+
+def test_load_rejects_a_negative_batch_count(tmp_path):
+    # loaded, it made momentum=None training divide by zero
+    description, arrays = _saved(tmp_path)
+    arrays["5.num_batches_tracked"] = np.array(-1, np.int64)
+    _write_npz(tmp_path / "bad.npz", description, arrays)
+    with pytest.raises(nn.LoadError, match="num_batches_tracked counts batches, so it must be "
+                                           "an integer >= 0 .* got -1"):
+        nn.load(tmp_path / "bad.npz")
