@@ -10,11 +10,15 @@
   then buffers such as running statistics) out and in, under PyTorch's names;
 - ``config()`` gives the constructor arguments as JSON values and
   ``state_shapes(config)`` the shape of each state array, for saving and loading;
+- ``forward_size(shape)`` estimates forward's output shape and memory without
+  running it, so that export can refuse a shape too large before allocating;
 - ``onnx_node()`` says which ONNX operator the layer is, for export.
 
 It lives below both ``bnfast.layers`` and ``bnfast.nn`` so that one BatchNorm
 class serves the functional user and the network, without an import circle.
 """
+import math
+
 import numpy as np
 
 from bnfast import _validation as V
@@ -120,6 +124,15 @@ class Module:
     def state_shapes(cls, config):
         """The shape of each state array a layer built from ``config`` holds."""
         return {}
+
+    # ---- sizes -----------------------------------------------------------
+
+    def forward_size(self, input_shape):
+        """``(output_shape, values)`` of forward on an input of ``input_shape``, without
+        allocating: the shape forward returns and about how many values it allocates
+        (output and temporaries). None if the input does not fit (forward says why).
+        This default is an element-wise layer: one output like the input."""
+        return tuple(input_shape), math.prod(input_shape)
 
     # ---- export ----------------------------------------------------------
 

@@ -13,6 +13,7 @@ layer's constructor and every array against the architecture.
 Layouts are PyTorch's: images are (N, C, H, W), Conv2d weights (out, in, k, k),
 Linear weights (out, in).
 """
+import math
 import numbers
 
 import numpy as np
@@ -57,8 +58,13 @@ def _check_input(layer, x, ndim, channels=None, what="channels"):
     return x
 
 
+def _window_count(size, kernel, stride, padding):
+    """How many windows fit along an axis: the output size of a conv or pooling."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def _out_size(size, kernel, stride, padding, layer):
-    out = (size + 2 * padding - kernel) // stride + 1
+    out = _window_count(size, kernel, stride, padding)
     if out < 1:
         raise ValueError(f"{layer!r} cannot slide a {kernel}x{kernel} window over an input "
                          f"of size {size} (padding {padding}); the input is too small")
@@ -115,6 +121,19 @@ class Conv2d(Module):
         k, s, p = self.kernel_size, self.stride, self.padding
         return "Conv", [("weight", self.weight), ("bias", self.bias)], \
             dict(kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p])
+
+    def forward_size(self, input_shape):
+        if len(input_shape) != 4:
+            return None
+        N, C, H, W = input_shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        Ho, Wo = _window_count(H, k, s, p), _window_count(W, k, s, p)
+        if Ho < 1 or Wo < 1:
+            return None
+        padded = N * C * (H + 2 * p) * (W + 2 * p) if p else 0
+        cols = N * Ho * Wo * C * k * k
+        y = N * Ho * Wo * self.out_channels    # the product, then its NCHW copy
+        return (N, self.out_channels, Ho, Wo), padded + cols + 2 * y
 
     def forward(self, x):
         x = _check_input(self, x, 4, self.in_channels)
@@ -188,6 +207,11 @@ class Linear(Module):
     def onnx_node(self):
         return "Gemm", [("weight", self.weight), ("bias", self.bias)], dict(transB=1)
 
+    def forward_size(self, input_shape):
+        if len(input_shape) != 2:
+            return None
+        return (input_shape[0], self.out_features), input_shape[0] * self.out_features
+
     def forward(self, x):
         x = _check_input(self, x, 2, self.in_features, what="features")
         self._x = x
@@ -214,6 +238,9 @@ class ReLU(Module):
 
     def onnx_node(self):
         return "Relu", [], {}
+
+    def forward_size(self, input_shape):
+        return tuple(input_shape), 2 * math.prod(input_shape)   # the mask and y
 
     def forward(self, x):
         x = np.asarray(x)
@@ -246,6 +273,18 @@ class MaxPool2d(Module):
     def onnx_node(self):
         k, s, p = self.kernel_size, self.stride, self.padding
         return "MaxPool", [], dict(kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p])
+
+    def forward_size(self, input_shape):
+        if len(input_shape) != 4:
+            return None
+        N, C, H, W = input_shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        Ho, Wo = _window_count(H, k, s, p), _window_count(W, k, s, p)
+        if Ho < 1 or Wo < 1:
+            return None
+        padded = N * C * (H + 2 * p) * (W + 2 * p) if p else 0
+        windows = N * C * Ho * Wo * k * k       # the windows, copied by reshape
+        return (N, C, Ho, Wo), padded + windows + 2 * N * C * Ho * Wo   # argmax and y
 
     def forward(self, x):
         x = _check_input(self, x, 4)
@@ -284,6 +323,11 @@ class GlobalAvgPool2d(Module):
     def onnx_node(self):
         return "GlobalAveragePool", [], {}
 
+    def forward_size(self, input_shape):
+        if len(input_shape) != 4:
+            return None
+        return tuple(input_shape[:2]) + (1, 1), math.prod(input_shape[:2])
+
     def forward(self, x):
         x = _check_input(self, x, 4)
         self._shape = x.shape
@@ -300,6 +344,11 @@ class Flatten(Module):
 
     def onnx_node(self):
         return "Flatten", [], dict(axis=1)
+
+    def forward_size(self, input_shape):
+        if len(input_shape) < 1:
+            return None
+        return (input_shape[0], math.prod(input_shape[1:])), 0   # a view
 
     def forward(self, x):
         x = np.asarray(x)

@@ -32,6 +32,7 @@ allows, so older runtimes can read it. The model passes
 ``onnx.checker.check_model(full_check=True)`` before it is written.
 """
 import copy
+import math
 import numbers
 
 import numpy as np
@@ -40,6 +41,7 @@ from bnfast import __version__
 from bnfast._files import atomic_output
 
 MIN_OPSET = 9
+MAX_TRACE_BYTES = 2 ** 31   # memory export may use to run one sample through the net
 INPUT_NAME = "input"     # the graph's one input, (N, *input_shape[1:])
 
 
@@ -57,8 +59,10 @@ def export(net, path, input_shape, opset=17, fold=False):
     input_shape : the shape of an input batch, e.g. (1, 1, 8, 8); the batch
         dimension is exported as dynamic.
     opset : 9 .. ``max_opset()``. fold : fold BN into the preceding Conv/Linear.
-    Raises ValueError (opset out of range, input shape the net cannot take, a
-    layer that cannot be exported) or TypeError; nothing is written then.
+    Raises ValueError (opset out of range, input shape the net cannot take or
+    one so large that running a sample through the net would need more than
+    ``MAX_TRACE_BYTES``, a layer that cannot be exported, such as a BatchNorm
+    with unusable running statistics) or TypeError; nothing is written then.
     """
     model = to_model(net, input_shape, opset=opset, fold=fold)
     data = model.SerializeToString()
@@ -153,14 +157,19 @@ def _net_dtype(net):
 
 
 def _trace_shapes(net, input_shape, dtype):
-    """Run a copy of the net once in eval mode on zeros; returns each layer's output shape.
+    """Run a copy of the net once in eval mode on one sample of zeros; returns each
+    layer's output shape (batch dimension 1; the exported one is dynamic).
 
-    A copy, so that the net's modes, running statistics and what its last forward
-    kept for backward all stay as they were (export may come between a forward
-    and its backward).
+    The memory the trace needs is estimated first (``forward_size`` of each layer)
+    and a shape that needs more than MAX_TRACE_BYTES is refused before anything
+    is allocated. A copy of the net runs, so that its modes, running statistics
+    and what its last forward kept for backward all stay as they were (export may
+    come between a forward and its backward).
     """
-    shapes = [input_shape]
-    x = np.zeros(input_shape, dtype=dtype)
+    sample = (1, *input_shape[1:])
+    _check_trace_size(net, input_shape, sample, dtype)
+    shapes = [sample]
+    x = np.zeros(sample, dtype=dtype)
     for layer in copy.deepcopy(net).eval():
         try:
             x = layer(x)
@@ -169,6 +178,37 @@ def _trace_shapes(net, input_shape, dtype):
                              f"{err}") from None
         shapes.append(x.shape)
     return shapes
+
+
+def _check_trace_size(net, input_shape, sample, dtype):
+    """ValueError if running `sample` through the net needs more than MAX_TRACE_BYTES
+    in some layer (its input, output and temporaries), estimated without allocating."""
+    shape = sample
+    peak, peak_layer = 0, None
+    for i, layer in enumerate(net):
+        size = layer.forward_size(shape)
+        if size is None:
+            return   # the input does not fit this layer: the trace says why
+        out_shape, values = size
+        need = (math.prod(shape) + values) * dtype.itemsize
+        if need > peak:
+            peak, peak_layer = need, i
+        shape = out_shape
+    if peak > MAX_TRACE_BYTES:
+        layer = net[peak_layer]
+        raise ValueError(f"input_shape {input_shape} is too large to export: one sample needs "
+                         f"about {_human_bytes(peak)} in layer {peak_layer} ({layer!r}), more "
+                         f"than the {_human_bytes(MAX_TRACE_BYTES)} export allows; check the "
+                         f"sample shape and that layer's sizes (the batch dimension is "
+                         f"dynamic, a batch of 1 is enough), or raise "
+                         f"bnfast.onnx.export.MAX_TRACE_BYTES if the memory is there")
+
+
+def _human_bytes(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 # --------------------------------------------------------------------------
