@@ -21,6 +21,13 @@ One exception type per kind of mistake:
 - ``FloatingPointError`` (raised by the backends, not here): a training batch
   whose statistics are not finite.
 
+A backend's entry point runs, in this order: ``channel_axis``;
+``check_float_dtype`` on x (and ``check_like_x`` on dy); for each per-channel
+argument ``check_floating``, ``check_channel_shape`` and ``check_castable`` (or
+``check_running_stat`` for the running statistics); ``real`` on eps and
+momentum; ``check_trainable`` before batch statistics; ``check_out`` on out;
+then its own conversion, and ``check_disjoint`` before it writes anything.
+
 Backend-neutral checks. They take any array object with ``.dtype``, ``.shape``
 and ``.ndim`` (numpy or cupy) and never convert or copy it; a backend calls
 them before it does anything else:
@@ -49,7 +56,8 @@ has its own counterparts with ``cupy.asarray`` and ``cupy.shares_memory``):
     as_channel_stat(a, name, C)             mean, invstd, sums -> (C,) contiguous float64
     as_running_stat(a, name, C, dtype)      running statistics, kept as they are
     check_writable_contiguous(a, name)      arrays updated in place
-    check_disjoint(written, reads)          no written array overlaps another argument
+    check_disjoint(written, reads[, overlap])   no written array overlaps another argument
+                                            (a CuPy backend passes its own ``overlap``)
     unusable_running_stats(mean, var, eps)  the error for statistics inference cannot use
 """
 import math
@@ -294,18 +302,44 @@ def overlaps(a, b):
         return True
 
 
-def check_disjoint(written, reads):
+def _owner(a):
+    """The ndarray that owns a's memory, or None when an object outside numpy does
+    (a buffer, a torch tensor): then only a memory check can tell what overlaps."""
+    if not isinstance(a, np.ndarray):
+        return None
+    base = a.base
+    while base is not None:
+        if not isinstance(base, np.ndarray):
+            return None
+        a, base = base, base.base
+    return a
+
+
+def check_disjoint(written, reads, overlap=overlaps):
     """ValueError if an array the call writes overlaps another argument.
 
-    written, reads : sequences of (name, array or None). Each written array is
+    written, reads : sequences of (name, array or None); arrays other than numpy's
+    are skipped unless ``overlap`` (a function of two arrays, e.g. one built on
+    ``cupy.shares_memory``) is given for them. Each written array is
     checked against every read array and every other written one, so the
-    kernel never reads a value it has already overwritten.
+    kernel never reads a value it has already overwritten. Arrays whose memory
+    two different numpy arrays own cannot overlap and are not examined (the
+    common case, answered without a memory check).
     """
-    arrays = [(name, a) for name, a in written if isinstance(a, np.ndarray)]
-    others = [(name, a) for name, a in reads if isinstance(a, np.ndarray)]
-    for i, (name, a) in enumerate(arrays):
-        for other_name, b in arrays[i + 1:] + others:
-            if overlaps(a, b):
+    kind = np.ndarray if overlap is overlaps else object
+    checked = [(name, a, _owner(a)) for name, a in written
+               if a is not None and isinstance(a, kind)]
+    if not checked:
+        return
+    n_written = len(checked)
+    checked += [(name, a, _owner(a)) for name, a in reads
+                if a is not None and isinstance(a, kind)]
+    for i in range(n_written):
+        name, a, owner = checked[i]
+        for other_name, b, other_owner in checked[i + 1:]:
+            if owner is not other_owner and owner is not None and other_owner is not None:
+                continue   # memory of two different numpy arrays
+            if overlap(a, b):
                 raise ValueError(f"{name} and {other_name} share memory, so writing {name} "
                                  f"would change {other_name} while it is read; pass "
                                  f"separate arrays (e.g. {other_name}.copy())")
