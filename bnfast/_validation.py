@@ -209,11 +209,12 @@ def real(value, name, low, high):
     return as_float
 
 
-def integer(value, name, minimum):
-    """`value` as an int >= minimum: TypeError for a non-integer (bools included)."""
+def integer(value, name, minimum=None):
+    """`value` as an int (>= minimum if given): TypeError for a non-integer (bools
+    included), ValueError below the minimum."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 

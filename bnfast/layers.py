@@ -46,7 +46,7 @@ class _BatchNorm(Module):
         self.momentum = momentum
         self.affine = V.boolean(affine, "affine")
         self.track_running_stats = V.boolean(track_running_stats, "track_running_stats")
-        self.axis = V.integer(axis, "axis", -np.inf)
+        self.axis = V.integer(axis, "axis")
         self.dtype = dtype
         self.training = True
         self.weight = self.bias = None

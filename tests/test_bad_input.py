@@ -556,3 +556,14 @@ def test_big_endian_input_is_told_to_use_native_byte_order(dtype):
                                         rf"{native} in non-native byte order; pass "
                                         rf"x.astype\(np.{native}\)"):
         bnfast.batch_norm_train(x)
+
+
+def test_layer_constructor_rejects_non_bool_flags_and_a_non_integer_axis():
+    with pytest.raises(TypeError, match="affine must be True or False, got 1"):
+        bnfast.BatchNorm2d(3, affine=1)
+    with pytest.raises(TypeError, match="track_running_stats must be True or False"):
+        bnfast.BatchNorm2d(3, track_running_stats="yes")
+    with pytest.raises(TypeError, match="axis must be an int, got float"):
+        bnfast.BatchNorm2d(3, axis=1.0)
+    with pytest.raises(TypeError, match="num_features must be a positive int, got float"):
+        bnfast.BatchNorm2d(3.0)

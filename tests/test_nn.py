@@ -612,3 +612,17 @@ def test_load_rejects_a_negative_batch_count(tmp_path):
     with pytest.raises(nn.LoadError, match="num_batches_tracked counts batches, so it must be "
                                            "an integer >= 0 .* got -1"):
         nn.load(tmp_path / "bad.npz")
+
+
+def test_a_channels_last_batchnorm_saves_its_axis_and_is_refused_by_export(tmp_path):
+    from bnfast.onnx import export
+    net = nn.Sequential(bnfast.BatchNorm2d(3, axis=-1, dtype=np.float64), input_shape=(4, 4, 3))
+    x = np.random.default_rng(0).standard_normal((5, 4, 4, 3))
+    net(x)
+    net.save(tmp_path / "net.npz")
+    loaded = nn.load(tmp_path / "net.npz")
+    assert loaded[0].axis == -1
+    np.testing.assert_array_equal(loaded.eval()(x), net.eval()(x))
+    with pytest.raises(ValueError, match=r"layer 0 \(BatchNorm2d\): .*normalises axis -1, but "
+                                         r"ONNX's BatchNormalization normalises axis 1"):
+        export(net, tmp_path / "net.onnx", (1, 4, 4, 3))
