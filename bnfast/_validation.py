@@ -59,6 +59,7 @@ has its own counterparts with ``cupy.asarray`` and ``cupy.shares_memory``):
     check_disjoint(written, reads[, overlap])   no written array overlaps another argument
                                             (a CuPy backend passes its own ``overlap``)
     unusable_running_stats(mean, var, eps)  the error for statistics inference cannot use
+    check_usable_running_stats(mean, var, eps)   raise it before running anything
 """
 import math
 import numbers
@@ -380,15 +381,26 @@ def as_running_stat(a, name, C, dtype):
     return a
 
 
-def unusable_running_stats(running_mean, running_var, eps):
-    """The error for inference statistics that describe no distribution (the
-    kernels refuse them: a non-finite mean or variance, or var + eps <= 0)."""
+def _unusable_channels(running_mean, running_var, eps):
     running_mean = np.asarray(running_mean)
     running_var = np.asarray(running_var, dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
-        bad = np.flatnonzero(~(np.isfinite(running_mean) & np.isfinite(running_var)
-                               & (running_var + eps > 0)))
+        return np.flatnonzero(~(np.isfinite(running_mean) & np.isfinite(running_var)
+                                & (running_var + eps > 0)))
+
+
+def unusable_running_stats(running_mean, running_var, eps):
+    """The error for inference statistics that describe no distribution (the
+    kernels refuse them: a non-finite mean or variance, or var + eps <= 0)."""
+    bad = _unusable_channels(running_mean, running_var, eps)
     return ValueError(f"running statistics are unusable in {bad.size} channel(s) "
                       f"({channel_list(bad)}): "
                       f"running_mean must be finite and running_var + eps > 0 and finite; "
                       f"the model's state is corrupt or was never trained")
+
+
+def check_usable_running_stats(running_mean, running_var, eps):
+    """ValueError (``unusable_running_stats``) unless every channel's statistics
+    describe a distribution; for callers that check before any kernel runs."""
+    if _unusable_channels(running_mean, running_var, eps).size:
+        raise unusable_running_stats(running_mean, running_var, eps)

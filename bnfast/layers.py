@@ -191,11 +191,7 @@ class _BatchNorm(Module):
                              f"BatchNormalization normalises axis 1; build the layer with "
                              f"axis=1 to export it")
         C = self.num_features
-        with np.errstate(invalid="ignore"):
-            usable = np.isfinite(self.running_mean) & np.isfinite(self.running_var) \
-                & (self.running_var.astype(np.float64) + self.eps > 0)
-        if not usable.all():
-            raise V.unusable_running_stats(self.running_mean, self.running_var, self.eps)
+        V.check_usable_running_stats(self.running_mean, self.running_var, self.eps)
         inputs = [("weight", self.weight if self.affine else np.ones(C)),
                   ("bias", self.bias if self.affine else np.zeros(C)),
                   ("running_mean", self.running_mean), ("running_var", self.running_var)]

@@ -268,3 +268,10 @@ def test_export_names_unusable_running_statistics_not_the_input_shape(tmp_path):
                                          r"unusable in 1 channel\(s\) \(1\)") as err:
         export(net, tmp_path / "net.onnx", (1, 2, 8, 8))
     assert "input_shape" not in str(err.value)
+
+
+def test_export_refuses_a_huge_input_that_the_first_layer_cannot_take(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 2, rng=0))
+    with pytest.raises(ValueError, match=r"too large to export: one sample needs about .* for "
+                                         r"the input alone"):
+        export(net, tmp_path / "net.onnx", (1, 100_000, 100_000, 100_000))

@@ -184,20 +184,19 @@ def _check_trace_size(net, input_shape, sample, dtype):
     """ValueError if running `sample` through the net needs more than MAX_TRACE_BYTES
     in some layer (its input, output and temporaries), estimated without allocating."""
     shape = sample
-    peak, peak_layer = 0, None
+    peak, where = math.prod(sample) * dtype.itemsize, "for the input alone"
     for i, layer in enumerate(net):
         size = layer.forward_size(shape)
         if size is None:
-            return   # the input does not fit this layer: the trace says why
+            break   # the input does not fit this layer, which raises before allocating
         out_shape, values = size
         need = (math.prod(shape) + values) * dtype.itemsize
         if need > peak:
-            peak, peak_layer = need, i
+            peak, where = need, f"in layer {i} ({layer!r})"
         shape = out_shape
     if peak > MAX_TRACE_BYTES:
-        layer = net[peak_layer]
         raise ValueError(f"input_shape {input_shape} is too large to export: one sample needs "
-                         f"about {_human_bytes(peak)} in layer {peak_layer} ({layer!r}), more "
+                         f"about {_human_bytes(peak)} {where}, more "
                          f"than the {_human_bytes(MAX_TRACE_BYTES)} export allows; check the "
                          f"sample shape and that layer's sizes (the batch dimension is "
                          f"dynamic, a batch of 1 is enough), or raise "
