@@ -30,7 +30,8 @@ then its own conversion, and ``check_disjoint`` before it writes anything.
 
 Backend-neutral checks. They take any array object with ``.dtype``, ``.shape``
 and ``.ndim`` (numpy or cupy) and never convert or copy it; a backend calls
-them before it does anything else:
+them before it does anything else. Those whose advice names an array module
+take ``xp="np"`` (the GPU path passes ``xp="cupy"``):
 
     check_float_dtype(a, name)              float32 or float64, native byte order
     check_like_x(a, name, x)                dy: x's shape, then x's dtype
@@ -74,23 +75,24 @@ KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # message pieces
 # --------------------------------------------------------------------------
 
-def dtype_hint(name, dtype):
-    """What to do about an array `name` of a dtype the kernels do not take."""
+def dtype_hint(name, dtype, xp="np"):
+    """What to do about an array `name` of a dtype the kernels do not take; `xp`
+    is the array module the advice names ("np", or "cupy" on the GPU path)."""
     if dtype.kind == "c":
         return (f"BatchNorm is defined for real data; if the imaginary part is zero pass "
-                f"{name}.real.astype(np.float64)")
+                f"{name}.real.astype({xp}.float64)")
     if dtype.kind == "O":
         return (f"an object array usually comes from ragged or mixed lists; build a numeric "
-                f"array, e.g. np.asarray({name}, dtype=np.float32)")
+                f"array, e.g. {xp}.asarray({name}, dtype={xp}.float32)")
     if dtype.kind == "f" and not dtype.isnative:
         native = dtype.newbyteorder("=")
         return (f"{name} is {native} in non-native byte order; pass "
-                f"{name}.astype(np.{native}) to get native byte order")
+                f"{name}.astype({xp}.{native}) to get native byte order")
     if dtype == np.float16:
-        return f"float16 is too short for the kernels; cast with {name}.astype(np.float32)"
+        return f"float16 is too short for the kernels; cast with {name}.astype({xp}.float32)"
     if dtype.kind == "f":
-        return f"cast with {name}.astype(np.float64)"
-    return f"cast with {name}.astype(np.float32)"
+        return f"cast with {name}.astype({xp}.float64)"
+    return f"cast with {name}.astype({xp}.float32)"
 
 
 def channel_list(channels):
@@ -102,11 +104,11 @@ def channel_list(channels):
 # backend-neutral checks: any array with .dtype, .shape, .ndim
 # --------------------------------------------------------------------------
 
-def check_float_dtype(a, name):
+def check_float_dtype(a, name, xp="np"):
     """TypeError unless `a` is float32 or float64 in native byte order."""
     if a.dtype not in KERNEL_DTYPES or not a.dtype.isnative:
         raise TypeError(f"{name} must be float32 or float64, got {a.dtype}; "
-                        f"{dtype_hint(name, a.dtype)}")
+                        f"{dtype_hint(name, a.dtype, xp)}")
 
 
 def check_like_x(a, name, x):
@@ -118,7 +120,7 @@ def check_like_x(a, name, x):
                         f"e.g. {name}.astype(x.dtype)")
 
 
-def check_out(out, name, shape, dtype):
+def check_out(out, name, shape, dtype, xp="np"):
     """An output array must have x's shape (ValueError) and dtype (TypeError)."""
     if not hasattr(out, "shape") or not hasattr(out, "dtype"):
         return   # not an array at all: the backend says which arrays it takes
@@ -126,14 +128,14 @@ def check_out(out, name, shape, dtype):
         raise ValueError(f"{name} must have x's shape {shape}, got {out.shape}")
     if out.dtype != dtype:
         raise TypeError(f"{name} must have x's dtype {dtype}, got {out.dtype}; "
-                        f"allocate it with np.empty_like(x)")
+                        f"allocate it with {xp}.empty_like(x)")
 
 
-def check_floating(a, name):
+def check_floating(a, name, xp="np"):
     """TypeError unless `a` has a floating dtype (per-channel arrays may be cast)."""
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating array, got {a.dtype}; "
-                        f"{dtype_hint(name, a.dtype)}")
+                        f"{dtype_hint(name, a.dtype, xp)}")
 
 
 def check_channel_shape(a, name, C):
@@ -143,21 +145,21 @@ def check_channel_shape(a, name, C):
                          f"got {a.shape}")
 
 
-def check_castable(a, name, dtype):
+def check_castable(a, name, dtype, xp="np"):
     """TypeError if casting the parameter `a` to x's `dtype` would lose precision."""
     if a.dtype != dtype and not np.can_cast(a.dtype, dtype, casting="safe"):
         raise TypeError(f"{name} is {a.dtype} but x is {dtype}, and casting would lose "
-                        f"precision; pass {name}.astype(np.{dtype}) or "
-                        f"x.astype(np.{a.dtype})")
+                        f"precision; pass {name}.astype({xp}.{dtype}) or "
+                        f"x.astype({xp}.{a.dtype})")
 
 
-def check_running_stat(a, name, C, dtype):
+def check_running_stat(a, name, C, dtype, xp="np"):
     """A running statistic is updated in place: shape (C,) and exactly x's dtype."""
     check_channel_shape(a, name, C)
     if a.dtype != dtype:
         raise TypeError(f"{name} is {a.dtype} but x is {dtype}; running statistics are "
                         f"updated in place and must have x's dtype: keep them as "
-                        f"np.{dtype} arrays")
+                        f"{xp}.{dtype} arrays")
 
 
 def channel_axis(axis, ndim):
