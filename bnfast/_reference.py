@@ -14,7 +14,7 @@ Conventions that trip people:
 import numpy as np
 
 
-def _per_channel(a, ndim, axis):
+def _along_axis(a, ndim, axis):
     """Reshape a (C,) array to broadcast along `axis` of an ndim-array."""
     shape = [1] * ndim
     shape[axis] = -1
@@ -42,8 +42,8 @@ def train(x, weight=None, bias=None, axis=1, eps=1e-5, momentum=0.1,
     bias = np.zeros(C) if bias is None else bias
     count, mean, var = batch_stats(x, axis)
     invstd = 1.0 / np.sqrt(var + eps)
-    y = ((x - _per_channel(mean, x.ndim, axis)) * _per_channel(invstd, x.ndim, axis)
-         * _per_channel(weight, x.ndim, axis) + _per_channel(bias, x.ndim, axis))
+    y = ((x - _along_axis(mean, x.ndim, axis)) * _along_axis(invstd, x.ndim, axis)
+         * _along_axis(weight, x.ndim, axis) + _along_axis(bias, x.ndim, axis))
     new_mean = new_var = None
     if running_mean is not None:
         unbiased = var * count / (count - 1)
@@ -59,8 +59,8 @@ def infer(x, weight, bias, running_mean, running_var, axis=1, eps=1e-5):
     weight = np.ones(C) if weight is None else weight
     bias = np.zeros(C) if bias is None else bias
     invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
-    return ((x - _per_channel(running_mean, x.ndim, axis)) * _per_channel(invstd, x.ndim, axis)
-            * _per_channel(weight, x.ndim, axis) + _per_channel(bias, x.ndim, axis))
+    return ((x - _along_axis(running_mean, x.ndim, axis)) * _along_axis(invstd, x.ndim, axis)
+            * _along_axis(weight, x.ndim, axis) + _along_axis(bias, x.ndim, axis))
 
 
 def backward(dy, x, weight, mean, invstd, axis=1):
@@ -76,10 +76,10 @@ def backward(dy, x, weight, mean, invstd, axis=1):
     weight = np.ones(C) if weight is None else weight
     axes = _reduce_axes(x.ndim, axis)
     count = x.size // C
-    xhat = (x - _per_channel(mean, x.ndim, axis)) * _per_channel(invstd, x.ndim, axis)
+    xhat = (x - _along_axis(mean, x.ndim, axis)) * _along_axis(invstd, x.ndim, axis)
     dbias = dy.sum(axis=axes)
     dweight = (dy * xhat).sum(axis=axes)
-    dx = (_per_channel(np.asarray(weight, np.float64) * invstd, x.ndim, axis)
-          * (dy - _per_channel(dbias / count, x.ndim, axis)
-             - xhat * _per_channel(dweight / count, x.ndim, axis)))
+    dx = (_along_axis(np.asarray(weight, np.float64) * invstd, x.ndim, axis)
+          * (dy - _along_axis(dbias / count, x.ndim, axis)
+             - xhat * _along_axis(dweight / count, x.ndim, axis)))
     return dx, dweight, dbias

@@ -20,15 +20,15 @@ its input and followed by BN can absorb the map:
 
 Every function here is pure: new arrays out, inputs untouched. The result has
 the dtype of W (float16, float32 or float64); ``b=None`` means no bias and a
-bias is always returned. Errors: ``TypeError`` for non-floating arrays,
+bias is always returned. Errors (checks from ``bnfast._validation``):
+``TypeError`` for non-floating or masked arrays and a non-integer ``groups``,
 ``ValueError`` for shapes that do not fit together, padding that forbids
 folding, or a fold that would give non-finite weights.
 """
-import numbers
-
 import numpy as np
 
-from bnfast.functional import _dtype_hint, scale_shift
+from bnfast import _validation as V
+from bnfast.functional import scale_shift
 
 __all__ = ["fold_conv_bn", "fold_linear_bn", "fold_conv_transpose_bn", "fold_bn_conv",
            "bn_affine"]
@@ -42,15 +42,14 @@ def _array(a, name):
     """a as a floating ndarray (array-likes such as CPU torch tensors are converted)."""
     if a is None:
         raise TypeError(f"{name} must be a floating array, got None")
+    V.check_not_masked(a, name)
     try:
         a = np.asarray(a)
     except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(f"{name} must be a floating array, got {type(a).__name__} that numpy "
                         f"cannot convert ({err}); for a torch tensor pass "
                         f"{name}.detach().cpu().numpy()") from None
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating array, got {a.dtype}; "
-                        f"{_dtype_hint(name, a.dtype)}")
+    V.check_floating(a, name)
     return a
 
 
@@ -61,7 +60,7 @@ def _weight(W, min_ndim, max_ndim, layout):
     return W
 
 
-def _per_channel(a, name, C, channels, optional=False):
+def _channel_vector(a, name, C, channels, optional=False):
     """A (C,) vector as float64; ``channels`` says which channels it must match."""
     if a is None and optional:
         return None
@@ -72,9 +71,7 @@ def _per_channel(a, name, C, channels, optional=False):
 
 
 def _groups(groups, W, axis, name):
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    groups = int(groups)
+    groups = V.positive_int(groups, "groups")
     if W.shape[axis] % groups:
         raise ValueError(f"W.shape[{axis}] = {W.shape[axis]} ({name}) must be divisible by "
                          f"groups = {groups}")
@@ -83,17 +80,16 @@ def _groups(groups, W, axis, name):
 
 def _bn_map(bn_weight, bn_bias, running_mean, running_var, eps, C, channels):
     """alpha, beta of inference BN over C channels, float64, checked finite."""
-    bn_weight = _per_channel(bn_weight, "bn_weight", C, channels, optional=True)
-    bn_bias = _per_channel(bn_bias, "bn_bias", C, channels, optional=True)
-    running_mean = _per_channel(running_mean, "running_mean", C, channels)
-    running_var = _per_channel(running_var, "running_var", C, channels)
+    bn_weight = _channel_vector(bn_weight, "bn_weight", C, channels, optional=True)
+    bn_bias = _channel_vector(bn_bias, "bn_bias", C, channels, optional=True)
+    running_mean = _channel_vector(running_mean, "running_mean", C, channels)
+    running_var = _channel_vector(running_var, "running_var", C, channels)
     with np.errstate(divide="ignore", invalid="ignore"):   # reported below, by channel
         alpha, beta = scale_shift(bn_weight, bn_bias, running_mean, running_var, eps)
     bad = np.flatnonzero(~(np.isfinite(alpha) & np.isfinite(beta)))
     if bad.size:
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
         raise ValueError(f"cannot fold: BN gives a non-finite scale or shift in {bad.size} of "
-                         f"{C} channels ({shown}); running_var + eps must be > 0 and every "
+                         f"{C} channels ({V.channel_list(bad)}); running_var + eps must be > 0 and every "
                          f"parameter finite")
     return alpha, beta
 
@@ -114,7 +110,7 @@ def bn_affine(bn_weight, bn_bias, running_mean, running_var, eps):
 
 
 def _bias(b, C, channels):
-    b = _per_channel(b, "b", C, channels, optional=True)
+    b = _channel_vector(b, "b", C, channels, optional=True)
     return np.zeros(C) if b is None else b
 
 

@@ -16,18 +16,20 @@ Conventions (PyTorch's):
 - ``invstd = 1 / sqrt(var + eps)``.
 - float32 and float64 only, sums accumulated in double; outputs have x's dtype.
 
-Errors: ``TypeError`` for wrong dtypes and types, ``ValueError`` for wrong
-shapes, axes and values, ``FloatingPointError`` when a training batch has
+Errors (the checks live in ``bnfast._validation``, shared by every backend):
+``TypeError`` for wrong dtypes and types, ``ValueError`` for wrong shapes, axes,
+values and overlapping memory, ``FloatingPointError`` when a training batch has
 non-finite statistics (running statistics are then left unchanged).
-Inputs are never modified, except ``out`` and the running statistics.
+Inputs are never modified, except ``out`` and the running statistics. An array
+a call writes (``out``, running statistics) must not share memory with any other
+argument (ValueError naming both), except that ``out`` may be x (or dy) itself.
 """
 import math
-import numbers
-import operator
 
 import numpy as np
 
 from bnfast import _kernels
+from bnfast import _validation as V
 from bnfast._runtime import get_num_threads
 
 __all__ = [
@@ -35,138 +37,6 @@ __all__ = [
     "batch_norm_stats", "merge_stats", "batch_norm_apply",
     "batch_norm_backward_reduce", "batch_norm_backward_apply", "scale_shift",
 ]
-
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-# --------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------
-
-def _dtype_hint(name, dtype):
-    if dtype.kind == "c":
-        return (f"BatchNorm is defined for real data; if the imaginary part is zero pass "
-                f"{name}.real.astype(np.float64)")
-    if dtype.kind == "O":
-        return (f"an object array usually comes from ragged or mixed lists; build a numeric "
-                f"array, e.g. np.asarray({name}, dtype=np.float32)")
-    if dtype == np.float16:
-        return f"float16 is too short for the kernels; cast with {name}.astype(np.float32)"
-    if dtype.kind == "f":
-        return f"cast with {name}.astype(np.float64)"
-    return f"cast with {name}.astype(np.float32)"
-
-
-def _as_tensor(x, name):
-    """x as a float32/float64 ndarray (array-likes such as CPU torch tensors are converted)."""
-    if not isinstance(x, np.ndarray):
-        if x is None:
-            raise TypeError(f"{name} must be a float32 or float64 array, got None")
-        try:
-            x = np.asarray(x)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{name} must be a float32 or float64 array, got "
-                            f"{type(x).__name__} that numpy cannot convert ({err})") from None
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}; "
-                        f"{_dtype_hint(name, x.dtype)}")
-    return x
-
-
-def _channel_axis(axis, ndim):
-    try:
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
-    if ndim == 0:
-        raise ValueError("x must have a channel axis, got a 0-d array")
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for an array with {ndim} dimensions; "
-                         f"use 1 (channels first), -1 (channels last) or another axis in "
-                         f"[{-ndim}, {ndim - 1}]")
-    return axis % ndim
-
-
-def _channel_param(a, name, C, dtype):
-    """A per-channel parameter (C,) in x's dtype, cast only where that is safe."""
-    if a is None:
-        return None
-    if type(a) is np.ndarray and a.dtype is dtype and a.shape == (C,) and a.flags.c_contiguous:
-        return a   # the common case, checked first: small tensors are dominated by this
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating array, got {a.dtype}; "
-                        f"{_dtype_hint(name, a.dtype)}")
-    if a.shape != (C,):
-        raise ValueError(f"{name} must have shape (C,) = ({C},) to match x's {C} channels, "
-                         f"got {a.shape}")
-    if a.dtype != dtype:
-        if not np.can_cast(a.dtype, dtype, casting="safe"):
-            raise TypeError(f"{name} is {a.dtype} but x is {dtype}, and casting would lose "
-                            f"precision; pass {name}.astype(np.{dtype}) or "
-                            f"x.astype(np.{a.dtype})")
-        a = a.astype(dtype)
-    return np.ascontiguousarray(a)
-
-
-def _channel_stat(a, name, C):
-    """A per-channel statistic (C,) as float64 (mean, invstd, gradient sums)."""
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating array, got {a.dtype}; "
-                        f"{_dtype_hint(name, a.dtype)}")
-    if a.shape != (C,):
-        raise ValueError(f"{name} must have shape (C,) = ({C},) to match x's {C} channels, "
-                         f"got {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float64)
-
-
-def _running_stat(a, name, C, dtype):
-    """A running statistic, updated in place: an exact, writeable, contiguous match."""
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} is updated in place, so it must be a numpy array, "
-                        f"got {type(a).__name__}")
-    if a.shape != (C,):
-        raise ValueError(f"{name} must have shape (C,) = ({C},) to match x's {C} channels, "
-                         f"got {a.shape}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} is {a.dtype} but x is {dtype}; running statistics are "
-                        f"updated in place and must have x's dtype: keep them as "
-                        f"np.{dtype} arrays")
-    if not a.flags.writeable:
-        raise ValueError(f"{name} is read-only but is updated in place; pass a writeable copy")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be contiguous to be updated in place; "
-                         f"pass np.ascontiguousarray({name}) and keep that array")
-    return a
-
-
-def _channel_list(channels):
-    """Channel indices for an error message: the first ten, then '...'."""
-    return ", ".join(map(str, channels[:10])) + (", ..." if len(channels) > 10 else "")
-
-
-def _unusable_running_stats(running_mean, running_var, eps):
-    """The error for inference statistics that describe no distribution (the
-    kernel refuses them: a non-finite mean or variance, or var + eps <= 0)."""
-    bad = np.flatnonzero(~(np.isfinite(running_mean) & np.isfinite(running_var)
-                           & (running_var.astype(np.float64) + eps > 0)))
-    return ValueError(f"running statistics are unusable in {bad.size} channel(s) "
-                      f"({_channel_list(bad)}): "
-                      f"running_mean must be finite and running_var + eps > 0 and finite; "
-                      f"the model's state is corrupt or was never trained")
-
-
-def _real(value, name, low, high):
-    if type(value) is float and low <= value <= high and value < math.inf:
-        return value   # the common case, checked first
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
 
 # --------------------------------------------------------------------------
 # the (N, C, S) view
@@ -231,13 +101,10 @@ class _Block:
         if out is None:
             y = self.empty()
             return y, (y if self.order is None else self.stored(y)), None
+        V.check_out(out, name, self.shape, self.dtype)
+        V.check_not_masked(out, name)
         if not isinstance(out, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
-        if out.shape != self.shape:
-            raise ValueError(f"{name} must have x's shape {self.shape}, got {out.shape}")
-        if out.dtype != self.dtype:
-            raise TypeError(f"{name} must have x's dtype {self.dtype}, got {out.dtype}; "
-                            f"allocate it with np.empty_like(x)")
         if not out.flags.writeable:
             raise ValueError(f"{name} is read-only; pass a writeable array")
         stored = out if self.order is None else out.transpose(self.order)
@@ -295,8 +162,10 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     momentum : PyTorch convention, in [0, 1]:
         ``running = (1 - momentum) * running + momentum * batch_stat``.
     running_mean, running_var : (C,) arrays of x's dtype, updated in place
-        (running_var with the unbiased batch variance), or None.
-    out : array of x's shape and dtype to write y into; may be x itself.
+        (running_var with the unbiased batch variance), or None; they must not
+        overlap each other, x, weight, bias or out.
+    out : array of x's shape and dtype to write y into; may be x itself, but must
+        not overlap weight, bias or the running statistics.
 
     Returns
     -------
@@ -310,31 +179,25 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
         in the batch, or overflow); running statistics are left unchanged and
         the content of ``out`` is then undefined.
     """
-    x = _as_tensor(x, "x")
-    axis = _channel_axis(axis, x.ndim)
+    x = V.as_float_array(x, "x")
+    axis = V.channel_axis(axis, x.ndim)
     C = x.shape[axis]
-    weight = _channel_param(weight, "weight", C, x.dtype)
-    bias = _channel_param(bias, "bias", C, x.dtype)
+    weight = V.as_channel_param(weight, "weight", C, x.dtype)
+    bias = V.as_channel_param(bias, "bias", C, x.dtype)
     if (running_mean is None) != (running_var is None):
         raise ValueError("pass both running_mean and running_var, or neither")
     if running_mean is not None:
-        running_mean = _running_stat(running_mean, "running_mean", C, x.dtype)
-        running_var = _running_stat(running_var, "running_var", C, x.dtype)
-        if np.may_share_memory(running_mean, running_var):
-            raise ValueError("running_mean and running_var share memory, so updating one "
-                             "would overwrite the other; pass two separate arrays")
-    eps = _real(eps, "eps", 0.0, math.inf)
-    momentum = _real(momentum, "momentum", 0.0, 1.0)
-    count = x.size // C if C else math.prod(n for i, n in enumerate(x.shape) if i != axis)
-    if count == 0:
-        raise ValueError(f"x of shape {x.shape} has no values per channel; training needs "
-                         f"a non-empty batch")
-    if count == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input "
-                         f"of shape {x.shape}")
+        running_mean = V.as_running_stat(running_mean, "running_mean", C, x.dtype)
+        running_var = V.as_running_stat(running_var, "running_var", C, x.dtype)
+        V.check_disjoint([("running_mean", running_mean), ("running_var", running_var)],
+                         [("x", x), ("weight", weight), ("bias", bias), ("out", out)])
+    eps = V.real(eps, "eps", 0.0, math.inf)
+    momentum = V.real(momentum, "momentum", 0.0, 1.0)
+    V.check_trainable(x.shape, axis)
 
     block = _Block(x, axis)
     y, y_stored, copy_to = block.output(out, [block.x])
+    V.check_disjoint([("out", out)], [("weight", weight), ("bias", bias)])
     save_mean = np.empty(C, dtype=x.dtype)
     save_invstd = np.empty(C, dtype=x.dtype)
     if C == 0:
@@ -346,7 +209,7 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     if status > 0:
         bad = _nonfinite_channels(block, running_mean is not None)
         if len(bad) == status:
-            shown = _channel_list(bad)
+            shown = V.channel_list(bad)
         else:   # x was overwritten in place, its statistics are gone
             shown = "not listed: x was overwritten in place"
         raise FloatingPointError(
@@ -367,27 +230,30 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
     running_var : (C,) arrays (read only). out : as in ``batch_norm_train``.
     Returns y, x's shape and dtype. Non-finite values propagate.
     """
-    x = _as_tensor(x, "x")
-    axis = _channel_axis(axis, x.ndim)
+    x = V.as_float_array(x, "x")
+    axis = V.channel_axis(axis, x.ndim)
     C = x.shape[axis]
-    weight = _channel_param(weight, "weight", C, x.dtype)
-    bias = _channel_param(bias, "bias", C, x.dtype)
+    weight = V.as_channel_param(weight, "weight", C, x.dtype)
+    bias = V.as_channel_param(bias, "bias", C, x.dtype)
     if running_mean is None or running_var is None:
         raise ValueError("inference needs running_mean and running_var; without running "
                          "statistics use batch_norm_train")
-    running_mean = _channel_param(running_mean, "running_mean", C, x.dtype)
-    running_var = _channel_param(running_var, "running_var", C, x.dtype)
-    eps = _real(eps, "eps", 0.0, math.inf)
+    running_mean = V.as_channel_param(running_mean, "running_mean", C, x.dtype)
+    running_var = V.as_channel_param(running_var, "running_var", C, x.dtype)
+    eps = V.real(eps, "eps", 0.0, math.inf)
 
     block = _Block(x, axis)
     y, y_stored, copy_to = block.output(out, [block.x])
+    V.check_disjoint([("out", out)], [("weight", weight), ("bias", bias),
+                                      ("running_mean", running_mean),
+                                      ("running_var", running_var)])
     if C:   # (N or S may be 0: the statistics are still checked)
         status = _kernels.forward_infer(y_stored, block.x, weight, bias, running_mean,
                                         running_var, block.N, C, block.S, eps,
                                         get_num_threads())
         _check_status(status)
         if status > 0:
-            raise _unusable_running_stats(running_mean, running_var, eps)
+            raise V.unusable_running_stats(running_mean, running_var, eps)
     return _finish(y, copy_to)
 
 
@@ -403,26 +269,24 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     out : array for dx (may be dy or x itself).
     Returns dx (like x), dweight and dbias ((C,), x's dtype; always returned).
     """
-    x = _as_tensor(x, "x")
-    dy = _as_tensor(dy, "dy")
-    axis = _channel_axis(axis, x.ndim)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy is {dy.dtype} but x is {x.dtype}; pass both in one dtype, "
-                        f"e.g. dy.astype(x.dtype)")
+    x = V.as_float_array(x, "x")
+    dy = V.as_float_array(dy, "dy")
+    axis = V.channel_axis(axis, x.ndim)
+    V.check_like_x(dy, "dy", x)
     C = x.shape[axis]
-    weight = _channel_param(weight, "weight", C, x.dtype)
+    weight = V.as_channel_param(weight, "weight", C, x.dtype)
     for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
         if value is None:
             raise TypeError(f"{name} must be the (C,) array batch_norm_train returned, "
                             f"got None")
-    save_mean = _channel_param(save_mean, "save_mean", C, x.dtype)
-    save_invstd = _channel_param(save_invstd, "save_invstd", C, x.dtype)
+    save_mean = V.as_channel_param(save_mean, "save_mean", C, x.dtype)
+    save_invstd = V.as_channel_param(save_invstd, "save_invstd", C, x.dtype)
 
     block = _Block(x, axis)
     dy_stored = block.stored(dy)
     dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
+    V.check_disjoint([("out", out)], [("weight", weight), ("save_mean", save_mean),
+                                      ("save_invstd", save_invstd)])
     dweight = np.zeros(C, dtype=x.dtype)
     dbias = np.zeros(C, dtype=x.dtype)
     if x.size:
@@ -443,10 +307,10 @@ def batch_norm_stats(x, axis=1):
     (C,) float64 arrays of the mean and ``m2 = sum((x - mean)**2)``. Parts
     combine with ``merge_stats``; the biased variance is ``m2 / count``.
     """
-    x = _as_tensor(x, "x")
-    axis = _channel_axis(axis, x.ndim)
+    x = V.as_float_array(x, "x")
+    axis = V.channel_axis(axis, x.ndim)
     C = x.shape[axis]
-    count = math.prod(n for i, n in enumerate(x.shape) if i != axis)
+    count = V.values_per_channel(x.shape, axis)
     mean = np.zeros(C)
     m2 = np.zeros(C)
     if x.size:
@@ -461,11 +325,13 @@ def merge_stats(counts, means, m2s):
 
     counts : (P,) values per channel in each part (or (P, C));
     means, m2s : (P, C) from ``batch_norm_stats`` of each part.
-    Returns ``count, mean, m2`` of the union: count an int (or (C,) array),
+    Returns ``count, mean, m2`` of the union: count an int (or (C,) int64 array),
     mean and m2 (C,) float64. Parts with count 0 contribute nothing.
 
     mean = sum(n_i mean_i) / n;  m2 = sum(m2_i + n_i (mean_i - mean)^2)
     """
+    for name, value in (("counts", counts), ("means", means), ("m2s", m2s)):
+        V.check_not_masked(value, name)
     means = np.asarray(means, dtype=np.float64)
     m2s = np.asarray(m2s, dtype=np.float64)
     counts = np.asarray(counts)
@@ -485,7 +351,12 @@ def merge_stats(counts, means, m2s):
     safe_total = np.where(total > 0, total, 1.0)
     mean = (n_i * means).sum(axis=0) / safe_total
     m2 = (m2s + n_i * (means - mean) ** 2).sum(axis=0)
-    count = int(counts.sum()) if counts.ndim == 1 else counts.sum(axis=0)
+    # the total in Python ints: a sum in the counts' own dtype could wrap around
+    exact = counts.astype(object).sum(axis=0)
+    if np.any(exact > np.iinfo(np.int64).max):
+        raise ValueError(f"counts sum to {np.max(exact)} values per channel, more than an "
+                         f"int64 holds; pass the counts of real parts of a batch")
+    count = int(exact) if counts.ndim == 1 else exact.astype(np.int64)
     return count, mean, m2
 
 
@@ -496,14 +367,14 @@ def scale_shift(weight, bias, mean, var, eps):
     float64. weight, bias may be None (1, 0). The inference kernel and the
     folding functions use this same algebra (``bn_scale_shift`` in C).
     """
-    mean = np.ascontiguousarray(mean, dtype=np.float64)
+    mean = np.ascontiguousarray(V.as_numpy(mean, "mean"), dtype=np.float64)
     if mean.ndim != 1:
         raise ValueError(f"mean must have shape (C,), got {mean.shape}")
     C = mean.shape[0]
-    var = _channel_stat(var, "var", C)
-    weight = None if weight is None else _channel_stat(weight, "weight", C)
-    bias = None if bias is None else _channel_stat(bias, "bias", C)
-    eps = _real(eps, "eps", 0.0, math.inf)
+    var = V.as_channel_stat(var, "var", C)
+    weight = None if weight is None else V.as_channel_stat(weight, "weight", C)
+    bias = None if bias is None else V.as_channel_stat(bias, "bias", C)
+    eps = V.real(eps, "eps", 0.0, math.inf)
     alpha = np.empty(C)
     beta = np.empty(C)
     if C:
@@ -519,15 +390,17 @@ def batch_norm_apply(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     sqrt(m2 / count + eps)``), used in float64. weight, bias : (C,) or None.
     Returns y like x (or ``out``).
     """
-    x = _as_tensor(x, "x")
-    axis = _channel_axis(axis, x.ndim)
+    x = V.as_float_array(x, "x")
+    axis = V.channel_axis(axis, x.ndim)
     C = x.shape[axis]
-    mean = _channel_stat(mean, "mean", C)
-    invstd = _channel_stat(invstd, "invstd", C)
-    weight = None if weight is None else _channel_stat(weight, "weight", C)
-    bias = None if bias is None else _channel_stat(bias, "bias", C)
+    mean = V.as_channel_stat(mean, "mean", C)
+    invstd = V.as_channel_stat(invstd, "invstd", C)
+    weight = None if weight is None else V.as_channel_stat(weight, "weight", C)
+    bias = None if bias is None else V.as_channel_stat(bias, "bias", C)
     block = _Block(x, axis)
     y, y_stored, copy_to = block.output(out, [block.x])
+    V.check_disjoint([("out", out)], [("mean", mean), ("invstd", invstd), ("weight", weight),
+                                      ("bias", bias)])
     if x.size:
         alpha = np.empty(C)
         beta = np.empty(C)
@@ -542,15 +415,13 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, axis=1):
     ``sum_dy_xhat = sum(dy * (x - mean) * invstd)`` ((C,) float64 each; they
     are dbias and dweight). Sum them over parts before ``batch_norm_backward_apply``.
     """
-    x = _as_tensor(x, "x")
-    dy = _as_tensor(dy, "dy")
-    axis = _channel_axis(axis, x.ndim)
-    if dy.shape != x.shape or dy.dtype != x.dtype:
-        raise ValueError(f"dy must match x in shape and dtype, got {dy.shape} {dy.dtype} "
-                         f"for x {x.shape} {x.dtype}")
+    x = V.as_float_array(x, "x")
+    dy = V.as_float_array(dy, "dy")
+    axis = V.channel_axis(axis, x.ndim)
+    V.check_like_x(dy, "dy", x)
     C = x.shape[axis]
-    mean = _channel_stat(mean, "mean", C)
-    invstd = _channel_stat(invstd, "invstd", C)
+    mean = V.as_channel_stat(mean, "mean", C)
+    invstd = V.as_channel_stat(invstd, "invstd", C)
     sum_dy = np.zeros(C)
     sum_dy_xhat = np.zeros(C)
     if x.size:
@@ -567,22 +438,22 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     (the whole batch, across every part):
     ``dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``.
     """
-    x = _as_tensor(x, "x")
-    dy = _as_tensor(dy, "dy")
-    axis = _channel_axis(axis, x.ndim)
-    if dy.shape != x.shape or dy.dtype != x.dtype:
-        raise ValueError(f"dy must match x in shape and dtype, got {dy.shape} {dy.dtype} "
-                         f"for x {x.shape} {x.dtype}")
+    x = V.as_float_array(x, "x")
+    dy = V.as_float_array(dy, "dy")
+    axis = V.channel_axis(axis, x.ndim)
+    V.check_like_x(dy, "dy", x)
     C = x.shape[axis]
-    mean = _channel_stat(mean, "mean", C)
-    invstd = _channel_stat(invstd, "invstd", C)
-    weight = _channel_param(weight, "weight", C, x.dtype)
-    sum_dy = _channel_stat(sum_dy, "sum_dy", C)
-    sum_dy_xhat = _channel_stat(sum_dy_xhat, "sum_dy_xhat", C)
-    count = _real(count, "count", 1.0, math.inf)
+    mean = V.as_channel_stat(mean, "mean", C)
+    invstd = V.as_channel_stat(invstd, "invstd", C)
+    weight = V.as_channel_param(weight, "weight", C, x.dtype)
+    sum_dy = V.as_channel_stat(sum_dy, "sum_dy", C)
+    sum_dy_xhat = V.as_channel_stat(sum_dy_xhat, "sum_dy_xhat", C)
+    count = V.real(count, "count", 1.0, math.inf)
     block = _Block(x, axis)
     dy_stored = block.stored(dy)
     dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
+    V.check_disjoint([("out", out)], [("mean", mean), ("invstd", invstd), ("weight", weight),
+                                      ("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat)])
     if x.size:
         _check_status(_kernels.backward_apply(dx_stored, dy_stored, block.x, mean, invstd, weight,
                                               sum_dy, sum_dy_xhat, count, block.N, C, block.S,

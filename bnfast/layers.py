@@ -1,5 +1,10 @@
 """BatchNorm1d / 2d / 3d layers with PyTorch's state, modes and state_dict.
 
+One class per rank serves both the functional user (``bnfast.BatchNorm2d``)
+and the network (``bnfast.nn.BatchNorm2d`` is the same class): each is a
+``bnfast._module.Module``, with parameters, gradients, ``config()`` and
+``onnx_node()`` for ``bnfast.nn`` and ``bnfast.onnx``.
+
 A layer holds ``weight`` and ``bias`` (when ``affine``), ``running_mean``,
 ``running_var`` and ``num_batches_tracked`` (when ``track_running_stats``), all
 numpy arrays, under PyTorch's names, so a torch checkpoint's arrays load as
@@ -11,35 +16,37 @@ Modes, as in PyTorch:
   the cumulative average ``momentum = 1 / num_batches_tracked`` when
   ``momentum=None``. ``running_var`` takes the unbiased batch variance.
 - ``eval()``: normalise with the running statistics, or with batch statistics
-  when ``track_running_stats=False``.
+  when ``track_running_stats=False``. Inference costs the kernel call alone:
+  what backward needs is computed in backward.
 
-``forward`` keeps a reference to x for ``backward``: do not change x in between.
+``forward`` keeps a reference to x for ``backward``: do not change x (nor, in
+eval mode, the running statistics) in between.
 """
 import numpy as np
 
+from bnfast import _validation as V
 from bnfast import functional as F
+from bnfast._module import Module
 
 
-class _BatchNorm:
+class _BatchNorm(Module):
+    """The layer for every rank; subclasses fix the input ranks they accept."""
     _accepted_ndims = ()
+    _param_names = ("weight", "bias")
+    _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32):
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
-                or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        F._real(eps, "eps", 0.0, np.inf)
+        num_features = V.positive_int(num_features, "num_features")
+        dtype = V.float_dtype(dtype)
+        self.eps = V.real(eps, "eps", 0.0, np.inf)
         if momentum is not None:
-            F._real(momentum, "momentum", 0.0, 1.0)
-        self.num_features = int(num_features)
-        self.eps = float(eps)
+            V.real(momentum, "momentum", 0.0, 1.0)
+        self.num_features = num_features
         self.momentum = momentum
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self.axis = axis
+        self.affine = V.boolean(affine, "affine")
+        self.track_running_stats = V.boolean(track_running_stats, "track_running_stats")
+        self.axis = V.integer(axis, "axis")
         self.dtype = dtype
         self.training = True
         self.weight = self.bias = None
@@ -53,17 +60,6 @@ class _BatchNorm:
             self.running_mean = np.zeros(num_features, dtype=dtype)
             self.running_var = np.ones(num_features, dtype=dtype)
             self.num_batches_tracked = np.array(0, dtype=np.int64)
-
-    # ---- modes -----------------------------------------------------------
-
-    def train(self, mode=True):
-        """Training mode (batch statistics); returns self, as in PyTorch."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Inference mode (running statistics); returns self."""
-        return self.train(False)
 
     def reset_running_stats(self):
         if self.track_running_stats:
@@ -80,12 +76,12 @@ class _BatchNorm:
     # ---- forward / backward ---------------------------------------------
 
     def _check_input(self, x):
-        x = F._as_tensor(x, "x")
+        x = V.as_float_array(x, "x")
         if x.ndim not in self._accepted_ndims:
             dims = " or ".join(f"{d}D" for d in self._accepted_ndims)
             raise ValueError(f"{type(self).__name__} expected {dims} input (got {x.ndim}D "
                              f"input of shape {x.shape})")
-        axis = F._channel_axis(self.axis, x.ndim)
+        axis = V.channel_axis(self.axis, x.ndim)
         if x.shape[axis] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) got "
                              f"{x.shape[axis]} channels on axis {self.axis} of an input of "
@@ -103,8 +99,7 @@ class _BatchNorm:
         if not use_batch_stats:
             y = F.batch_norm_infer(x, self.weight, self.bias, self.running_mean,
                                    self.running_var, axis=self.axis, eps=self.eps)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            self._cache = ("running", x, self.running_mean.astype(np.float64), invstd)
+            self._cache = ("running", x, None, None)   # backward reads the running stats
             return y
 
         update = self.training and self.track_running_stats
@@ -143,7 +138,7 @@ class _BatchNorm:
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         kind, x, mean, invstd = self._cache
-        dy = F._as_tensor(dy, "dy")
+        dy = V.as_float_array(dy, "dy")
         if dy.shape != x.shape:
             raise ValueError(f"dy must have the shape of the last forward's input {x.shape}, "
                              f"got {dy.shape}")
@@ -151,6 +146,8 @@ class _BatchNorm:
             dx, dweight, dbias = self._batch_backward(dy, x, mean, invstd)
         else:
             # running statistics are constants: dx = dy * weight * invstd
+            mean = self.running_mean.astype(np.float64)
+            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
             dbias, dweight = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=self.axis)
             dx = F.batch_norm_apply(dy, np.zeros_like(mean), invstd, self.weight, None,
                                     axis=self.axis)
@@ -159,52 +156,49 @@ class _BatchNorm:
             self.grad_bias = np.asarray(dbias, dtype=self.dtype)
         return dx
 
-    # ---- state -----------------------------------------------------------
+    # ---- state, saving, export -----------------------------------------
 
-    def _state_names(self):
-        names = []
-        if self.affine:
-            names += ["weight", "bias"]
-        if self.track_running_stats:
-            names += ["running_mean", "running_var", "num_batches_tracked"]
-        return names
+    def config(self):
+        """Constructor arguments as JSON values (``axis`` only when not 1)."""
+        momentum = None if self.momentum is None else float(self.momentum)
+        config = dict(num_features=self.num_features, eps=self.eps, momentum=momentum,
+                      affine=self.affine, track_running_stats=self.track_running_stats,
+                      dtype=self.dtype.name)
+        if self.axis != 1:
+            config["axis"] = self.axis
+        return config
 
-    def state_dict(self):
-        """A dict of copies with PyTorch's keys: weight, bias, running_mean,
-        running_var, num_batches_tracked (those that exist)."""
-        return {name: getattr(self, name).copy() for name in self._state_names()}
+    @classmethod
+    def state_shapes(cls, config):
+        C = (config["num_features"],)
+        shapes = {}
+        if config["affine"]:
+            shapes.update(weight=C, bias=C)
+        if config["track_running_stats"]:
+            shapes.update(running_mean=C, running_var=C, num_batches_tracked=())
+        return shapes
 
-    def load_state_dict(self, state_dict, strict=True):
-        """Load arrays (numpy, or CPU torch tensors) saved by bnfast or PyTorch.
-
-        Values are copied into this layer's arrays, cast to its dtype. With
-        ``strict``, missing or unexpected keys raise KeyError. Shapes must be (C,).
-        """
-        names = self._state_names()
-        missing = [n for n in names if n not in state_dict]
-        unexpected = [k for k in state_dict if k not in names]
-        if strict and (missing or unexpected):
-            raise KeyError(f"{type(self).__name__}.load_state_dict: missing keys {missing}, "
-                           f"unexpected keys {unexpected}")
-        loaded = {}
-        for name in names:
-            if name not in state_dict:
-                continue
-            value = np.asarray(state_dict[name])
-            if name == "num_batches_tracked":
-                if value.size != 1 or value.dtype.kind not in "iu":
-                    raise ValueError(f"num_batches_tracked must be one integer, got "
-                                     f"{value.dtype} of shape {value.shape}")
-                loaded[name] = value.reshape(()).astype(np.int64)
-                continue
-            if value.dtype.kind != "f":
-                raise TypeError(f"{name} must be floating, got {value.dtype}")
-            if value.shape != (self.num_features,):
-                raise ValueError(f"{name} must have shape ({self.num_features},), "
-                                 f"got {value.shape}")
-            loaded[name] = value
-        for name, value in loaded.items():   # all checked first: no half-loaded layer
-            getattr(self, name)[...] = value
+    def onnx_node(self):
+        """BatchNormalization with the running statistics (scale 1 and B 0 when
+        affine is off); ONNX's momentum is the complement of bnfast's."""
+        if not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__} has no running statistics "
+                             f"(track_running_stats=False): it normalises with batch "
+                             f"statistics even in eval mode, which ONNX's inference "
+                             f"BatchNormalization cannot express")
+        if self.axis != 1:
+            raise ValueError(f"{type(self).__name__} normalises axis {self.axis}, but ONNX's "
+                             f"BatchNormalization normalises axis 1; build the layer with "
+                             f"axis=1 to export it")
+        C = self.num_features
+        V.check_usable_running_stats(self.running_mean, self.running_var, self.eps)
+        inputs = [("weight", self.weight if self.affine else np.ones(C)),
+                  ("bias", self.bias if self.affine else np.zeros(C)),
+                  ("running_mean", self.running_mean), ("running_var", self.running_var)]
+        attributes = {"epsilon": float(self.eps)}
+        if self.momentum is not None:   # ONNX blends running * momentum: the complement
+            attributes["momentum"] = 1.0 - float(self.momentum)
+        return "BatchNormalization", inputs, attributes
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "

@@ -152,6 +152,30 @@ def test_rejects_mismatched_dy():
                                    np.zeros(3, np.float32), np.ones(3, np.float32))
 
 
+_BACKWARD_CALLS = {
+    "batch_norm_backward": lambda dy, x: bnfast.batch_norm_backward(
+        dy, x, None, np.zeros(3, x.dtype), np.ones(3, x.dtype)),
+    "batch_norm_backward_reduce": lambda dy, x: F.batch_norm_backward_reduce(
+        dy, x, np.zeros(3), np.ones(3)),
+    "batch_norm_backward_apply": lambda dy, x: F.batch_norm_backward_apply(
+        dy, x, np.zeros(3), np.ones(3), None, np.zeros(3), np.zeros(3), 5),
+}
+
+
+@pytest.mark.parametrize("call", _BACKWARD_CALLS.values(), ids=_BACKWARD_CALLS.keys())
+def test_dy_of_another_dtype_is_a_type_error_in_every_backward_call(call):
+    x = random_input((5, 3), np.float32)
+    with pytest.raises(TypeError, match=r"dy is float64 but x is float32; .*dy.astype\(x.dtype\)"):
+        call(random_input((5, 3), np.float64), x)
+
+
+@pytest.mark.parametrize("call", _BACKWARD_CALLS.values(), ids=_BACKWARD_CALLS.keys())
+def test_dy_of_another_shape_is_a_value_error_in_every_backward_call(call):
+    x = random_input((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"dy must have x's shape \(5, 3\), got \(4, 3\)"):
+        call(random_input((4, 3), np.float32), x)
+
+
 def test_rejects_out_of_wrong_shape():
     x = random_input((5, 3, 2), np.float32)
     with pytest.raises(ValueError, match=r"out must have x's shape \(5, 3, 2\), got \(5, 3\)"):
@@ -344,3 +368,202 @@ def test_rejects_running_mean_and_running_var_sharing_memory():
     with pytest.raises(ValueError, match="share memory"):
         bnfast.batch_norm_train(x, running_mean=stats, running_var=stats)
     np.testing.assert_array_equal(stats, 0)
+
+
+# --------------------------------------------------------------------------
+# an array the call writes must not overlap another argument
+# --------------------------------------------------------------------------
+
+def _overlap_case(function, argument):
+    """A call of `function` whose `out` holds `argument` in its row 1 (x float64, so no
+    argument is converted and the kernel would read what it has already written)."""
+    C = 5
+    x = random_input((4, C), np.float64)
+    out = np.empty_like(x)
+    rng = np.random.default_rng(3)
+    args = {name: rng.uniform(0.5, 1.5, C) for name in
+            ("weight", "bias", "running_mean", "running_var", "save_mean", "save_invstd",
+             "mean", "invstd", "sum_dy", "sum_dy_xhat")}
+    out[1] = args[argument]
+    args[argument] = out[1]
+    dy = random_input((4, C), np.float64, seed=1)
+    a = args
+    calls = {
+        "batch_norm_train": lambda: bnfast.batch_norm_train(
+            x, a["weight"], a["bias"], running_mean=a["running_mean"],
+            running_var=a["running_var"], out=out),
+        "batch_norm_infer": lambda: bnfast.batch_norm_infer(
+            x, a["weight"], a["bias"], a["running_mean"], a["running_var"], out=out),
+        "batch_norm_backward": lambda: bnfast.batch_norm_backward(
+            dy, x, a["weight"], a["save_mean"], a["save_invstd"], out=out),
+        "batch_norm_apply": lambda: F.batch_norm_apply(
+            x, a["mean"], a["invstd"], a["weight"], a["bias"], out=out),
+        "batch_norm_backward_apply": lambda: F.batch_norm_backward_apply(
+            dy, x, a["mean"], a["invstd"], a["weight"], a["sum_dy"], a["sum_dy_xhat"], 4,
+            out=out),
+    }
+    return calls[function]
+
+
+_OUT_ARGUMENTS = [
+    ("batch_norm_train", "weight"), ("batch_norm_train", "bias"),
+    ("batch_norm_train", "running_mean"), ("batch_norm_train", "running_var"),
+    ("batch_norm_infer", "weight"), ("batch_norm_infer", "bias"),
+    ("batch_norm_infer", "running_mean"), ("batch_norm_infer", "running_var"),
+    ("batch_norm_backward", "weight"), ("batch_norm_backward", "save_mean"),
+    ("batch_norm_backward", "save_invstd"),
+    ("batch_norm_apply", "mean"), ("batch_norm_apply", "invstd"),
+    ("batch_norm_apply", "weight"), ("batch_norm_apply", "bias"),
+    ("batch_norm_backward_apply", "mean"), ("batch_norm_backward_apply", "invstd"),
+    ("batch_norm_backward_apply", "weight"), ("batch_norm_backward_apply", "sum_dy"),
+    ("batch_norm_backward_apply", "sum_dy_xhat"),
+]
+
+
+@pytest.mark.parametrize("function,argument", _OUT_ARGUMENTS,
+                         ids=[f"{f}-{a}" for f, a in _OUT_ARGUMENTS])
+def test_rejects_out_overlapping_an_argument(function, argument):
+    call = _overlap_case(function, argument)
+    with pytest.raises(ValueError, match=rf"(out and {argument}|{argument} and out) share "
+                                         rf"memory"):
+        call()
+
+
+def test_weight_inside_out_is_refused_where_it_gave_wrong_numbers():
+    # the reported case: (2, 8, 300) float32 with weight a slice of out
+    x = random_input((2, 8, 300), np.float32)
+    out = np.empty_like(x)
+    out[0, 0, :8] = np.linspace(0.5, 2.0, 8)
+    weight = out[0, 0, :8]
+    with pytest.raises(ValueError, match="out and weight share memory"):
+        bnfast.batch_norm_train(x, weight, out=out)
+
+
+@pytest.mark.parametrize("other", ["x", "weight", "bias"])
+@pytest.mark.parametrize("stat", ["running_mean", "running_var"])
+def test_rejects_running_statistics_overlapping_an_input(stat, other):
+    C = 5
+    x = random_input((4, C), np.float64)
+    args = {"weight": np.full(C, 1.5), "bias": np.full(C, 0.5),
+            "running_mean": np.zeros(C), "running_var": np.ones(C)}
+    if other == "x":
+        args[stat] = x[1]
+    else:
+        args[stat] = args[other]
+    with pytest.raises(ValueError, match=f"{stat} and {other} share memory"):
+        bnfast.batch_norm_train(x, args["weight"], args["bias"],
+                                running_mean=args["running_mean"],
+                                running_var=args["running_var"])
+
+
+def test_interleaved_but_disjoint_arrays_are_accepted():
+    # weight and out come from one buffer, interleaved: their bounds overlap, their
+    # elements do not, so the call runs and gives the reference result
+    C = 6
+    buffer = np.zeros(2 * 4 * C)
+    out = buffer[0::2].reshape(4, C)
+    weight = buffer[1::2][:C]
+    weight[...] = np.linspace(0.5, 1.5, C)
+    x = random_input((4, C), np.float64)
+    expected = bnfast.batch_norm_train(x, weight.copy())[0]
+    y, _, _ = bnfast.batch_norm_train(x, weight, out=out)
+    assert y is out
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# accepted early and failing later, or failing with the wrong error
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda eps: bnfast.batch_norm_train(random_input((4, 3), np.float32), eps=eps),
+    lambda eps: bnfast.batch_norm_infer(random_input((4, 3), np.float32), None, None,
+                                        np.zeros(3, np.float32), np.ones(3, np.float32),
+                                        eps=eps),
+    lambda eps: bnfast.BatchNorm1d(3, eps=eps),
+    lambda eps: F.scale_shift(None, None, np.zeros(3), np.ones(3), eps),
+    lambda eps: bnfast.fold_linear_bn(np.ones((3, 2)), None, None, None, np.zeros(3),
+                                      np.ones(3), eps),
+], ids=["train", "infer", "layer", "scale_shift", "fold"])
+def test_eps_too_large_for_a_float_is_a_value_error(call):
+    with pytest.raises(ValueError, match=r"eps must be in \[0.0, inf\], got a number of 401 "
+                                         r"digits, too large for a float"):
+        call(10 ** 400)
+
+
+def test_momentum_too_large_for_a_float_is_a_value_error():
+    with pytest.raises(ValueError, match="momentum must be in"):
+        bnfast.batch_norm_train(random_input((4, 3), np.float32), momentum=-10 ** 400)
+
+
+def test_load_state_dict_refuses_a_negative_batch_count_and_loads_nothing():
+    bn = bnfast.BatchNorm1d(3, momentum=None)
+    state = dict(bn.state_dict(), weight=np.full(3, 2.0, np.float32),
+                 num_batches_tracked=np.array(-1))
+    with pytest.raises(ValueError, match="num_batches_tracked counts batches.* got -1"):
+        bn.load_state_dict(state)
+    assert int(bn.num_batches_tracked) == 0
+    np.testing.assert_array_equal(bn.weight, 1.0)
+    bn(random_input((4, 3), np.float32))   # momentum=None training still works
+
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.int64])
+def test_merge_stats_refuses_counts_whose_sum_wraps_around(dtype):
+    big = np.iinfo(dtype).max // 2 + 1
+    with pytest.raises(ValueError, match="more than an int64 holds"):
+        F.merge_stats(np.array([big, big, big], dtype=dtype), np.zeros((3, 2)),
+                      np.ones((3, 2)))
+
+
+def test_merge_stats_counts_uint64_parts_exactly():
+    counts = np.array([3, 5], dtype=np.uint64)
+    count, mean, _ = F.merge_stats(counts, [[1.0], [3.0]], [[0.0], [0.0]])
+    assert count == 8 and type(count) is int
+    np.testing.assert_allclose(mean, [2.25])
+    count, _, _ = F.merge_stats(np.array([[3], [5]], np.uint64), [[1.0], [3.0]], [[0.0], [0.0]])
+    assert count.dtype == np.int64 and count.tolist() == [8]
+
+
+_MASKED_CALLS = {
+    "x": lambda m: bnfast.batch_norm_train(m),
+    "dy": lambda m: bnfast.batch_norm_backward(m, np.asarray(m), None, np.zeros(3, np.float32),
+                                               np.ones(3, np.float32)),
+    "weight": lambda m: bnfast.batch_norm_train(np.asarray(m), m[0]),
+    "running_mean": lambda m: bnfast.batch_norm_infer(np.asarray(m), None, None, m[0],
+                                                      np.ones(3, np.float32)),
+    "mean": lambda m: F.batch_norm_apply(np.asarray(m), m[0], np.ones(3)),
+    "out": lambda m: bnfast.batch_norm_train(np.asarray(m).copy(), out=m),
+    "means": lambda m: F.merge_stats([4], m[:1], np.ones((1, 3))),
+    "W": lambda m: bnfast.fold_linear_bn(m, None, None, None, np.zeros(4), np.ones(4), 1e-5),
+}
+
+
+@pytest.mark.parametrize("name", _MASKED_CALLS)
+def test_rejects_masked_arrays_and_says_what_to_pass(name):
+    data = random_input((4, 3), np.float32)
+    masked = np.ma.masked_array(data, mask=data > 1.0)
+    with pytest.raises(TypeError, match=rf"{name} is a numpy.ma.MaskedArray.*"
+                                        rf"{name}.filled\(value\).*{name}.compressed\(\).*"
+                                        rf"np.asarray\({name}\)"):
+        _MASKED_CALLS[name](masked)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8"])
+def test_big_endian_input_is_told_to_use_native_byte_order(dtype):
+    x = random_input((4, 3), np.float32).astype(dtype)
+    native = np.dtype(dtype).newbyteorder("=").name
+    with pytest.raises(TypeError, match=rf"x must be float32 or float64, got {dtype}; x is "
+                                        rf"{native} in non-native byte order; pass "
+                                        rf"x.astype\(np.{native}\)"):
+        bnfast.batch_norm_train(x)
+
+
+def test_layer_constructor_rejects_non_bool_flags_and_a_non_integer_axis():
+    with pytest.raises(TypeError, match="affine must be True or False, got 1"):
+        bnfast.BatchNorm2d(3, affine=1)
+    with pytest.raises(TypeError, match="track_running_stats must be True or False"):
+        bnfast.BatchNorm2d(3, track_running_stats="yes")
+    with pytest.raises(TypeError, match="axis must be an int, got float"):
+        bnfast.BatchNorm2d(3, axis=1.0)
+    with pytest.raises(TypeError, match="num_features must be a positive int, got float"):
+        bnfast.BatchNorm2d(3.0)

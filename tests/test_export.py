@@ -85,19 +85,24 @@ def test_fold_removes_bn_after_conv_and_linear_only(tmp_path):
 
 
 def test_folded_weights_are_those_of_bnfast_fold(tmp_path):
+    # export folds the exported graph with bnfast.onnx.fold_model, which reads epsilon
+    # from the node's attribute: ONNX stores it as float32, hence eps rounded to float32
     net = make_net(dtype=np.float64)
     model = export(net, tmp_path / "net.onnx", (1, 2, 8, 8), fold=True)
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node_inputs = {n.name: list(n.input) for n in model.graph.node}
     conv, bn = net[1], net[2]
     W, b = bnfast.fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                               bn.running_var, bn.eps)
-    np.testing.assert_array_equal(init["1.weight"], W)
-    np.testing.assert_array_equal(init["1.bias"], b)
+                               bn.running_var, float(np.float32(bn.eps)))
+    W_name, b_name = node_inputs["1.Conv"][1:]
+    np.testing.assert_allclose(init[W_name], W, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(init[b_name], b, rtol=1e-15, atol=1e-15)
     lin, bn1 = net[11], net[12]
     W, b = bnfast.fold_linear_bn(lin.weight, None, None, None, bn1.running_mean,
-                                 bn1.running_var, bn1.eps)
-    np.testing.assert_array_equal(init["11.weight"], W)
-    np.testing.assert_array_equal(init["11.bias"], b)
+                                 bn1.running_var, float(np.float32(bn1.eps)))
+    W_name, b_name = node_inputs["11.Gemm"][1:]
+    np.testing.assert_allclose(init[W_name], W, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(init[b_name], b, rtol=1e-15, atol=1e-15)
 
 
 @pytest.mark.parametrize("opset", [9, 13, 14, 15, max_opset()])
@@ -225,3 +230,48 @@ def test_export_accepts_a_single_layer(tmp_path):
     assert [n.op_type for n in model.graph.node] == ["Conv"]
     x = inputs(2)[:, :, :5, :5].copy()
     np.testing.assert_allclose(run_ort(model, x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+def _small_net(padding=1):
+    rng = np.random.default_rng(0)
+    return nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 3, 3, padding=padding, rng=rng),
+                         nn.ReLU(), nn.GlobalAvgPool2d(), nn.Flatten(), input_shape=(2, 8, 8))
+
+
+def test_export_refuses_an_input_shape_too_large_to_trace_before_allocating(tmp_path):
+    path = tmp_path / "net.onnx"
+    with pytest.raises(ValueError, match=r"input_shape \(1, 2, 100000000, 100000000\) is too "
+                                         r"large to export: one sample needs about [\d.]+ PiB "
+                                         r"in layer \d \(\w+\(.*\)\), more than the 2.0 GiB"):
+        export(_small_net(), path, (1, 2, 100_000_000, 100_000_000))
+    assert not path.exists()
+
+
+def test_export_refuses_a_saved_padding_too_large_to_trace(tmp_path):
+    _small_net(padding=10 ** 6).save(tmp_path / "net.npz")
+    net = nn.load(tmp_path / "net.npz")
+    with pytest.raises(ValueError, match=r"too large to export: .* in layer 1 \(Conv2d\(.*"
+                                         r"padding=1000000.*\)\)"):
+        export(net, tmp_path / "net.onnx", (1, 2, 8, 8))
+
+
+def test_export_traces_one_sample_whatever_the_batch_in_input_shape(tmp_path):
+    # the batch dimension is dynamic: a large batch costs nothing to export
+    model = export(_small_net(), tmp_path / "net.onnx", (10 ** 9, 2, 8, 8))
+    assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+def test_export_names_unusable_running_statistics_not_the_input_shape(tmp_path):
+    net = _small_net()
+    net[0].running_var[1] = -1.0
+    with pytest.raises(ValueError, match=r"layer 0 \(BatchNorm2d\): running statistics are "
+                                         r"unusable in 1 channel\(s\) \(1\)") as err:
+        export(net, tmp_path / "net.onnx", (1, 2, 8, 8))
+    assert "input_shape" not in str(err.value)
+
+
+def test_export_refuses_a_huge_input_that_the_first_layer_cannot_take(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 2, rng=0))
+    with pytest.raises(ValueError, match=r"too large to export: one sample needs about .* for "
+                                         r"the input alone"):
+        export(net, tmp_path / "net.onnx", (1, 100_000, 100_000, 100_000))

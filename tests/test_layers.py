@@ -155,3 +155,39 @@ def test_forward_does_not_modify_its_input():
     bn(x)
     bn.backward(np.ones_like(x))
     np.testing.assert_array_equal(x, keep)
+
+
+def test_eval_forward_allocates_its_output_and_nothing_else():
+    import tracemalloc
+    C = 200_000   # per-channel float64 copies (1.6 MB each) would dwarf the allowance
+    bn = bnfast.BatchNorm1d(C).eval()
+    bn.running_var[...] = 2.0
+    x = random_input((2, C), np.float32)
+    bn(x)   # warm up
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        y = bn(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= y.nbytes + 64 * 1024
+
+
+def test_backward_after_eval_forward_uses_the_running_statistics():
+    bn = bnfast.BatchNorm2d(3).eval()
+    rng = np.random.default_rng(1)
+    bn.running_mean[...] = rng.standard_normal(3)
+    bn.running_var[...] = rng.uniform(0.5, 2.0, 3)
+    bn.weight[...] = rng.standard_normal(3)
+    x = random_input((4, 3, 5, 5), np.float64).astype(np.float32)
+    dy = random_input((4, 3, 5, 5), np.float32, seed=2)
+    bn(x)
+    dx = bn.backward(dy)
+    invstd = 1.0 / np.sqrt(bn.running_var.astype(np.float64) + bn.eps)
+    scale = (bn.weight * invstd).reshape(1, 3, 1, 1)
+    xhat = (x - bn.running_mean.reshape(1, 3, 1, 1)) * invstd.reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(dx, dy * scale, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.grad_bias, dy.sum(axis=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.grad_weight, (dy * xhat).sum(axis=(0, 2, 3)),
+                               rtol=1e-4, atol=1e-4)

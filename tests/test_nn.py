@@ -289,9 +289,23 @@ def test_conv2d_rejects_wrong_channels_and_dtype():
         conv(np.zeros((1, 3, 2, 2), np.float32))
 
 
-def test_sequential_rejects_a_core_batchnorm_layer_with_a_hint():
-    with pytest.raises(TypeError, match="use bnfast.nn.BatchNorm2d"):
-        nn.Sequential(bnfast.BatchNorm2d(3))
+def test_one_batchnorm_class_serves_functional_users_and_networks(tmp_path):
+    assert nn.BatchNorm1d is bnfast.BatchNorm1d and nn.BatchNorm2d is bnfast.BatchNorm2d
+    assert nn.BatchNorm3d is bnfast.BatchNorm3d
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, rng=0), bnfast.BatchNorm2d(3), nn.ReLU(),
+                        nn.GlobalAvgPool2d(), nn.Flatten(), input_shape=(1, 5, 5))
+    x = np.random.default_rng(0).standard_normal((4, 1, 5, 5)).astype(np.float32)
+    y = net(x)
+    net.backward(np.ones_like(y))
+    assert len(net.parameters()) == len(net.grads()) == 4     # conv W, b; BN weight, bias
+    net.save(tmp_path / "net.npz")
+    loaded = nn.load(tmp_path / "net.npz").eval()
+    np.testing.assert_array_equal(loaded(x), net.eval()(x))
+
+
+def test_sequential_rejects_a_non_layer():
+    with pytest.raises(TypeError, match="layer 1 must be a bnfast.nn Module, got ufunc"):
+        nn.Sequential(nn.ReLU(), np.tanh)
 
 
 @pytest.mark.parametrize("layer", [nn.Conv2d(1, 2, 3), nn.Linear(2, 2), nn.BatchNorm2d(2),
@@ -588,3 +602,27 @@ def test_load_rejects_entries_that_are_not_npy_arrays(tmp_path):
 def test_load_missing_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         nn.load(tmp_path / "absent.npz")
+
+
+def test_load_rejects_a_negative_batch_count(tmp_path):
+    # loaded, it made momentum=None training divide by zero
+    description, arrays = _saved(tmp_path)
+    arrays["5.num_batches_tracked"] = np.array(-1, np.int64)
+    _write_npz(tmp_path / "bad.npz", description, arrays)
+    with pytest.raises(nn.LoadError, match="num_batches_tracked counts batches, so it must be "
+                                           "an integer >= 0 .* got -1"):
+        nn.load(tmp_path / "bad.npz")
+
+
+def test_a_channels_last_batchnorm_saves_its_axis_and_is_refused_by_export(tmp_path):
+    from bnfast.onnx import export
+    net = nn.Sequential(bnfast.BatchNorm2d(3, axis=-1, dtype=np.float64), input_shape=(4, 4, 3))
+    x = np.random.default_rng(0).standard_normal((5, 4, 4, 3))
+    net(x)
+    net.save(tmp_path / "net.npz")
+    loaded = nn.load(tmp_path / "net.npz")
+    assert loaded[0].axis == -1
+    np.testing.assert_array_equal(loaded.eval()(x), net.eval()(x))
+    with pytest.raises(ValueError, match=r"layer 0 \(BatchNorm2d\): .*normalises axis -1, but "
+                                         r"ONNX's BatchNormalization normalises axis 1"):
+        export(net, tmp_path / "net.onnx", (1, 4, 4, 3))

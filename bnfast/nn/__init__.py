@@ -14,16 +14,18 @@ literature builds them::
     opt.step()
     net.save("net.npz"); net = nn.load("net.npz")
 
-``BatchNorm1d``/``BatchNorm2d`` are ``bnfast.layers.BatchNorm1d/2d`` (subclasses
-adding the parameter interface), so training runs bnfast's kernels.
+``BatchNorm1d``/``2d``/``3d`` are ``bnfast.BatchNorm1d/2d/3d`` (the same classes),
+so training runs bnfast's kernels.
 """
-from bnfast.nn.modules import (BatchNorm1d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d,
-                               Linear, MaxPool2d, Module, ReLU, Sequential)
+from bnfast.nn.modules import (LAYER_TYPES, BatchNorm1d, BatchNorm2d, BatchNorm3d, Conv2d,
+                               Flatten, GlobalAvgPool2d, Linear, MaxPool2d, Module, ReLU,
+                               Sequential, load, save)
 from bnfast.nn.optim import SGD, softmax_cross_entropy
-from bnfast.nn.serialize import LoadError, load, save
+from bnfast.nn.serialize import LoadError
 
 __all__ = [
-    "Module", "Conv2d", "Linear", "BatchNorm1d", "BatchNorm2d", "ReLU", "MaxPool2d",
+    "Module", "Conv2d", "Linear", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ReLU",
+    "MaxPool2d",
     "GlobalAvgPool2d", "Flatten", "Sequential", "softmax_cross_entropy", "SGD",
     "save", "load", "LoadError",
 ]

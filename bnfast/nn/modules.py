@@ -1,57 +1,38 @@
-"""Network layers on numpy arrays: forward, backward, parameters, train/eval.
+"""Network layers on numpy arrays, the one table of layer types, saving and loading.
 
-Every layer is a ``Module``:
+Every layer is a ``bnfast._module.Module`` (forward, backward, parameters and
+their gradients, train/eval, state_dict, config, onnx_node); see that module.
+The BatchNorm layers are ``bnfast.layers.BatchNorm1d/2d/3d`` themselves, so
+``bnfast.BatchNorm2d`` and ``bnfast.nn.BatchNorm2d`` are one class.
 
-- ``y = layer(x)`` runs forward and keeps what backward needs;
-- ``dx = layer.backward(dy)`` returns the gradient for the input and sets
-  ``grad_<name>`` for each parameter (overwritten, not accumulated, by each call);
-- ``named_parameters()`` / ``parameters()`` / ``grads()`` list the parameter
-  arrays (updated in place by the optimizer) and their gradients, in one order;
-- ``train()`` / ``eval()`` switch modes; ``state_dict()`` / ``load_state_dict()``
-  copy arrays out and in; ``config()`` gives the constructor arguments as JSON
-  values, for ``save``.
+``LAYER_TYPES`` is the one list of layer types a network file may hold and
+``bnfast.onnx.export`` may export; ``save`` and ``load`` turn a Sequential into
+the file of ``bnfast.nn.serialize`` and back, checking every argument with the
+layer's constructor and every array against the architecture.
 
 Layouts are PyTorch's: images are (N, C, H, W), Conv2d weights (out, in, k, k),
-Linear weights (out, in). The BatchNorm layers are bnfast's own
-``bnfast.layers.BatchNorm1d/2d`` with this interface added.
+Linear weights (out, in).
 """
+import math
 import numbers
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from bnfast import layers as core
+from bnfast import _validation as V
+from bnfast._module import Module
+from bnfast.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnfast.nn import serialize
+from bnfast.nn.serialize import LoadError
 
-_FLOAT_DTYPES = ("float32", "float64")
+__all__ = ["Module", "Conv2d", "Linear", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ReLU",
+           "MaxPool2d", "GlobalAvgPool2d", "Flatten", "Sequential", "LAYER_TYPES",
+           "save", "load"]
 
 
 # --------------------------------------------------------------------------
 # argument checks, shared by the constructors and the loader
 # --------------------------------------------------------------------------
-
-def _int_arg(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _bool_arg(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _dtype_arg(dtype):
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dtype.name not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
-
 
 def _rng_arg(rng):
     if rng is None or isinstance(rng, numbers.Integral):
@@ -77,99 +58,17 @@ def _check_input(layer, x, ndim, channels=None, what="channels"):
     return x
 
 
+def _window_count(size, kernel, stride, padding):
+    """How many windows fit along an axis: the output size of a conv or pooling."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def _out_size(size, kernel, stride, padding, layer):
-    out = (size + 2 * padding - kernel) // stride + 1
+    out = _window_count(size, kernel, stride, padding)
     if out < 1:
         raise ValueError(f"{layer!r} cannot slide a {kernel}x{kernel} window over an input "
                          f"of size {size} (padding {padding}); the input is too small")
     return out
-
-
-# --------------------------------------------------------------------------
-# the interface
-# --------------------------------------------------------------------------
-
-class Module:
-    """Base class: modes, parameter listing and state for a layer."""
-
-    training = True
-    _param_names = ()        # parameter attributes; gradients are ``grad_<name>``
-    _state_names = ()        # arrays in state_dict (parameters, then buffers)
-
-    def __call__(self, x):
-        return self.forward(x)
-
-    def train(self, mode=True):
-        """Training mode; returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Inference mode; returns self."""
-        return self.train(False)
-
-    def named_parameters(self, prefix=""):
-        """(name, array) for each parameter; the arrays are the layer's own."""
-        return [(prefix + name, getattr(self, name)) for name in self._param_names
-                if getattr(self, name, None) is not None]
-
-    def parameters(self):
-        return [array for _, array in self.named_parameters()]
-
-    def grads(self):
-        """The gradients of the last backward, in the order of ``parameters()``."""
-        out = []
-        for name in self._param_names:
-            if getattr(self, name, None) is None:
-                continue
-            grad = getattr(self, "grad_" + name, None)
-            if grad is None:
-                raise RuntimeError(f"{self!r} has no gradient for {name}: call backward "
-                                   f"after forward first")
-            out.append(grad)
-        return out
-
-    def state_dict(self):
-        return {name: getattr(self, name).copy() for name in self._state_names
-                if getattr(self, name, None) is not None}
-
-    def load_state_dict(self, state_dict):
-        """Copy arrays in (cast to the layer's dtype); all are checked before any is set."""
-        names = [n for n in self._state_names if getattr(self, n, None) is not None]
-        missing = [n for n in names if n not in state_dict]
-        unexpected = [k for k in state_dict if k not in names]
-        if missing or unexpected:
-            raise KeyError(f"{self!r}: missing arrays {missing}, unexpected arrays "
-                           f"{unexpected}")
-        checked = {}
-        for name in names:
-            value = np.asarray(state_dict[name])
-            target = getattr(self, name)
-            if value.dtype.kind != "f" or value.shape != target.shape:
-                raise ValueError(f"{self!r}: {name} must be a floating array of shape "
-                                 f"{target.shape}, got {value.dtype} {value.shape}")
-            checked[name] = value
-        for name, value in checked.items():
-            getattr(self, name)[...] = value
-
-    def config(self):
-        """Constructor arguments as JSON values (what ``save`` stores)."""
-        return {}
-
-    def _saved(self, value):
-        """What forward kept for backward; a clear error if forward has not run."""
-        if value is None:
-            raise RuntimeError(f"{self!r}.backward called before forward")
-        return value
-
-    @classmethod
-    def state_shapes(cls, config):
-        """The shape of each state array a layer built from ``config`` holds."""
-        return {}
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"{type(self).__name__}({args})"
 
 
 # --------------------------------------------------------------------------
@@ -186,17 +85,16 @@ class Conv2d(Module):
     He-normal (std sqrt(2 / fan_in)), the bias at zero.
     """
     _param_names = ("weight", "bias")
-    _state_names = ("weight", "bias")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  bias=True, dtype=np.float32, rng=None):
-        self.in_channels = _int_arg(in_channels, "in_channels", 1)
-        self.out_channels = _int_arg(out_channels, "out_channels", 1)
-        self.kernel_size = _int_arg(kernel_size, "kernel_size", 1)
-        self.stride = _int_arg(stride, "stride", 1)
-        self.padding = _int_arg(padding, "padding", 0)
-        has_bias = _bool_arg(bias, "bias")
-        self.dtype = _dtype_arg(dtype)
+        self.in_channels = V.integer(in_channels, "in_channels", 1)
+        self.out_channels = V.integer(out_channels, "out_channels", 1)
+        self.kernel_size = V.integer(kernel_size, "kernel_size", 1)
+        self.stride = V.integer(stride, "stride", 1)
+        self.padding = V.integer(padding, "padding", 0)
+        has_bias = V.boolean(bias, "bias")
+        self.dtype = V.float_dtype(dtype)
         rng = _rng_arg(rng)
         k = self.kernel_size
         fan_in = self.in_channels * k * k
@@ -218,6 +116,24 @@ class Conv2d(Module):
         return dict(in_channels=self.in_channels, out_channels=self.out_channels,
                     kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                     bias=getattr(self, "bias", None) is not None, dtype=self.dtype.name)
+
+    def onnx_node(self):
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return "Conv", [("weight", self.weight), ("bias", self.bias)], \
+            dict(kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p])
+
+    def forward_size(self, input_shape):
+        if len(input_shape) != 4:
+            return None
+        N, C, H, W = input_shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        Ho, Wo = _window_count(H, k, s, p), _window_count(W, k, s, p)
+        if Ho < 1 or Wo < 1:
+            return None
+        padded = N * C * (H + 2 * p) * (W + 2 * p) if p else 0
+        cols = N * Ho * Wo * C * k * k
+        y = N * Ho * Wo * self.out_channels    # the product, then its NCHW copy
+        return (N, self.out_channels, Ho, Wo), padded + cols + 2 * y
 
     def forward(self, x):
         x = _check_input(self, x, 4, self.in_channels)
@@ -264,13 +180,12 @@ class Linear(Module):
     Weights start He-normal (std sqrt(2 / in_features)), the bias at zero.
     """
     _param_names = ("weight", "bias")
-    _state_names = ("weight", "bias")
 
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
-        self.in_features = _int_arg(in_features, "in_features", 1)
-        self.out_features = _int_arg(out_features, "out_features", 1)
-        has_bias = _bool_arg(bias, "bias")
-        self.dtype = _dtype_arg(dtype)
+        self.in_features = V.integer(in_features, "in_features", 1)
+        self.out_features = V.integer(out_features, "out_features", 1)
+        has_bias = V.boolean(bias, "bias")
+        self.dtype = V.float_dtype(dtype)
         rng = _rng_arg(rng)
         self.weight = (rng.standard_normal((self.out_features, self.in_features))
                        * np.sqrt(2.0 / self.in_features)).astype(self.dtype)
@@ -289,6 +204,14 @@ class Linear(Module):
         return dict(in_features=self.in_features, out_features=self.out_features,
                     bias=getattr(self, "bias", None) is not None, dtype=self.dtype.name)
 
+    def onnx_node(self):
+        return "Gemm", [("weight", self.weight), ("bias", self.bias)], dict(transB=1)
+
+    def forward_size(self, input_shape):
+        if len(input_shape) != 2:
+            return None
+        return (input_shape[0], self.out_features), input_shape[0] * self.out_features
+
     def forward(self, x):
         x = _check_input(self, x, 2, self.in_features, what="features")
         self._x = x
@@ -305,49 +228,6 @@ class Linear(Module):
         return dy @ self.weight
 
 
-class _BatchNormModule(Module):
-    """The Module interface on bnfast's BatchNorm layers (channel axis 1).
-
-    Forward, backward, train/eval, state_dict and load_state_dict are the core
-    layer's; this adds parameters()/grads(), config() and state_shapes().
-    """
-    _param_names = ("weight", "bias")
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
-        core._BatchNorm.__init__(
-            self, _int_arg(num_features, "num_features", 1), eps=eps, momentum=momentum,
-            affine=_bool_arg(affine, "affine"),
-            track_running_stats=_bool_arg(track_running_stats, "track_running_stats"),
-            axis=1, dtype=_dtype_arg(dtype))
-
-    @classmethod
-    def state_shapes(cls, config):
-        C = (config["num_features"],)
-        shapes = {}
-        if config["affine"]:
-            shapes.update(weight=C, bias=C)
-        if config["track_running_stats"]:
-            shapes.update(running_mean=C, running_var=C, num_batches_tracked=())
-        return shapes
-
-    def config(self):
-        momentum = None if self.momentum is None else float(self.momentum)
-        return dict(num_features=self.num_features, eps=self.eps, momentum=momentum,
-                    affine=self.affine, track_running_stats=self.track_running_stats,
-                    dtype=self.dtype.name)
-
-
-class BatchNorm1d(core.BatchNorm1d, _BatchNormModule):
-    """bnfast.layers.BatchNorm1d over (N, C) or (N, C, L), as a network layer."""
-    __init__ = _BatchNormModule.__init__
-
-
-class BatchNorm2d(core.BatchNorm2d, _BatchNormModule):
-    """bnfast.layers.BatchNorm2d over (N, C, H, W), as a network layer."""
-    __init__ = _BatchNormModule.__init__
-
-
 # --------------------------------------------------------------------------
 # layers without weights
 # --------------------------------------------------------------------------
@@ -355,6 +235,12 @@ class BatchNorm2d(core.BatchNorm2d, _BatchNormModule):
 class ReLU(Module):
     """y = max(x, 0)."""
     _positive = None
+
+    def onnx_node(self):
+        return "Relu", [], {}
+
+    def forward_size(self, input_shape):
+        return tuple(input_shape), 2 * math.prod(input_shape)   # the mask and y
 
     def forward(self, x):
         x = np.asarray(x)
@@ -374,15 +260,31 @@ class MaxPool2d(Module):
     _cache = None
 
     def __init__(self, kernel_size, stride=None, padding=0):
-        self.kernel_size = _int_arg(kernel_size, "kernel_size", 1)
-        self.stride = self.kernel_size if stride is None else _int_arg(stride, "stride", 1)
-        self.padding = _int_arg(padding, "padding", 0)
+        self.kernel_size = V.integer(kernel_size, "kernel_size", 1)
+        self.stride = self.kernel_size if stride is None else V.integer(stride, "stride", 1)
+        self.padding = V.integer(padding, "padding", 0)
         if 2 * self.padding > self.kernel_size:
             raise ValueError(f"padding must be at most half the kernel size "
                              f"({self.kernel_size}), got {self.padding}")
 
     def config(self):
         return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding)
+
+    def onnx_node(self):
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return "MaxPool", [], dict(kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p])
+
+    def forward_size(self, input_shape):
+        if len(input_shape) != 4:
+            return None
+        N, C, H, W = input_shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        Ho, Wo = _window_count(H, k, s, p), _window_count(W, k, s, p)
+        if Ho < 1 or Wo < 1:
+            return None
+        padded = N * C * (H + 2 * p) * (W + 2 * p) if p else 0
+        windows = N * C * Ho * Wo * k * k       # the windows, copied by reshape
+        return (N, C, Ho, Wo), padded + windows + 2 * N * C * Ho * Wo   # argmax and y
 
     def forward(self, x):
         x = _check_input(self, x, 4)
@@ -418,6 +320,14 @@ class GlobalAvgPool2d(Module):
     """Mean over H and W: (N, C, H, W) -> (N, C, 1, 1), as ONNX's GlobalAveragePool."""
     _shape = None
 
+    def onnx_node(self):
+        return "GlobalAveragePool", [], {}
+
+    def forward_size(self, input_shape):
+        if len(input_shape) != 4:
+            return None
+        return tuple(input_shape[:2]) + (1, 1), math.prod(input_shape[:2])
+
     def forward(self, x):
         x = _check_input(self, x, 4)
         self._shape = x.shape
@@ -431,6 +341,14 @@ class GlobalAvgPool2d(Module):
 class Flatten(Module):
     """(N, ...) -> (N, prod(...)), as ONNX's Flatten with axis 1."""
     _shape = None
+
+    def onnx_node(self):
+        return "Flatten", [], dict(axis=1)
+
+    def forward_size(self, input_shape):
+        if len(input_shape) < 1:
+            return None
+        return (input_shape[0], math.prod(input_shape[1:])), 0   # a view
 
     def forward(self, x):
         x = np.asarray(x)
@@ -460,15 +378,11 @@ class Sequential(Module):
     def __init__(self, *layers, input_shape=None):
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
-                hint = ""
-                if isinstance(layer, core._BatchNorm):
-                    hint = (f"; use bnfast.nn.{type(layer).__name__}, the same layer with "
-                            f"the network interface")
                 raise TypeError(f"layer {i} must be a bnfast.nn Module, got "
-                                f"{type(layer).__name__}{hint}")
+                                f"{type(layer).__name__}")
         self.layers = list(layers)
         if input_shape is not None:
-            input_shape = tuple(_int_arg(n, "input_shape entries", 1) for n in input_shape)
+            input_shape = tuple(V.integer(n, "input_shape entries", 1) for n in input_shape)
         self.input_shape = input_shape
 
     def __getitem__(self, i):
@@ -530,9 +444,102 @@ class Sequential(Module):
 
     def save(self, path):
         """Write the architecture (JSON) and the arrays to an .npz file, atomically."""
-        from bnfast.nn.serialize import save
-        save(self, path)
+        layers = []
+        for i, layer in enumerate(self):
+            if LAYER_TYPES.get(type(layer).__name__) is not type(layer):
+                raise TypeError(f"layer {i} ({type(layer).__name__}) cannot be saved; "
+                                f"save supports {', '.join(LAYER_TYPES)}")
+            layers.append({"type": type(layer).__name__, **layer.config()})
+        serialize.write(path, {"type": "Sequential", **self.config(), "layers": layers},
+                        self.state_dict())
 
     def __repr__(self):
         inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
         return f"Sequential({inner}\n)"
+
+
+# --------------------------------------------------------------------------
+# the layer types, saving and loading
+# --------------------------------------------------------------------------
+
+LAYER_TYPES = {cls.__name__: cls for cls in (
+    Conv2d, Linear, BatchNorm1d, BatchNorm2d, BatchNorm3d, ReLU, MaxPool2d, GlobalAvgPool2d,
+    Flatten)}
+
+
+def save(net, path):
+    """Write ``net`` (a Sequential) to ``path`` as .npz; the same as ``net.save(path)``."""
+    if not isinstance(net, Sequential):
+        raise TypeError(f"save takes a bnfast.nn.Sequential, got {type(net).__name__}")
+    net.save(path)
+
+
+def load(path):
+    """Read a network written by ``save``; raises LoadError naming what is wrong.
+
+    A missing file raises FileNotFoundError. The network is returned in
+    training mode, as PyTorch modules are built.
+    """
+    net_config, arrays = serialize.read(path)
+    if not isinstance(net_config, dict) or net_config.get("type") != "Sequential":
+        raise LoadError(f"{path}: the network must be a Sequential, got "
+                        f"{serialize.short(net_config)}")
+    unknown = set(net_config) - {"type", "input_shape", "layers"}
+    if unknown:
+        raise LoadError(f"{path}: unknown Sequential fields {sorted(unknown)}")
+    layer_configs = net_config.get("layers")
+    if not isinstance(layer_configs, list):
+        raise LoadError(f"{path}: 'layers' must be a list")
+
+    # check every array against the architecture before building anything
+    expected = {}
+    for i, config in enumerate(layer_configs):
+        cls, kwargs = _layer_type(path, i, config)
+        try:
+            shapes = cls.state_shapes(kwargs)
+        except (KeyError, TypeError) as err:
+            raise LoadError(f"{path}: layer {i} ({cls.__name__}) has a malformed "
+                            f"configuration ({err})") from None
+        expected.update({f"{i}.{name}": shape for name, shape in shapes.items()})
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+        raise LoadError(f"{path}: arrays do not match the architecture (missing "
+                        f"{missing[:5]}, unexpected {unexpected[:5]})")
+    for key, shape in expected.items():
+        value = arrays[key]
+        if value.shape != tuple(shape):
+            raise LoadError(f"{path}: array {key} has shape {value.shape}, the architecture "
+                            f"needs {tuple(shape)}")
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise LoadError(f"{path}: array {key} contains NaN or infinity")
+
+    layers = []
+    for i, config in enumerate(layer_configs):
+        cls, kwargs = _layer_type(path, i, config)
+        try:
+            layers.append(cls(**kwargs))
+        except (TypeError, ValueError) as err:
+            raise LoadError(f"{path}: layer {i} ({cls.__name__}): {err}") from None
+    try:
+        net = Sequential(*layers, input_shape=net_config.get("input_shape"))
+        net.load_state_dict(arrays)
+    except (KeyError, TypeError, ValueError) as err:
+        raise LoadError(f"{path}: {err}") from None
+    return net
+
+
+def _layer_type(path, i, config):
+    """The class and constructor arguments of layer i, from LAYER_TYPES."""
+    if not isinstance(config, dict) or not isinstance(config.get("type"), str):
+        raise LoadError(f"{path}: layer {i} must be an object with a 'type', got "
+                        f"{serialize.short(config)}")
+    name = config["type"]
+    if name not in LAYER_TYPES:
+        raise LoadError(f"{path}: layer {i} has unknown type {serialize.short(name)}; known "
+                        f"types are {', '.join(LAYER_TYPES)}")
+    cls = LAYER_TYPES[name]
+    kwargs = {k: v for k, v in config.items() if k != "type"}
+    if "rng" in kwargs:
+        raise LoadError(f"{path}: layer {i} ({name}) has an unexpected field 'rng'")
+    return cls, kwargs

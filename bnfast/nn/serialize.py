@@ -1,4 +1,8 @@
-"""Saving and loading networks: the architecture as JSON plus the arrays, in one .npz.
+"""The network file format: the architecture as JSON plus the arrays, in one .npz.
+
+This module reads and writes the file and knows nothing of layers; turning a
+network into a description and back (``bnfast.nn.save`` / ``load``) is in
+``bnfast.nn.modules``, next to the one table of layer types.
 
 The file holds one array per state entry, named as in ``state_dict()``
 ("0.weight", "1.running_mean", ...), and ``__bnfast_net__``: a string array
@@ -8,10 +12,9 @@ with the JSON description
      "net": {"type": "Sequential", "input_shape": [1, 8, 8],
              "layers": [{"type": "Conv2d", "in_channels": 1, ...}, ...]}}
 
-Loading never runs code from the file: arrays are read with
-``allow_pickle=False``, layer types come from a fixed table, every argument is
-checked by the layer's constructor, and every array's shape is checked against
-the architecture before anything is allocated.
+Reading never runs code from the file: arrays are read with
+``allow_pickle=False``, object arrays are refused, and every .npy header is
+checked against its entry's size before any array is read.
 """
 import json
 import math
@@ -20,15 +23,10 @@ import zipfile
 import numpy as np
 
 from bnfast._files import atomic_output
-from bnfast.nn import modules
 
 FORMAT = "bnfast.nn"
 VERSION = 1
 CONFIG_KEY = "__bnfast_net__"
-
-LAYER_TYPES = {cls.__name__: cls for cls in (
-    modules.Conv2d, modules.Linear, modules.BatchNorm1d, modules.BatchNorm2d,
-    modules.ReLU, modules.MaxPool2d, modules.GlobalAvgPool2d, modules.Flatten)}
 
 _MAX_BYTES = 2 ** 31          # uncompressed size of all arrays together
 _MAX_ARRAYS = 100_000
@@ -38,84 +36,27 @@ class LoadError(ValueError):
     """A network file that cannot be loaded: not an .npz, corrupt, or not a bnfast net."""
 
 
-def save(net, path):
-    """Write ``net`` (a Sequential) to ``path`` as .npz; the file appears only when complete."""
-    if not isinstance(net, modules.Sequential):
-        raise TypeError(f"save takes a bnfast.nn.Sequential, got {type(net).__name__}")
-    layers = []
-    for i, layer in enumerate(net):
-        if type(layer).__name__ not in LAYER_TYPES or type(layer) is not \
-                LAYER_TYPES[type(layer).__name__]:
-            raise TypeError(f"layer {i} ({type(layer).__name__}) cannot be saved; "
-                            f"save supports {', '.join(LAYER_TYPES)}")
-        layers.append({"type": type(layer).__name__, **layer.config()})
-    description = {"format": FORMAT, "version": VERSION,
-                   "net": {"type": "Sequential", **net.config(), "layers": layers}}
-    arrays = net.state_dict()
+def write(path, net_description, arrays):
+    """Write the network description (a JSON-able dict) and the arrays to ``path``;
+    the file appears only when complete."""
+    description = {"format": FORMAT, "version": VERSION, "net": net_description}
+    arrays = dict(arrays)
     arrays[CONFIG_KEY] = np.array(json.dumps(description))
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:      # a file object: np.savez adds no ".npz"
             np.savez(f, **arrays)
 
 
-def load(path):
-    """Read a network written by ``save``; raises LoadError naming what is wrong.
-
-    A missing file raises FileNotFoundError. The network is returned in
-    training mode, as PyTorch modules are built.
-    """
+def read(path):
+    """``(net_description, arrays)`` from a file written by ``write``; LoadError
+    naming what is wrong with the file (FileNotFoundError if there is none).
+    The description's format and version are checked; its content is not."""
     arrays = _read_arrays(path)
     if CONFIG_KEY not in arrays:
         raise LoadError(f"{path}: no {CONFIG_KEY} entry; this .npz was not written by "
                         f"bnfast.nn save")
     description = _parse_description(path, arrays.pop(CONFIG_KEY))
-    net_config = description["net"]
-    if not isinstance(net_config, dict) or net_config.get("type") != "Sequential":
-        raise LoadError(f"{path}: the network must be a Sequential, got "
-                        f"{_short(net_config)}")
-    unknown = set(net_config) - {"type", "input_shape", "layers"}
-    if unknown:
-        raise LoadError(f"{path}: unknown Sequential fields {sorted(unknown)}")
-    layer_configs = net_config.get("layers")
-    if not isinstance(layer_configs, list):
-        raise LoadError(f"{path}: 'layers' must be a list")
-
-    # check every array against the architecture before building anything
-    expected = {}
-    for i, config in enumerate(layer_configs):
-        cls, kwargs = _layer_type(path, i, config)
-        try:
-            shapes = cls.state_shapes(kwargs)
-        except (KeyError, TypeError) as err:
-            raise LoadError(f"{path}: layer {i} ({cls.__name__}) has a malformed "
-                            f"configuration ({err})") from None
-        expected.update({f"{i}.{name}": shape for name, shape in shapes.items()})
-    missing = sorted(set(expected) - set(arrays))
-    unexpected = sorted(set(arrays) - set(expected))
-    if missing or unexpected:
-        raise LoadError(f"{path}: arrays do not match the architecture (missing "
-                        f"{missing[:5]}, unexpected {unexpected[:5]})")
-    for key, shape in expected.items():
-        value = arrays[key]
-        if value.shape != tuple(shape):
-            raise LoadError(f"{path}: array {key} has shape {value.shape}, the architecture "
-                            f"needs {tuple(shape)}")
-        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-            raise LoadError(f"{path}: array {key} contains NaN or infinity")
-
-    layers = []
-    for i, config in enumerate(layer_configs):
-        cls, kwargs = _layer_type(path, i, config)
-        try:
-            layers.append(cls(**kwargs))
-        except (TypeError, ValueError) as err:
-            raise LoadError(f"{path}: layer {i} ({cls.__name__}): {err}") from None
-    try:
-        net = modules.Sequential(*layers, input_shape=net_config.get("input_shape"))
-        net.load_state_dict(arrays)
-    except (KeyError, TypeError, ValueError) as err:
-        raise LoadError(f"{path}: {err}") from None
-    return net
+    return description["net"], arrays
 
 
 def _read_arrays(path):
@@ -128,14 +69,14 @@ def _read_arrays(path):
     except FileNotFoundError:
         raise
     except OSError as err:
-        raise LoadError(f"{path} is not a readable .npz file ({_short(err)})") from None
+        raise LoadError(f"{path} is not a readable .npz file ({short(err)})") from None
     if head == np.lib.format.MAGIC_PREFIX:
         raise LoadError(f"{path} holds a single .npy array, not a bnfast network "
                         f"(an .npz written by net.save)")
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise LoadError(f"{path} is not a readable .npz file ({_short(err)})") from None
+        raise LoadError(f"{path} is not a readable .npz file ({short(err)})") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise LoadError(f"{path} is not a readable .npz file")
     with npz:
@@ -150,7 +91,7 @@ def _read_arrays(path):
         except LoadError:
             raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
-            raise LoadError(f"{path} is not a readable .npz file ({_short(err)})") \
+            raise LoadError(f"{path} is not a readable .npz file ({short(err)})") \
                 from None
 
 
@@ -186,7 +127,7 @@ def _parse_description(path, entry):
     try:
         description = json.loads(str(entry[()]))
     except (ValueError, RecursionError) as err:
-        raise LoadError(f"{path}: the architecture is not valid JSON ({_short(err)})") \
+        raise LoadError(f"{path}: the architecture is not valid JSON ({short(err)})") \
             from None
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise LoadError(f"{path}: not a bnfast.nn network description")
@@ -198,22 +139,6 @@ def _parse_description(path, entry):
     return description
 
 
-def _layer_type(path, i, config):
-    """The class and constructor arguments of layer i, from the fixed table."""
-    if not isinstance(config, dict) or not isinstance(config.get("type"), str):
-        raise LoadError(f"{path}: layer {i} must be an object with a 'type', got "
-                        f"{_short(config)}")
-    name = config["type"]
-    if name not in LAYER_TYPES:
-        raise LoadError(f"{path}: layer {i} has unknown type {_short(name)}; known types "
-                        f"are {', '.join(LAYER_TYPES)}")
-    cls = LAYER_TYPES[name]
-    kwargs = {k: v for k, v in config.items() if k != "type"}
-    if "rng" in kwargs:
-        raise LoadError(f"{path}: layer {i} ({name}) has an unexpected field 'rng'")
-    return cls, kwargs
-
-
-def _short(value, limit=80):
+def short(value, limit=80):
     text = repr(value) if not isinstance(value, BaseException) else str(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,12 +1,13 @@
 """Export a bnfast.nn network to ONNX, BatchNorm in inference form.
 
-Each layer becomes one node (the node and its initializers carry the layer's
-index, as in ``state_dict``: "3.weight", "4.running_mean"):
+Each layer becomes one node, the one its ``onnx_node()`` names (the node and
+its initializers carry the layer's index, as in ``state_dict``: "3.weight",
+"4.running_mean"); the exportable layers are those of ``bnfast.nn.LAYER_TYPES``:
 
     Conv2d          -> Conv             (W, optional B; kernel_shape, strides, pads)
     Linear          -> Gemm             (transB=1; C is given even without a bias
                                          where the opset requires it, before 11)
-    BatchNorm1d/2d  -> BatchNormalization  (running statistics as initializers,
+    BatchNorm1d/2d/3d -> BatchNormalization (running statistics as initializers,
                                          epsilon; momentum = 1 - bnfast's momentum,
                                          ONNX's convention; training_mode=0 from 14)
     ReLU            -> Relu
@@ -14,13 +15,16 @@ index, as in ``state_dict``: "3.weight", "4.running_mean"):
     GlobalAvgPool2d -> GlobalAveragePool
     Flatten         -> Flatten          (axis=1)
 
-With ``fold=True`` a BatchNorm right after a Conv2d or Linear is folded into
-that layer's weights (``bnfast.fold``), and its node disappears:
+With ``fold=True`` the exported graph goes through ``bnfast.onnx.fold_model``,
+the one folding pass: a BatchNorm right after a Conv or Gemm is folded into
+that node's weights (computed by ``bnfast.fold``) and disappears:
 
     Before:  x -> Conv(W, b) -> BatchNormalization(gamma, beta, mean, var) -> y
     After:   x -> Conv(W', b') -> y
              W'[o] = W[o] * alpha[o],  b' = b * alpha + beta,
              alpha = gamma / sqrt(var + eps),  beta = beta - mean * alpha
+
+(eps is the node's float32 ``epsilon`` attribute.)
 
 The batch dimension is dynamic ("N"). Opsets 9 to the newest the installed
 onnx knows are supported; the model's IR version is the lowest that opset
@@ -28,6 +32,7 @@ allows, so older runtimes can read it. The model passes
 ``onnx.checker.check_model(full_check=True)`` before it is written.
 """
 import copy
+import math
 import numbers
 
 import numpy as np
@@ -36,6 +41,7 @@ from bnfast import __version__
 from bnfast._files import atomic_output
 
 MIN_OPSET = 9
+MAX_TRACE_BYTES = 2 ** 31   # memory export may use to run one sample through the net
 INPUT_NAME = "input"     # the graph's one input, (N, *input_shape[1:])
 
 
@@ -53,8 +59,10 @@ def export(net, path, input_shape, opset=17, fold=False):
     input_shape : the shape of an input batch, e.g. (1, 1, 8, 8); the batch
         dimension is exported as dynamic.
     opset : 9 .. ``max_opset()``. fold : fold BN into the preceding Conv/Linear.
-    Raises ValueError (opset out of range, input shape the net cannot take, a
-    layer that cannot be exported) or TypeError; nothing is written then.
+    Raises ValueError (opset out of range, input shape the net cannot take or
+    one so large that running a sample through the net would need more than
+    ``MAX_TRACE_BYTES``, a layer that cannot be exported, such as a BatchNorm
+    with unusable running statistics) or TypeError; nothing is written then.
     """
     model = to_model(net, input_shape, opset=opset, fold=fold)
     data = model.SerializeToString()
@@ -85,17 +93,8 @@ def to_model(net, input_shape, opset=17, fold=False):
 
     graph = _GraphBuilder(opset, dtype)
     current = INPUT_NAME
-    i = 0
-    while i < len(net):
-        layer = net[i]
-        following = net[i + 1] if i + 1 < len(net) else None
-        if fold and isinstance(layer, (nn.Conv2d, nn.Linear)) and \
-                isinstance(following, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            current = graph.add(i, layer, current, fold_bn=following)
-            i += 2
-        else:
-            current = graph.add(i, layer, current)
-            i += 1
+    for i, layer in enumerate(net):
+        current = graph.add(i, layer, current)
 
     if current == INPUT_NAME:
         raise ValueError("net has no layers to export")
@@ -111,6 +110,9 @@ def to_model(net, input_shape, opset=17, fold=False):
                               doc_string=f"bnfast.nn network, BatchNorm "
                                          f"{'folded' if fold else 'in inference form'}")
     onnx.checker.check_model(model, full_check=True)
+    if fold:
+        from bnfast.onnx.fold import fold_model
+        model, _ = fold_model(model)
     return model
 
 
@@ -155,14 +157,19 @@ def _net_dtype(net):
 
 
 def _trace_shapes(net, input_shape, dtype):
-    """Run a copy of the net once in eval mode on zeros; returns each layer's output shape.
+    """Run a copy of the net once in eval mode on one sample of zeros; returns each
+    layer's output shape (batch dimension 1; the exported one is dynamic).
 
-    A copy, so that the net's modes, running statistics and what its last forward
-    kept for backward all stay as they were (export may come between a forward
-    and its backward).
+    The memory the trace needs is estimated first (``forward_size`` of each layer)
+    and a shape that needs more than MAX_TRACE_BYTES is refused before anything
+    is allocated. A copy of the net runs, so that its modes, running statistics
+    and what its last forward kept for backward all stay as they were (export may
+    come between a forward and its backward).
     """
-    shapes = [input_shape]
-    x = np.zeros(input_shape, dtype=dtype)
+    sample = (1, *input_shape[1:])
+    _check_trace_size(net, input_shape, sample, dtype)
+    shapes = [sample]
+    x = np.zeros(sample, dtype=dtype)
     for layer in copy.deepcopy(net).eval():
         try:
             x = layer(x)
@@ -171,6 +178,36 @@ def _trace_shapes(net, input_shape, dtype):
                              f"{err}") from None
         shapes.append(x.shape)
     return shapes
+
+
+def _check_trace_size(net, input_shape, sample, dtype):
+    """ValueError if running `sample` through the net needs more than MAX_TRACE_BYTES
+    in some layer (its input, output and temporaries), estimated without allocating."""
+    shape = sample
+    peak, where = math.prod(sample) * dtype.itemsize, "for the input alone"
+    for i, layer in enumerate(net):
+        size = layer.forward_size(shape)
+        if size is None:
+            break   # the input does not fit this layer, which raises before allocating
+        out_shape, values = size
+        need = (math.prod(shape) + values) * dtype.itemsize
+        if need > peak:
+            peak, where = need, f"in layer {i} ({layer!r})"
+        shape = out_shape
+    if peak > MAX_TRACE_BYTES:
+        raise ValueError(f"input_shape {input_shape} is too large to export: one sample needs "
+                         f"about {_human_bytes(peak)} {where}, more "
+                         f"than the {_human_bytes(MAX_TRACE_BYTES)} export allows; check the "
+                         f"sample shape and that layer's sizes (the batch dimension is "
+                         f"dynamic, a batch of 1 is enough), or raise "
+                         f"bnfast.onnx.export.MAX_TRACE_BYTES if the memory is there")
+
+
+def _human_bytes(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 # --------------------------------------------------------------------------
@@ -192,88 +229,38 @@ class _GraphBuilder:
             np.ascontiguousarray(array, dtype=self.dtype), name))
         return name
 
-    def node(self, op_type, index, inputs, doc=None, **attributes):
+    def node(self, op_type, index, inputs, **attributes):
         from onnx import helper
         output = f"{index}.{op_type.lower()}"
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=f"{index}.{op_type}",
-                                           doc_string=doc, **attributes))
+                                           **attributes))
         return output
 
-    def add(self, i, layer, x, fold_bn=None):
-        """Emit the node(s) of layer i reading tensor x; returns the output's name."""
-        from bnfast import nn
-
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            W, b = layer.weight, layer.bias
-            doc = None
-            if fold_bn is not None:
-                from bnfast.fold import fold_conv_bn, fold_linear_bn
-                fold_fn = fold_conv_bn if isinstance(layer, nn.Conv2d) else fold_linear_bn
-                W, b = fold_fn(W, b, *_bn_inference_params(fold_bn), fold_bn.eps)
-                doc = f"BatchNorm of layer {i + 1} folded in"
-            inputs = [x, self.constant(f"{i}.weight", W)]
-            if isinstance(layer, nn.Conv2d):
-                if b is not None:
-                    inputs.append(self.constant(f"{i}.bias", b))
-                k, s, p = layer.kernel_size, layer.stride, layer.padding
-                return self.node("Conv", i, inputs, doc, kernel_shape=[k, k],
-                                 strides=[s, s], pads=[p, p, p, p])
-            if b is None and not _gemm_bias_optional(self.opset):
-                b = np.zeros(layer.out_features)    # Gemm's C is required before opset 11
-            if b is not None:
-                inputs.append(self.constant(f"{i}.bias", b))
-            return self.node("Gemm", i, inputs, doc, transB=1)
-
-        if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            names = ("weight", "bias", "running_mean", "running_var")
-            inputs = [x] + [self.constant(f"{i}.{name}", array) for name, array in
-                            zip(names, _bn_inference_params(layer))]
-            attributes = {"epsilon": float(layer.eps)}
-            if layer.momentum is not None:   # ONNX blends running * momentum: the complement
-                attributes["momentum"] = 1.0 - float(layer.momentum)
-            if _bn_has_training_mode(self.opset):
-                attributes["training_mode"] = 0
-            return self.node("BatchNormalization", i, inputs, **attributes)
-
-        if isinstance(layer, nn.ReLU):
-            return self.node("Relu", i, [x])
-        if isinstance(layer, nn.MaxPool2d):
-            k, s, p = layer.kernel_size, layer.stride, layer.padding
-            return self.node("MaxPool", i, [x], kernel_shape=[k, k], strides=[s, s],
-                             pads=[p, p, p, p])
-        if isinstance(layer, nn.GlobalAvgPool2d):
-            return self.node("GlobalAveragePool", i, [x])
-        if isinstance(layer, nn.Flatten):
-            return self.node("Flatten", i, [x], axis=1)
-        raise TypeError(f"layer {i} ({type(layer).__name__}) has no ONNX export")
-
-
-def _bn_inference_params(bn):
-    """scale, B, mean, var of a BatchNorm layer at inference, each (C,): the layer's
-    weight and bias, or 1 and 0 when affine is off, and its running statistics."""
-    C = bn.num_features
-    scale = bn.weight if bn.affine else np.ones(C)
-    shift = bn.bias if bn.affine else np.zeros(C)
-    return scale, shift, bn.running_mean, bn.running_var
+    def add(self, i, layer, x):
+        """Emit the node of layer i reading tensor x; returns the output's name."""
+        op_type, constants, attributes = layer.onnx_node()
+        inputs = [x]
+        for name, array in constants:
+            if array is None and op_type == "Gemm" and not _gemm_bias_optional(self.opset):
+                array = np.zeros(layer.out_features)   # Gemm's C is required before opset 11
+            if array is not None:
+                inputs.append(self.constant(f"{i}.{name}", array))
+        if op_type == "BatchNormalization" and _bn_has_training_mode(self.opset):
+            attributes["training_mode"] = 0
+        return self.node(op_type, i, inputs, **attributes)
 
 
 def _check_layer(i, layer):
-    from bnfast import nn
-    exportable = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
-                  nn.GlobalAvgPool2d, nn.Flatten)
-    if not isinstance(layer, exportable):
+    """TypeError unless layer i is of a type in ``bnfast.nn.LAYER_TYPES``; the layer's
+    own ``onnx_node`` says whether its state can be exported (ValueError if not)."""
+    from bnfast.nn import LAYER_TYPES
+    if not isinstance(layer, tuple(LAYER_TYPES.values())):
         raise TypeError(f"layer {i} ({type(layer).__name__}) has no ONNX export; exportable "
-                        f"layers are {', '.join(t.__name__ for t in exportable)}")
-    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        _check_bn(i, layer)
-
-
-def _check_bn(i, bn):
-    if not bn.track_running_stats:
-        raise ValueError(f"layer {i} ({type(bn).__name__}) has no running statistics "
-                         f"(track_running_stats=False): it normalises with batch statistics "
-                         f"even in eval mode, which ONNX's inference BatchNormalization "
-                         f"cannot express")
+                        f"layers are {', '.join(LAYER_TYPES)}")
+    try:
+        layer.onnx_node()
+    except ValueError as err:
+        raise ValueError(f"layer {i} ({type(layer).__name__}): {err}") from None
 
 
 def _gemm_bias_optional(opset):
