@@ -158,12 +158,14 @@ def write(rows, out, size):
     machine = {"python": sys.version.split()[0], "numpy": np.__version__,
                "mpi": MPI.Get_library_version().splitlines()[0].strip(),
                "cpu_count": os.cpu_count(), "platform": platform.platform(),
-               "openmp": bnfast.openmp_enabled(), "threads_per_rank": 1}
+               "openmp": bnfast.openmp_enabled(), "threads_per_rank": 1,
+               "load_average_1min": os.getloadavg()[0]}
     with open(os.path.join(out, "sync_bench.json"), "w") as f:
         json.dump({"machine": machine, "rows": rows}, f, indent=1)
     lines = [f"Synchronized BN at {size} ranks on one machine: one forward + backward "
-             f"step, per-rank batch, medians [quartiles] of the slowest rank's time.", "",
-             "| per-rank input | dtype | local BN | SyncBatchNorm | sync / local | "
+             f"step on the per-rank batch; the slowest rank's time, median [quartiles] "
+             f"(min) of {rows[0]['repeats']} steps.", "",
+             "| per-rank input | dtype | local BN | SyncBatchNorm | sync / local (medians) | "
              "in collectives (incl. waiting for the other rank) | the collectives alone | "
              "bytes sent per rank per step (input bytes) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -171,13 +173,19 @@ def write(rows, out, size):
         lo, sy, al = r["local"], r["sync"], r["collectives_alone"]
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {lo['median_ms']:.3f} ms "
-            f"[{lo['q1_ms']:.3f}, {lo['q3_ms']:.3f}] | {sy['median_ms']:.3f} ms "
-            f"[{sy['q1_ms']:.3f}, {sy['q3_ms']:.3f}] | {r['ratio_sync_over_local']:.2f} | "
+            f"[{lo['q1_ms']:.3f}, {lo['q3_ms']:.3f}] ({lo['min_ms']:.3f}) | "
+            f"{sy['median_ms']:.3f} ms [{sy['q1_ms']:.3f}, {sy['q3_ms']:.3f}] "
+            f"({sy['min_ms']:.3f}) | {r['ratio_sync_over_local']:.2f} | "
             f"{r['collective_ms_per_step']:.3f} ms | {al['median_ms']:.3f} ms "
             f"[{al['q1_ms']:.3f}, {al['q3_ms']:.3f}] | {r['bytes_sent_per_rank_per_step']:,} "
             f"in {r['collectives_per_step']} collectives ({r['input_bytes_per_rank']:,}) |")
     lines += ["", f"Machine: {machine['platform']}, {machine['cpu_count']} cores, "
-              f"{machine['mpi']}, 1 kernel thread per rank."]
+              f"{machine['mpi']}, 1 kernel thread per rank; 1-minute load average "
+              f"{machine['load_average_1min']:.1f} when the run ended. On a machine whose "
+              f"cores are shared, a rank that is descheduled makes the other wait inside "
+              f"the next collective: that wait, not the messages, is most of the time "
+              f"'in collectives'; the same collectives with no work between them take "
+              f"the time in the next column."]
     with open(os.path.join(out, "sync_bench.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
