@@ -144,7 +144,8 @@ def main():
             rows.append(row)
             if rank == 0:
                 print(f"{name:<38} {row['dtype']:<8} local {row['local']['median_ms']:8.3f} ms"
-                      f"  sync {row['sync']['median_ms']:8.3f} ms  x{row['ratio_sync_over_local']:.2f}"
+                      f"  sync {row['sync']['median_ms']:8.3f} ms"
+                      f"  x{row['ratio_sync_over_local']:.2f}"
                       f"  in MPI {row['collective_ms_per_step']:.3f} ms"
                       f" (alone {row['collectives_alone']['median_ms']:.3f} ms)"
                       f"  {row['bytes_sent_per_rank_per_step']} B/step", flush=True)

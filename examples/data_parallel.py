@@ -29,6 +29,7 @@ import os
 import sys
 
 import numpy as np
+from mpi4py import MPI
 
 from bnfast import nn
 from bnfast.commands.demo import build_net
@@ -71,16 +72,11 @@ def reduced_grads(net):
 def allreduce_sum(arrays, comm):
     """Sum each array over the ranks, in place: one Allreduce of one flat buffer."""
     flat = np.concatenate([a.ravel() for a in arrays]).astype(np.float64)
-    comm.Allreduce(comm_in_place(), flat)
+    comm.Allreduce(MPI.IN_PLACE, flat)
     start = 0
     for a in arrays:
         a[...] = flat[start:start + a.size].reshape(a.shape)
         start += a.size
-
-
-def comm_in_place():
-    from mpi4py import MPI
-    return MPI.IN_PLACE
 
 
 def train(net, data, epochs, global_batch, rng_seed, comm=None, reverse_batches=False):
@@ -119,7 +115,8 @@ def train(net, data, epochs, global_batch, rng_seed, comm=None, reverse_batches=
         accuracy = float((net.eval()(x_test).argmax(axis=1) == y_test).mean())
         history["test_accuracy"].append(accuracy)
         if rank == 0:
-            print(f"  epoch {epoch + 1}/{epochs}: loss {np.mean(history['step_loss'][-steps_per_epoch:]):.4f}, "
+            epoch_loss = np.mean(history["step_loss"][-steps_per_epoch:])
+            print(f"  epoch {epoch + 1}/{epochs}: loss {epoch_loss:.4f}, "
                   f"test accuracy {100 * accuracy:.1f} %", flush=True)
     return history
 
@@ -156,8 +153,6 @@ def plot(runs, path, per_rank, size):
 
 
 def main():
-    from mpi4py import MPI
-
     args = parse_args()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

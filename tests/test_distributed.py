@@ -195,12 +195,22 @@ def test_convert_replaces_every_batch_norm_and_carries_the_state_over():
         if isinstance(old, bnfast.layers._BatchNorm):
             assert type(new) is SyncBatchNorm and new.comm == MPI.COMM_SELF
             assert (new.eps, new.momentum, new.dtype) == (old.eps, old.momentum, old.dtype)
+            assert not np.shares_memory(new.running_mean, old.running_mean)
         else:
             assert type(new) is type(old)
     assert synced.state_dict().keys() == kept.keys()
     for k, v in synced.state_dict().items():
         np.testing.assert_array_equal(v, kept[k])
-        assert not any(np.shares_memory(v, p) for p in net.state_dict().values())
+    for new, old in zip(synced.parameters(), net.parameters()):
+        assert not np.shares_memory(new, old)
+
+
+def test_synchronized_state_loads_into_the_plain_network():
+    synced = trained_a_little(SyncBatchNorm.convert(demo_net(), comm=MPI.COMM_SELF))
+    plain = demo_net()
+    plain.load_state_dict(synced.state_dict())
+    x = random_input((5, 1, 8, 8), np.float32)
+    np.testing.assert_array_equal(plain.eval()(x), synced.eval()(x))
 
 
 def test_converted_net_trains_like_the_original_on_one_process_and_leaves_it_untouched():

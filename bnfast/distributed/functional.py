@@ -156,7 +156,8 @@ def _chan_merge(counts, means, m2s):
 
 def _merge_parts(counts, parts, dtype, running):
     """The merged statistics of the gathered parts ((P, 2, C): mean, M2 of each rank),
-    the same on every rank; raises the same FloatingPointError on every rank for non-finite parts."""
+    the same on every rank; raises the same FloatingPointError on every rank for
+    non-finite parts."""
     bad = ~np.isfinite(parts).all(axis=1) & (counts[:, None] > 0)   # (P, C)
     if bad.any():
         ranks = np.flatnonzero(bad.any(axis=1))

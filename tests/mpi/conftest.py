@@ -34,4 +34,5 @@ def pytest_report_header(config):
     except ImportError:
         return "mpi4py: not installed (the tests in tests/mpi are skipped)"
     comm = MPI.COMM_WORLD
-    return f"MPI: rank {comm.Get_rank()} of {comm.Get_size()} ({MPI.Get_library_version().splitlines()[0].strip()})"
+    library = MPI.Get_library_version().splitlines()[0].strip()
+    return f"MPI: rank {comm.Get_rank()} of {comm.Get_size()} ({library})"
