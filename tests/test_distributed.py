@@ -122,6 +122,8 @@ def test_accepts_any_input_with_at_least_two_axes_and_names_a_one_axis_input():
         assert bn(random_input(shape, np.float64)).shape == shape
     with pytest.raises(ValueError, match="at least 2 axes.*1D input of shape \\(3,\\)"):
         bn(np.ones(3))
+    with pytest.raises(TypeError, match="x must be a float32 or float64 array, got None"):
+        bn(None)
 
 
 def test_eval_mode_uses_running_statistics():

@@ -18,6 +18,7 @@ import copy
 
 import numpy as np
 
+from bnfast import functional as F
 from bnfast import layers as core
 from bnfast import nn
 from bnfast.distributed import functional as SF
@@ -55,10 +56,10 @@ class SyncBatchNorm(core._BatchNorm, nn.Module):
         synced = self.training
         self._joined = False
         try:
-            if np.ndim(x) < 2:
+            x = F._as_tensor(x, "x")
+            if x.ndim < 2:
                 raise ValueError(f"SyncBatchNorm expected an input with at least 2 axes "
-                                 f"(N, C, ...), got {np.ndim(x)}D input of shape "
-                                 f"{np.shape(x)}")
+                                 f"(N, C, ...), got {x.ndim}D input of shape {x.shape}")
             return super().forward(x)
         except (TypeError, ValueError, RuntimeError):
             if synced and not self._joined:
