@@ -24,6 +24,7 @@ every rank, so they are not reduced again. Every rank then takes the same SGD
 step and the replicas stay identical.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -118,7 +119,18 @@ def train(net, data, epochs, global_batch, rng_seed, comm=None, reverse_batches=
             epoch_loss = np.mean(history["step_loss"][-steps_per_epoch:])
             print(f"  epoch {epoch + 1}/{epochs}: loss {epoch_loss:.4f}, "
                   f"test accuracy {100 * accuracy:.1f} %", flush=True)
+    if comm is not None:
+        history["replicas_identical"] = replicas_identical(net, comm)
     return history
+
+
+def replicas_identical(net, comm):
+    """Whether every rank holds the same parameters, bit for bit (and, with
+    SyncBatchNorm, the same running statistics)."""
+    synced = any(isinstance(layer, SyncBatchNorm) for layer in net)
+    arrays = net.state_dict().values() if synced else net.parameters()
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))
+    return len(set(comm.allgather(digest.hexdigest()))) == 1
 
 
 def plot(runs, path, per_rank, size):
@@ -215,6 +227,9 @@ def main():
                   f"{run['steps_within_1e-3_of_single']:>16}")
         print("  (steps = single: steps before the loss first differs from the single-process "
               "run by more than 1e-3)")
+        for key in ("sync", "local"):
+            same = "identical" if runs[key]["replicas_identical"] else "DIFFERENT"
+            print(f"  {runs[key]['label']}: the ranks' networks are {same} after training")
         print(f"wrote data_parallel.png and data_parallel.json to {args.out}/")
     return 0
 
