@@ -1,6 +1,6 @@
 """Tests that run on every rank of MPI.COMM_WORLD.
 
-    mpiexec -n 3 python -m mpi4py -m pytest -p no:cacheprovider tests/mpi
+    mpiexec -n 3 python -P -m mpi4py -m pytest -p no:cacheprovider tests/mpi
 
 Each rank runs the same tests in the same order and checks its own results;
 ``python -m mpi4py`` turns a failing rank's exit status into MPI_Abort, so the
