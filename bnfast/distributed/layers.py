@@ -80,12 +80,15 @@ class SyncBatchNorm(core._BatchNorm, nn.Module):
 
     def _batch_forward(self, x, momentum, running_mean, running_var):
         self._joined = True
-        self._synced = self.training
         if not self.training:   # eval without running statistics: this rank's batch
-            return super()._batch_forward(x, momentum, running_mean, running_var)
-        return SF.sync_batch_norm_train(x, self.weight, self.bias, comm=self.comm,
-                                        axis=self.axis, eps=self.eps, momentum=momentum,
-                                        running_mean=running_mean, running_var=running_var)
+            result = super()._batch_forward(x, momentum, running_mean, running_var)
+        else:
+            result = SF.sync_batch_norm_train(x, self.weight, self.bias, comm=self.comm,
+                                              axis=self.axis, eps=self.eps, momentum=momentum,
+                                              running_mean=running_mean,
+                                              running_var=running_var)
+        self._synced = self.training   # set with the cache, only when forward succeeds
+        return result
 
     def _batch_backward(self, dy, x, save_mean, save_invstd):
         self._joined = True

@@ -157,3 +157,20 @@ def test_a_single_value_per_channel_over_all_ranks_raises_on_every_rank():
     assert "more than 1 value per channel" in result[1]
     assert all(other == result for other in everyone)
     assert_same_state(before, after)
+
+
+def test_backward_after_a_failed_forward_belongs_to_the_last_good_forward():
+    # the last good forward was local (eval, no running statistics), so its backward
+    # must not communicate: only rank 0 calls it (a collective would time out)
+    bn = SyncBatchNorm(C, dtype=np.float64, track_running_stats=False).eval()
+    x = local_batch()
+    bn(x)
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    result = outcome(lambda: bn.train()(bad))
+    dx = bn.backward(np.ones_like(x)) if RANK == 0 else None
+    COMM.Barrier()
+
+    assert result[0] == "FloatingPointError"
+    if RANK == 0:
+        assert dx.shape == x.shape and np.isfinite(dx).all()
