@@ -142,6 +142,28 @@ def _nonfinite_channels(block, running):
     return np.flatnonzero(~ok)
 
 
+def train_arguments(x, weight, bias, axis, eps, momentum, running_mean, running_var, out):
+    """batch_norm_train's argument checks, shared with bnfast.distributed: returns
+    (x, axis, weight, bias, eps, momentum, running_mean, running_var) as the
+    kernels take them. The count per channel is the caller's to check (a
+    synchronized batch counts every rank's values)."""
+    x = V.as_float_array(x, "x")
+    axis = V.channel_axis(axis, x.ndim)
+    C = x.shape[axis]
+    weight = V.as_channel_param(weight, "weight", C, x.dtype)
+    bias = V.as_channel_param(bias, "bias", C, x.dtype)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
+    if running_mean is not None:
+        running_mean = V.as_running_stat(running_mean, "running_mean", C, x.dtype)
+        running_var = V.as_running_stat(running_var, "running_var", C, x.dtype)
+        V.check_disjoint([("running_mean", running_mean), ("running_var", running_var)],
+                         [("x", x), ("weight", weight), ("bias", bias), ("out", out)])
+    eps = V.real(eps, "eps", 0.0, math.inf)
+    momentum = V.real(momentum, "momentum", 0.0, 1.0)
+    return x, axis, weight, bias, eps, momentum, running_mean, running_var
+
+
 # --------------------------------------------------------------------------
 # fused calls
 # --------------------------------------------------------------------------
@@ -179,21 +201,10 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
         in the batch, or overflow); running statistics are left unchanged and
         the content of ``out`` is then undefined.
     """
-    x = V.as_float_array(x, "x")
-    axis = V.channel_axis(axis, x.ndim)
-    C = x.shape[axis]
-    weight = V.as_channel_param(weight, "weight", C, x.dtype)
-    bias = V.as_channel_param(bias, "bias", C, x.dtype)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("pass both running_mean and running_var, or neither")
-    if running_mean is not None:
-        running_mean = V.as_running_stat(running_mean, "running_mean", C, x.dtype)
-        running_var = V.as_running_stat(running_var, "running_var", C, x.dtype)
-        V.check_disjoint([("running_mean", running_mean), ("running_var", running_var)],
-                         [("x", x), ("weight", weight), ("bias", bias), ("out", out)])
-    eps = V.real(eps, "eps", 0.0, math.inf)
-    momentum = V.real(momentum, "momentum", 0.0, 1.0)
+    x, axis, weight, bias, eps, momentum, running_mean, running_var = train_arguments(
+        x, weight, bias, axis, eps, momentum, running_mean, running_var, out)
     V.check_trainable(x.shape, axis)
+    C = x.shape[axis]
 
     block = _Block(x, axis)
     y, y_stored, copy_to = block.output(out, [block.x])

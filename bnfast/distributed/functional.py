@@ -43,6 +43,7 @@ import math
 
 import numpy as np
 
+from bnfast import _validation as V
 from bnfast import functional as F
 from bnfast.distributed._mpi import mpi, resolve_comm
 
@@ -58,43 +59,30 @@ _HEADER = 4   # per rank: status, C, dtype code, values per channel
 # --------------------------------------------------------------------------
 
 def _check_train_args(x, weight, bias, axis, eps, momentum, running_mean, running_var, out):
-    x = F._as_tensor(x, "x")
-    axis = F._channel_axis(axis, x.ndim)
-    C = x.shape[axis]
-    weight = F._channel_param(weight, "weight", C, x.dtype)
-    bias = F._channel_param(bias, "bias", C, x.dtype)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("pass both running_mean and running_var, or neither")
-    if running_mean is not None:
-        running_mean = F._running_stat(running_mean, "running_mean", C, x.dtype)
-        running_var = F._running_stat(running_var, "running_var", C, x.dtype)
-        if np.may_share_memory(running_mean, running_var):
-            raise ValueError("running_mean and running_var share memory, so updating one "
-                             "would overwrite the other; pass two separate arrays")
-    eps = F._real(eps, "eps", 0.0, math.inf)
-    momentum = F._real(momentum, "momentum", 0.0, 1.0)
+    args = F.train_arguments(x, weight, bias, axis, eps, momentum, running_mean, running_var,
+                             out)
     if out is not None:
-        F._Block(x, axis).output(out, [])   # raises for a wrong out; nothing is written
-    return x, axis, weight, bias, eps, momentum, running_mean, running_var
+        F._Block(args[0], args[1]).output(out, [])   # raises for a wrong out; writes nothing
+    return args
 
 
 def _check_backward_args(dy, x, weight, save_mean, save_invstd, axis, out):
-    x = F._as_tensor(x, "x")
-    dy = F._as_tensor(dy, "dy")
-    axis = F._channel_axis(axis, x.ndim)
+    x = V.as_float_array(x, "x")
+    dy = V.as_float_array(dy, "dy")
+    axis = V.channel_axis(axis, x.ndim)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy is {dy.dtype} but x is {x.dtype}; pass both in one dtype, "
                         f"e.g. dy.astype(x.dtype)")
     C = x.shape[axis]
-    weight = F._channel_param(weight, "weight", C, x.dtype)
+    weight = V.as_channel_param(weight, "weight", C, x.dtype)
     for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
         if value is None:
             raise TypeError(f"{name} must be the (C,) array sync_batch_norm_train "
                             f"returned, got None")
-    save_mean = F._channel_stat(save_mean, "save_mean", C)
-    save_invstd = F._channel_stat(save_invstd, "save_invstd", C)
+    save_mean = V.as_channel_stat(save_mean, "save_mean", C)
+    save_invstd = V.as_channel_stat(save_invstd, "save_invstd", C)
     if out is not None:
         F._Block(x, axis).output(out, [])
     return dy, x, axis, weight, save_mean, save_invstd
@@ -164,7 +152,7 @@ def _merge_parts(counts, parts, dtype, running):
         channels = np.flatnonzero(bad.any(axis=0))
         raise FloatingPointError(
             f"batch statistics are not finite on rank(s) {_rank_list(ranks)} in "
-            f"{channels.size} of {parts.shape[2]} channels ({F._channel_list(channels)}): "
+            f"{channels.size} of {parts.shape[2]} channels ({V.channel_list(channels)}): "
             f"those parts of the batch hold NaN or inf, or values whose square overflows; "
             f"no rank changed its running statistics")
     count, mean, m2 = _chan_merge(counts, parts[:, 0], parts[:, 1])
@@ -176,7 +164,7 @@ def _merge_parts(counts, parts, dtype, running):
         channels = np.flatnonzero(~ok)
         raise FloatingPointError(
             f"batch statistics overflow in {channels.size} of {parts.shape[2]} channels "
-            f"({F._channel_list(channels)}) when the ranks' parts are merged; no rank "
+            f"({V.channel_list(channels)}) when the ranks' parts are merged; no rank "
             f"changed its running statistics")
     return count, mean, m2
 

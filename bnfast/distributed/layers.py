@@ -18,7 +18,7 @@ import copy
 
 import numpy as np
 
-from bnfast import functional as F
+from bnfast import _validation as V
 from bnfast import layers as core
 from bnfast import nn
 from bnfast.distributed import functional as SF
@@ -27,7 +27,7 @@ from bnfast.distributed._mpi import resolve_comm
 __all__ = ["SyncBatchNorm"]
 
 
-class SyncBatchNorm(core._BatchNorm, nn.Module):
+class SyncBatchNorm(core._BatchNorm):
     """BatchNorm over the batch of every process in ``comm`` (mpi4py).
 
     Parameters are those of ``bnfast.BatchNorm2d``, plus ``comm``: an mpi4py
@@ -37,7 +37,6 @@ class SyncBatchNorm(core._BatchNorm, nn.Module):
     and may be 0. On a 1-process communicator it is exactly plain BatchNorm.
     """
     _accepted_ndims = range(2, 65)
-    _param_names = ("weight", "bias")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32, comm=None):
@@ -56,7 +55,7 @@ class SyncBatchNorm(core._BatchNorm, nn.Module):
         synced = self.training
         self._joined = False
         try:
-            x = F._as_tensor(x, "x")
+            x = V.as_float_array(x, "x")
             if x.ndim < 2:
                 raise ValueError(f"SyncBatchNorm expected an input with at least 2 axes "
                                  f"(N, C, ...), got {x.ndim}D input of shape {x.shape}")
