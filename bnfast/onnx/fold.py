@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from bnfast.onnx import fold_bn_after, fold_bn_before
 from bnfast.onnx._graph import Graph, in_default_domain, subgraphs
-from bnfast.onnx.fold_bn import label
+from bnfast.onnx.bn_node import label, rewrite
 
 __all__ = ["fold_model", "FoldReport", "InvalidModel"]
 
@@ -98,9 +98,9 @@ def fold_model(model, *, bn_before_conv=False, progress=False):
         while pending:
             still = []
             for node in pending:
-                fold_pass, match, why = _first_match(node, graph, passes)
-                if fold_pass is not None:
-                    fold_pass.rewrite(match, graph)
+                match, why = _first_match(node, graph, passes)
+                if match:
+                    rewrite(match, graph)
                     report.folded.append({"node": node.name, "output": node.output[0],
                                           "into": match.into})
                     bar.update(1)
@@ -124,16 +124,16 @@ def fold_model(model, *, bn_before_conv=False, progress=False):
 
 
 def _first_match(node, graph, passes):
-    """(pass, match, None) for the first pass that folds `node`, else (None, None, why)."""
+    """(match, None) for the first pass that folds `node`, else (None, why)."""
     reasons = []
     for fold_pass in passes:
         match = fold_pass.matches(node, graph)
         if match:
-            return fold_pass, match, None
+            return match, None
         reasons.append(match.reason)
     if len(reasons) == 1:
-        return None, None, reasons[0]
-    return None, None, f"not into the layer before it: {reasons[0]}; not into the layer after " \
+        return None, reasons[0]
+    return None, f"not into the layer before it: {reasons[0]}; not into the layer after " \
                  f"it: {reasons[1]}"
 
 

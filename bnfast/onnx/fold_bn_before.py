@@ -20,28 +20,9 @@ channel ``i = g * Cin/group + c`` of group g:
 
 (``bnfast.fold.fold_bn_conv``). Stride and dilation do not matter.
 """
-from dataclasses import dataclass
-
-import onnx
-
 from bnfast.fold import fold_bn_conv
 from bnfast.onnx._graph import NotConstant, attribute, in_default_domain
-from bnfast.onnx.fold_bn import NoMatch, label, read_bn
-
-
-@dataclass
-class Match:
-    bn: object               # fold_bn.BatchNorm
-    layer: onnx.NodeProto    # the Conv after it
-    weight: object
-    bias: object
-
-    def __bool__(self):
-        return True
-
-    @property
-    def into(self):
-        return f"Conv {label(self.layer)}"
+from bnfast.onnx.bn_node import Match, NoMatch, label, read_bn
 
 
 def matches(node, graph):
@@ -72,20 +53,7 @@ def matches(node, graph):
                               padding=_padding(conv, W))
     except ValueError as err:
         return NoMatch(f"Conv {label(conv)} after it: {err}")
-    return Match(bn, conv, W2, b2)
-
-
-def rewrite(match, graph):
-    """Apply a Match: the Conv reads X with new weights, the BN goes. False if no match."""
-    if not match:
-        return False
-    conv, bn = match.layer, match.bn
-    graph.set_constant_input(conv, 1, match.weight, f"{conv.input[1]}_bnfolded")
-    graph.set_constant_input(conv, 2, match.bias, f"{conv.name or conv.output[0]}_bias_bnfolded")
-    graph.set_input(conv, 0, bn.X)
-    graph.drop(bn.node)
-    graph.forget_value_info(bn.Y)
-    return True
+    return Match(bn, conv, [(conv, 1, W2), (conv, 2, b2)], before=True)
 
 
 def _padding(conv, W):
