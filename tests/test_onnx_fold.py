@@ -638,11 +638,58 @@ def test_random_inputs_follow_graph_shapes_and_named_dims():
                        [info("x", ["batch", 3, None]), info("n", [2], TensorProto.INT64)],
                        [info("y", ["batch", 3, None]), info("m", [2], TensorProto.INT64)])
     feeds = check.random_inputs(model, dims={"batch": 5})
-    assert feeds["x"].shape == (5, 3, 16) and feeds["x"].dtype == np.float32
+    assert feeds["x"].shape == (5, 3, check.SIZE_LADDER[0]) and feeds["x"].dtype == np.float32
     assert feeds["n"].shape == (2,) and feeds["n"].dtype == np.int64
-    assert check.random_inputs(model)["x"].shape == (2, 3, 16)
+    assert check.random_inputs(model)["x"].shape == (2, 3, check.SIZE_LADDER[0])
     with pytest.raises(ValueError, match="no input has a dimension named height.*batch"):
         check.random_inputs(model, dims={"height": 3})
+
+
+def test_negative_and_zero_declared_dims_get_defaults():
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [info("x", [1, 3, 4])],
+                       [info("y", [1, 3, 4])])
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value, dims[2].dim_value = -1, 0
+    assert check.input_shapes(model)["x"][0] == (2, 3, check.SIZE_LADDER[0])
+
+
+def test_input_ladder_grows_until_the_budget_and_refuses_above_it():
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])],
+                       [info("x", [1, 3, "h", "w"])], [info("y", [1, 3, "h", "w"])])
+    ladder = check.input_ladder(model, budget=4 * 3 * 128 * 128)
+    assert [r["x"][0] for r in ladder] == [(1, 3, s, s) for s in check.SIZE_LADDER[:3]]
+    with pytest.raises(ValueError, match="GiB budget"):
+        check.input_ladder(model, dims={"h": 100_000_000, "w": 100_000_000})
+
+
+def test_check_finds_a_size_the_model_runs_at():
+    # a 5x5 kernel without padding, twice: 16 pixels would be too small, 32 runs
+    r = rng(9)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="c1"),
+             helper.make_node("MaxPool", ["h"], ["p"], kernel_shape=[8, 8], strides=[8, 8]),
+             helper.make_node("Conv", ["p", "W2"], ["y"], name="c2")]
+    model = make_model(nodes, [info("x", [1, 2, "H", "W"])], [info("y", [1, 2, None, None])],
+                       [const("W", r.standard_normal((2, 2, 5, 5))),
+                        const("W2", r.standard_normal((2, 2, 3, 3)))])
+    result = check.compare(model, model)
+    assert result.passed and result.input_shapes["x"][2] >= 32
+
+
+def test_check_compares_intermediate_tensors_and_names_the_worst():
+    # a wrong BN epsilon hidden behind a tiny output scale (like a detector's ~1e-7
+    # outputs): the output passes its tolerance, the BN output does not
+    model = conv_bn_model()
+    nodes = list(model.graph.node) + [helper.make_node("Mul", ["y", "tiny"], ["s"])]
+    inits = list(model.graph.initializer) + [const("tiny", [1e-9])]
+    wide = make_model(nodes, list(model.graph.input), [info("s", [2, 6, 7, 7])], inits)
+    changed = onnx.ModelProto()
+    changed.CopyFrom(wide)
+    changed.graph.node[1].attribute[0].f = 0.5
+    only_outputs = check.compare(wide, changed, intermediates=False)
+    every = check.compare(wide, changed)
+    assert only_outputs.passed and only_outputs.tensors_compared == 1
+    assert not every.passed and every.tensors_compared == 3
+    assert every.worst["tensor"] == "y" and not every.worst["passed"]
 
 
 def test_compare_finds_a_changed_result_and_passes_an_equal_one():

@@ -12,8 +12,6 @@ from bnfast.errors import CheckFailed, UsageError
 HELP = "export a saved bnfast.nn network (.npz) to ONNX, optionally with BN folded"
 
 CHECK_BATCH = 16
-# float32: onnxruntime and numpy sum in different orders; folding rounds once more
-TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-10, 1e-10)}   # (atol, rtol)
 
 
 def _shape(text):
@@ -118,37 +116,13 @@ def check(net, model, sample_shape, seed=0):
     try:
         (got,) = onnx_check.run(model, {INPUT_NAME: x}).values()
     except onnx_check.ORT_ERRORS as err:
-        raise UsageError(f"onnxruntime cannot run this model ({_first_line(err)}); note that "
-                         f"its CPU kernels run convolutions in float32 only") from None
-    max_abs, max_rel, ok, tolerance = compare_outputs(got, expected)
+        raise UsageError(f"onnxruntime cannot run this model ({onnx_check.first_line(err)}); "
+                         f"note that its CPU kernels run convolutions in float32 only") from None
+    diff = onnx_check.difference(expected, got, kind="export")
     print(f"check: onnxruntime vs bnfast on {CHECK_BATCH} random inputs: max abs diff "
-          f"{max_abs:.2e}, max rel diff {max_rel:.2e} (tolerance {tolerance:.2e})")
-    if not ok:
-        raise CheckFailed(f"onnxruntime's outputs differ from bnfast's by up to {max_abs:.3g}, "
-                          f"above the tolerance {tolerance:.3g}; nothing written")
-
-
-def compare_outputs(got, expected):
-    """Max abs diff, max rel diff (relative to the largest |expected|), pass/fail, and
-    the largest difference allowed, for onnxruntime's output `got` against bnfast's
-    `expected` (``bnfast.onnx.check.difference``).
-
-    Passes when max |got - expected| <= atol + rtol * max |expected|, with atol
-    and rtol by expected's dtype (TOLERANCE). A different shape or dtype, or NaN
-    or infinity in different places, fails with an infinite difference.
-    """
-    import numpy as np
-
-    from bnfast.onnx.check import difference
-
-    expected = np.asarray(expected)
-    atol, rtol = TOLERANCE.get(expected.dtype.name, TOLERANCE["float32"])
-    result = difference(expected, got, rtol=rtol, atol=atol)
-    finite = expected[np.isfinite(expected)]
-    tolerance = atol + rtol * float(np.abs(finite).max(initial=0.0))
-    return result["max_abs_diff"], result["max_rel_diff"], result["passed"], tolerance
-
-
-def _first_line(err):
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+          f"{diff['max_abs_diff']:.2e}, max rel diff {diff['max_rel_diff']:.2e} (tolerance "
+          f"{diff['allowed']:.2e})")
+    if not diff["passed"]:
+        raise CheckFailed(f"onnxruntime's outputs differ from bnfast's by up to "
+                          f"{diff['max_abs_diff']:.3g}, above the tolerance "
+                          f"{diff['allowed']:.3g}; nothing written")

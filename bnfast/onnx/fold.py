@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from bnfast.onnx import fold_bn_after, fold_bn_before
 from bnfast.onnx._graph import Graph, in_default_domain, subgraphs
+from bnfast.onnx._isolate import first_line
 from bnfast.onnx.bn_node import label, rewrite
 
 __all__ = ["fold_model", "FoldReport", "InvalidModel"]
@@ -179,7 +180,7 @@ def _validate(model):
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
-        raise InvalidModel(f"not a valid ONNX model: {_first_line(err)}") from None
+        raise InvalidModel(f"not a valid ONNX model: {first_line(err)}") from None
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
@@ -194,10 +195,5 @@ def _check_output(model, full_check):
         onnx.checker.check_model(model, full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise RuntimeError(f"bnfast produced a model the ONNX checker rejects "
-                           f"({_first_line(err)}); this is a bug in bnfast, please report "
+                           f"({first_line(err)}); this is a bug in bnfast, please report "
                            f"it with the model") from err
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
