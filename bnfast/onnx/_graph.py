@@ -83,6 +83,32 @@ def names_read_in(graph):
         yield out.name
 
 
+def graph_tensors(graph):
+    """Every TensorProto of `graph`: initializers and node attributes (Constant
+    values, ...), in nested subgraphs too."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+        for sub in subgraphs(node):
+            yield from graph_tensors(sub)
+
+
+def model_tensors(model):
+    """Every TensorProto of `model`: its graph's (``graph_tensors``) and its functions'."""
+    yield from graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
 def all_names(graph):
     """Every value name in `graph` and its subgraphs (for choosing fresh names)."""
     names = set()
@@ -384,7 +410,12 @@ def _delete_where(repeated, doomed):
 
 
 def tensor_value(tensor):
-    """A TensorProto as numpy; NotConstant when its data cannot be read."""
+    """A TensorProto as numpy; NotConstant when its data cannot be read. External
+    data must already be loaded (numpy_helper would read it relative to the
+    working directory)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        raise NotConstant(f"tensor '{tensor.name}' keeps its data in an external file that "
+                          f"is not loaded")
     try:
         return numpy_helper.to_array(tensor)
     except (ValueError, TypeError, OSError) as err:

@@ -217,7 +217,8 @@ class CheckResult:
     outputs: dict          # graph output -> {"max_abs_diff", "max_rel_diff", "rtol", "atol",
                            #                  "passed"}
     input_shapes: dict     # name -> list of ints
-    worst: dict = None     # {"tensor", "max_abs_diff", "max_rel_diff", "passed"}
+    worst: dict = None     # {"tensor", "max_abs_diff", "max_rel_diff", "rtol", "atol",
+                           #  "passed"}
     tensors_compared: int = 0
     sizes_tried: list = None   # the ladder sizes tried before one ran (None: no ladder)
 
@@ -324,6 +325,7 @@ def _compare_here(note, sources, shared, plans, seed, rtol, atol):
     worst = None if worst_name is None else {
         "tensor": worst_name, "max_abs_diff": results[worst_name]["max_abs_diff"],
         "max_rel_diff": results[worst_name]["max_rel_diff"],
+        "rtol": results[worst_name]["rtol"], "atol": results[worst_name]["atol"],
         "passed": results[worst_name]["passed"]}
     return dict(
         max_abs_diff=max((r["max_abs_diff"] for r in results.values()), default=0.0),

@@ -31,7 +31,7 @@ import onnx
 from tqdm import tqdm
 
 from bnfast.onnx import fold_bn_after, fold_bn_before
-from bnfast.onnx._graph import Graph, in_default_domain, subgraphs
+from bnfast.onnx._graph import Graph, in_default_domain, model_tensors, subgraphs
 from bnfast.onnx._isolate import first_line
 from bnfast.onnx.bn_node import label, rewrite
 
@@ -164,9 +164,9 @@ def _nested_bns(model):
 
 
 def _require_loaded_data(model):
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
-            raise InvalidModel(f"initializer '{tensor.name}' is stored in an external data "
+    for tensor in model_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise InvalidModel(f"tensor '{tensor.name}' is stored in an external data "
                                f"file that is not loaded; load the model with onnx.load(path) "
                                f"(which loads external data) or "
                                f"onnx.load_external_data_for_model(model, directory)")
