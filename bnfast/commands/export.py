@@ -2,11 +2,14 @@
 
 --check runs the model in onnxruntime on random inputs and compares its outputs
 with bnfast's own forward in eval mode; above tolerance it exits 1 and writes
-nothing.
+nothing. The output is never the network file itself (same path after links,
+or same inode), and an input shape whose sample (or --check batch) would not
+fit the check's memory budget is refused before anything is allocated.
 """
 import argparse
 import os
 
+from bnfast._files import same_file
 from bnfast.errors import CheckFailed, UsageError
 
 HELP = "export a saved bnfast.nn network (.npz) to ONNX, optionally with BN folded"
@@ -49,6 +52,9 @@ def run(args):
     if not MIN_OPSET <= args.opset <= max_opset():
         raise UsageError(f"--opset must be between {MIN_OPSET} and {max_opset()}, "
                          f"got {args.opset}")
+    if os.path.exists(args.output) and same_file(args.output, args.net):
+        raise UsageError(f"-o {args.output} is the network {args.net} itself, which writing "
+                         f"would destroy; give the ONNX model its own file")
     try:
         net = nn.load(args.net)
     except FileNotFoundError:
@@ -59,6 +65,7 @@ def run(args):
     if sample_shape is None:
         raise UsageError(f"{args.net} does not record its input shape; pass "
                          f"--input-shape C,H,W (the shape of one sample)")
+    _check_input_size(net, sample_shape, args.check)
     if os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a directory; give a file name such as "
                          f"{os.path.join(args.output, 'net.onnx')}")
@@ -71,6 +78,11 @@ def run(args):
                                  fold=args.fold)
             except (ValueError, TypeError) as err:   # e.g. layers of two dtypes
                 raise UsageError(str(err)) from None
+            except MemoryError:   # e.g. huge padding: tracing the shapes allocates
+                raise UsageError(f"{args.net}: running the network on one sample of shape "
+                                 f"{tuple(sample_shape)} to trace its shapes needs more memory "
+                                 f"than this machine has; check its input shape and "
+                                 f"padding") from None
             data = model.SerializeToString()
             if args.check:
                 check(net, data, sample_shape)
@@ -84,6 +96,23 @@ def run(args):
           f"({ops.count('BatchNormalization')} BatchNormalization"
           f"{', BN folded' if args.fold else ''}), {len(data)} bytes")
     return 0
+
+
+def _check_input_size(net, sample_shape, checking):
+    """UsageError when the sample the export traces, or the batch --check feeds,
+    would take more than the check's input budget (estimated, nothing allocated)."""
+    import numpy as np
+
+    from bnfast.onnx.check import INPUT_BUDGET
+
+    dtype = np.dtype(net.parameters()[0].dtype if net.parameters() else np.float32)
+    batch = CHECK_BATCH if checking else 1
+    nbytes = float(np.prod(sample_shape, dtype=np.float64)) * dtype.itemsize * batch
+    if nbytes > INPUT_BUDGET:
+        what = f"{batch} random samples for --check" if checking else "one sample to trace"
+        raise UsageError(f"input shape {tuple(sample_shape)}: {what} would take "
+                         f"{nbytes / 2 ** 30:.3g} GiB, above the {INPUT_BUDGET / 2 ** 30:.3g} "
+                         f"GiB limit; give the shape of one sample, e.g. --input-shape 1,28,28")
 
 
 def _shape_from_first_layer(net):

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-from bnfast._files import atomic_output
+from bnfast._files import atomic_output, same_file
 from bnfast.errors import CheckFailed, UsageError
 
 HELP = "fold BatchNormalization into the layers next to it in an ONNX model"
@@ -72,14 +72,14 @@ def run(args):
     _require_directory(args.output, "-o")
     if args.report:
         _require_directory(args.report, "--report")
-        if _same_file(args.report, args.input) or _same_file(args.report, args.output) or \
-                _same_file(args.report, _data_path(args.output)):
+        if same_file(args.report, args.input) or same_file(args.report, args.output) or \
+                same_file(args.report, _data_path(args.output)):
             raise UsageError(f"--report {args.report} would overwrite the model; give the "
                              f"report its own file")
 
     model, data_files, size_before = _load(args.input)
     for path, option in ((args.output, "-o"), (args.report, "--report")):
-        if path and any(_same_file(path, f) for f in data_files):
+        if path and any(same_file(path, f) for f in data_files):
             raise UsageError(f"{option} {path} is the external data of {args.input}, which "
                              f"writing would destroy; choose another path")
     external = bool(data_files)
@@ -102,7 +102,7 @@ def run(args):
     except InvalidModel as err:
         raise UsageError(f"{args.input}: {err}") from None
     as_external = external or folded.ByteSize() > PROTOBUF_LIMIT
-    if as_external and not args.force and any(_same_file(_data_path(args.output), f)
+    if as_external and not args.force and any(same_file(_data_path(args.output), f)
                                               for f in data_files):
         raise UsageError(f"the output's data file {_data_path(args.output)} is the external "
                          f"data of {args.input}, which writing would change; choose another "
@@ -188,20 +188,9 @@ def _check_tolerances(args):
             raise UsageError(f"--{name} must be a finite number >= 0, got {value}")
 
 
-def _same_file(a, b):
-    """Whether paths `a` and `b` name one file: the same resolved path (through
-    symbolic links), or the same inode (hard links)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:     # one of them does not exist
-        return False
-
-
 def _refuse_overwrite(src, dst, force):
     """Whether OUT is IN; UsageError if so without --force."""
-    same = _same_file(src, dst)
+    same = same_file(src, dst)
     if same and not force:
         raise UsageError(f"refusing to overwrite the input {src}; choose another -o or pass "
                          f"--force")
