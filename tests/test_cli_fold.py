@@ -13,7 +13,8 @@ import bnfast.onnx.fold
 from bnfast.cli import main
 from bnfast.onnx import check
 
-from test_onnx_fold import bn, bn_params, conv_bn_model, const, info, make_model, ops
+from bnfast.onnx._test_models import bn, bn_params, const, conv_bn_model, info, make_model
+from test_onnx_fold import ops
 
 
 @pytest.fixture

@@ -9,50 +9,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfast.onnx import check, fold_model
 from bnfast.onnx._graph import Graph, NotConstant
+from bnfast.onnx._test_models import (F32, bn, bn_params, const, conv_bn_model,  # noqa: F401
+                                      conv_bn_model_with_bn, info, make_model, rng)
 from bnfast.onnx.fold import InvalidModel
-
-F32 = TensorProto.FLOAT
 
 
 # --------------------------------------------------------------------------
 # building and checking models
 # --------------------------------------------------------------------------
-
-def rng(seed=0):
-    return np.random.default_rng(seed)
-
-
-def const(name, array, dtype=np.float32):
-    return numpy_helper.from_array(np.asarray(array, dtype=dtype), name)
-
-
-def bn_params(prefix, C, seed=1, dtype=np.float32):
-    """Initializers scale, B, mean, var for a BN over C channels, far from identity."""
-    r = rng(seed)
-    return [const(f"{prefix}_scale", r.uniform(0.5, 2, C), dtype),
-            const(f"{prefix}_B", r.standard_normal(C), dtype),
-            const(f"{prefix}_mean", r.standard_normal(C), dtype),
-            const(f"{prefix}_var", r.uniform(0.5, 2, C), dtype)]
-
-
-def bn(x, y, prefix, name=None, outputs=(), **attrs):
-    inputs = [x] + [f"{prefix}_{p}" for p in ("scale", "B", "mean", "var")]
-    return helper.make_node("BatchNormalization", inputs, [y, *outputs],
-                            name=name or prefix, **attrs)
-
-
-def info(name, shape, elem=F32):
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def make_model(nodes, inputs, outputs, initializers=(), opset=17, ir_version=None, **kw):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers), **kw)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    if ir_version is not None:
-        model.ir_version = ir_version
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
 
 def ops(model):
     return [n.op_type for n in model.graph.node]
@@ -86,42 +50,14 @@ def fold_and_compare(model, rtol=1e-5, atol=1e-5, **options):
     assert expected.keys() == got.keys()
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=rtol, atol=atol)
+    every = check.compare(model, folded, isolate=False, rtol=rtol, atol=atol)
+    assert every.passed, every.worst           # every tensor both graphs compute
     return folded, report
 
 
 def assert_folded_all(folded, report, n):
     assert "BatchNormalization" not in ops(folded)
     assert len(report.folded) == n and report.left == []
-
-
-def conv_bn_model(kernel=(3, 3), groups=1, cin=4, cout=6, bias=True, pads=True, seed=0,
-                  dtype=np.float32, opset=17):
-    r = rng(seed)
-    spatial = [7] * len(kernel)
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    inits = [const("W", r.standard_normal((cout, cin // groups, *kernel)), dtype)]
-    inputs = ["x", "W"]
-    if bias:
-        inits.append(const("b", r.standard_normal(cout), dtype))
-        inputs.append("b")
-    attrs = dict(group=groups)
-    if pads:
-        attrs["pads"] = [k // 2 for k in kernel] * 2
-    out_spatial = spatial if pads else [s - k + 1 for s, k in zip(spatial, kernel)]
-    nodes = [helper.make_node("Conv", inputs, ["z"], name="conv", **attrs),
-             bn("z", "y", "bn", epsilon=1e-3)]
-    return make_model(nodes, [info("x", [2, cin, *spatial], elem)],
-                      [info("y", [2, cout, *out_spatial], elem)],
-                      inits + bn_params("bn", cout, dtype=dtype), opset=opset)
-
-
-def conv_bn_model_with_bn(opset, **bn_options):
-    """conv_bn_model whose BN node is built with `bn_options` (extra outputs, modes)."""
-    model = conv_bn_model(opset=opset)
-    nodes = list(model.graph.node)
-    nodes[1] = bn("z", "y", "bn", **bn_options)
-    return make_model(nodes, list(model.graph.input), list(model.graph.output),
-                      list(model.graph.initializer), opset=opset)
 
 
 # --------------------------------------------------------------------------

@@ -111,10 +111,14 @@ def rewrite(match, graph):
         graph.set_input(layer, 0, bn.X)
         graph.forget_value_info(bn.Y)
     else:
+        # the layer and the nodes kept after it now compute other values: their
+        # outputs get new names (a check comparing tensors by name must not pair
+        # them with the old ones), and the last one takes over the BN's output
         previous = layer
         for node, index in match.kept:
-            if node.input[index] != previous.output[0]:
-                graph.set_input(node, index, previous.output[0])
+            renamed = graph.fresh_name(f"{previous.output[0]}_bnfolded")
+            graph.set_output(previous, 0, renamed)
+            graph.set_input(node, index, renamed)
             previous = node
         for node in match.removed:
             graph.drop(node)
