@@ -131,7 +131,7 @@ def run(args):
             staged.save(folded)
         report.size_after = staged.commit()
     if args.report:
-        _write_text(args.report, _json(report.to_dict()) + "\n")
+        _write_text(args.report, report.to_json() + "\n")
     _print_summary(args, report)
     if report.check is not None and not report.check["passed"]:
         worst = report.check["worst"]
@@ -145,23 +145,6 @@ def run(args):
 
 def _g(value):
     return "default" if value is None else f"{value:g}"
-
-
-def _json(data):
-    """Standard JSON: a non-finite number (a difference that is not comparable,
-    such as NaN in different places) is written as null."""
-    import json
-    import math
-
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    return json.dumps(clean(data), indent=2, allow_nan=False)
 
 
 # --------------------------------------------------------------------------

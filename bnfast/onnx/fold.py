@@ -7,24 +7,33 @@ until neither changes the graph:
 - ``fold_bn_after``: BN into the layer before it (Conv of any rank, grouped or
   depthwise; ConvTranspose, grouped too; Gemm with any transA, transB, alpha,
   beta and C; MatMul with a constant 2-D weight, alone or followed by Add of a
-  constant bias). Chains such as Conv -> BN -> BN fold completely.
+  constant bias). Between the layer and the BN it looks through Identity
+  nodes, a per-channel bias Add (folded into the layer's bias), and Squeeze,
+  Unsqueeze or Reshape nodes that keep the channel axis (a Conv1d written as
+  Unsqueeze -> Conv -> Squeeze; MatMul -> Reshape to (P, N, 1, ...)). Chains
+  such as Conv -> BN -> BN fold completely.
 - ``fold_bn_before`` (``bn_before_conv=True``): BN into the Conv after it, when
   that Conv has no padding.
 
-New weights are computed in float64 by ``bnfast.fold`` and stored in the
-weights' dtype, so the output graph is final and never has more nodes than the
-input. A BN is left in place, with the reason in the report, when it is in
-training mode, has ``spatial=0``, has non-constant parameters, or its
-neighbour is not a layer it can fold into safely (the neighbour's output is
-read elsewhere, a graph output, or its weights are not constant). Weights that
-other nodes share are cloned, never changed under them. Graph inputs and
-outputs, value_info, opset imports, metadata and functions are kept; IR < 4
-models keep every initializer listed as a graph input. Only the main graph is
+Weights and BN parameters may be initializers, Constant nodes, or the result
+of a constant subgraph (ConstantOfShape, Cast, Reshape, Mul, Sqrt, ... of
+constants; ``_graph.CONSTANT_OPS``), evaluated one node at a time, never from
+a graph input. New weights are computed in float64 by ``bnfast.fold`` and
+stored in the weights' dtype, so the output graph is final and never has more
+nodes than the input; values whose meaning changes get new names. A BN is
+left in place, with the reason in the report, when it is in training mode,
+has ``spatial=0``, has non-constant parameters, or its neighbour is not a
+layer it can fold into safely (the neighbour's output is read elsewhere, a
+graph output, or its weights are not constant). Weights that other nodes
+share are cloned, never changed under them. Graph inputs and outputs,
+value_info, opset imports, metadata and functions are kept; IR < 4 models
+keep every initializer listed as a graph input. Only the main graph is
 folded: BN nodes inside subgraphs (If, Loop, Scan) and functions are reported
-as left.
+as left. Time and memory are linear in the size of the model.
 """
 import dataclasses
 import json
+import math
 import sys
 
 import onnx
@@ -63,7 +72,19 @@ class FoldReport:
         return dataclasses.asdict(self)
 
     def to_json(self):
-        return json.dumps(self.to_dict(), indent=2)
+        """Standard JSON: a difference that is not finite (NaN or infinity in
+        different places) is written as null."""
+        return json.dumps(_finite_or_none(self.to_dict()), indent=2, allow_nan=False)
+
+
+def _finite_or_none(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
 
 
 def fold_model(model, *, bn_before_conv=False, progress=False):
