@@ -660,3 +660,11 @@ def test_compare_survives_an_onnxruntime_crash():
         assert "onnxruntime" in str(err) and "the original model" in str(err)
     else:                         # a fixed onnxruntime runs it
         assert result.passed
+
+
+def test_check_compares_around_a_sequence_valued_intermediate():
+    nodes = [helper.make_node("SequenceConstruct", ["x", "x"], ["seq"]),
+             helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=0)]
+    model = make_model(nodes, [info("x", [2, 3])], [info("y", [4, 3])])
+    result = check.compare(model, model)
+    assert result.passed and "y" in result.outputs
