@@ -347,8 +347,11 @@ def test_constant_external_data_is_read_from_the_models_folder(tmp_path, monkeyp
     folder, elsewhere = tmp_path / "model", tmp_path / "cwd"
     folder.mkdir(), elsewhere.mkdir()
     path = folder / "m.onnx"
+    # only the Constant's value (4.5 KB) goes to w.bin; the small initializers stay
     onnx.save_model(constant_weight_model(), path, save_as_external_data=True,
-                    location="w.bin", size_threshold=0, convert_attribute=True)
+                    location="w.bin", size_threshold=1024, convert_attribute=True)
+    lazy = onnx.load(path, load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in lazy.graph.initializer)
     # a decoy of the same name in the working directory must not be read
     (elsewhere / "w.bin").write_bytes(np.full(8192, 7.0, np.float32).tobytes())
     monkeypatch.chdir(elsewhere)

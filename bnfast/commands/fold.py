@@ -33,7 +33,8 @@ def add_arguments(parser):
                         help="where to write the folded model")
     parser.add_argument("--check", action="store_true",
                         help="compare both models in onnxruntime (graph optimizations off) on "
-                             "random inputs; exit 1 if they differ above tolerance")
+                             "random inputs, every tensor both compute; exit 1 if one differs "
+                             "above tolerance (the output is still written, for inspection)")
     parser.add_argument("--report", metavar="REPORT.json",
                         help="write what was folded, what was left and why, sizes and the "
                              "check as JSON")
@@ -44,15 +45,17 @@ def add_arguments(parser):
                         help="allow OUT.onnx to be IN.onnx (overwrite the input)")
     parser.add_argument("--dim", metavar="NAME=SIZE", action="append", default=[],
                         help="size of a named dynamic input dimension for --check (repeat "
-                             "for several); unnamed dynamic dimensions are 2 on the first "
-                             "axis, 16 elsewhere")
+                             "for several); other dynamic dimensions are 2 on the first axis "
+                             "and elsewhere 32, 64, 128, 224, ... tried until onnxruntime runs "
+                             "the model")
     parser.add_argument("--rtol", type=float, default=None,
-                        help="relative tolerance of --check, against each output's largest "
+                        help="relative tolerance of --check, against each tensor's largest "
                              "|value| (default by dtype: 1e-4 for float32)")
     parser.add_argument("--atol", type=float, default=None,
                         help="absolute tolerance of --check (default by dtype: 1e-5 for "
                              "float32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random inputs (an integer >= 0)")
     parser.add_argument("--progress", action="store_true",
                         help="show progress (shown anyway for large models)")
 
