@@ -148,3 +148,24 @@ def test_light_models_together_fold_most_of_their_bns():
         folded += len(fold_model(model)[1].folded)
     # 292 BNs in onnx 1.23: 230 follow a Conv; the rest follow Concat or MaxPool
     assert total == 0 or folded / total > 0.75
+
+
+def test_a_long_chain_of_arithmetic_from_an_input_is_not_constant_and_costs_no_recursion():
+    nodes, name = [], "x"
+    for i in range(3000):
+        nodes.append(helper.make_node("Add", [name, "one"], [f"a{i}"]))
+        name = f"a{i}"
+    model = models.make_model(nodes, [models.info("x", [3])], [models.info(name, [3])],
+                              [models.const("one", [1.0])])
+    graph = Graph(model)
+    with pytest.raises(NotConstant, match="a2999"):
+        graph.constant(name)
+    assert not graph.is_constant("a1500") and not graph.is_constant("a10")
+
+
+@pytest.mark.parametrize("layer", ["Conv", "ConvTranspose"])
+def test_folds_a_bias_add_after_a_layer_that_has_its_own_bias(layer):
+    model = models.layer_add_bn(layer, (1, 6, 1, 1), layer_bias=True)
+    folded, report = fold_and_compare(model)
+    assert_folded_all(folded, report, 1)
+    assert ops(folded) == [layer]

@@ -221,8 +221,8 @@ class Graph:
         return value
 
     def _resolve(self, name, depth):
-        if depth > 256:
-            raise NotConstant(f"'{name}' is computed by a chain of over 256 constant nodes")
+        if depth > 64:
+            raise NotConstant(f"'{name}' is computed through a chain of over 64 nodes")
         if name in self.initializers:
             if self.is_overridable(name):
                 raise NotConstant(f"'{name}' is a graph input with a default value, which a "
@@ -246,11 +246,18 @@ class Graph:
         from onnx.reference import ReferenceEvaluator
 
         where = f"{node.op_type} node '{node.name}'" if node.name else f"a {node.op_type} node"
-        try:
-            inputs = {n: self._value(n, depth + 1) for n in node.input if n}
-        except NotConstant as err:
-            raise NotConstant(f"'{name}' is computed by {where} from a value that is not "
-                              f"constant ({err})") from None
+        inputs = {}
+        for n in node.input:
+            if n:
+                try:
+                    inputs[n] = self._value(n, depth + 1)
+                except NotConstant as err:
+                    # name the first step and the root cause, not every step between
+                    root = getattr(err, "root", str(err))
+                    failure = NotConstant(f"'{name}' is computed by {where} from '{n}', "
+                                          f"which is not constant: {root}")
+                    failure.root = root
+                    raise failure from None
         size = sum(a.size for a in inputs.values())
         if node.op_type == "ConstantOfShape" and inputs:
             size = int(np.prod(next(iter(inputs.values())), dtype=np.float64))

@@ -113,17 +113,19 @@ def constant_subgraph_params(from_input=False):
     return make_model(nodes, inputs, [info("y", [2, C, 7, 7])], inits)
 
 
-def layer_add_bn(layer="Conv", bias_shape=(6, 1, 1), identities=False):
+def layer_add_bn(layer="Conv", bias_shape=(6, 1, 1), identities=False, layer_bias=False):
     """Conv or ConvTranspose -> [Identity] -> Add(constant) -> [Identity] -> BN, the
     bias written as a separate Add (paddle2onnx). A bias that is not one value per
-    channel (e.g. shape (7,) or (1, 1, 7, 7) on a (2, 6, 7, 7) output) must stay."""
+    channel (e.g. shape (7,) or (1, 1, 7, 7) on a (2, 6, 7, 7) output) must stay.
+    `layer_bias`: the layer has a bias of its own too."""
     r = rng(12)
     C = 6
+    inputs = ["x", "W"] + (["b"] if layer_bias else [])
     if layer == "Conv":
-        node = helper.make_node("Conv", ["x", "W"], ["z0"], name="conv", pads=[1, 1, 1, 1])
+        node = helper.make_node("Conv", inputs, ["z0"], name="conv", pads=[1, 1, 1, 1])
         weight = r.standard_normal((C, 4, 3, 3))
     else:
-        node = helper.make_node("ConvTranspose", ["x", "W"], ["z0"], name="deconv",
+        node = helper.make_node("ConvTranspose", inputs, ["z0"], name="deconv",
                                 pads=[1, 1, 1, 1])
         weight = r.standard_normal((4, C, 3, 3))
     nodes, name = [node], "z0"
@@ -137,8 +139,8 @@ def layer_add_bn(layer="Conv", bias_shape=(6, 1, 1), identities=False):
         name = "z3"
     nodes.append(bn(name, "y", "bn"))
     return make_model(nodes, [info("x", [2, 4, 7, 7])], [info("y", [2, C, 7, 7])],
-                      [const("W", weight), const("c", r.standard_normal(bias_shape))]
-                      + bn_params("bn", C))
+                      [const("W", weight), const("c", r.standard_normal(bias_shape)),
+                       const("b", r.standard_normal(C))] + bn_params("bn", C))
 
 
 def conv1d_as_conv2d(how="squeeze"):
