@@ -484,3 +484,16 @@ def test_huge_declared_input_exits_2_before_writing(tmp_path, capsys):
     assert fold(path, "-o", tmp_path / "o.onnx", "--check") == 2
     assert_one_line_error(capsys, "GiB budget")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_report_that_cannot_be_written_leaves_no_model(model_path, tmp_path, capsys,
+                                                        monkeypatch):
+    import bnfast.commands.fold as command
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(command, "atomic_output", full_disk)
+    out = tmp_path / "o.onnx"
+    assert fold(model_path, "-o", out, "--report", tmp_path / "r.json") == 2
+    assert_one_line_error(capsys, "cannot write", "No space left on device")
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfast.onnx import check, fold_model
 from bnfast.onnx._graph import Graph, NotConstant
-from bnfast.onnx._test_models import (F32, bn, bn_params, const, conv_bn_model,  # noqa: F401
+from bnfast.onnx._test_models import (bn, bn_params, const, conv_bn_model,
                                       conv_bn_model_with_bn, info, make_model, rng)
 from bnfast.onnx.fold import InvalidModel
 

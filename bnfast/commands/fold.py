@@ -13,6 +13,7 @@ Exit 0 on success; 1 when the check finds a difference above tolerance (the
 folded model and the report are written, for inspection); 2 on bad input,
 with one line on stderr and nothing written.
 """
+import contextlib
 import os
 import re
 import sys
@@ -132,9 +133,18 @@ def run(args):
             report.check = result.to_dict()
         if not huge:
             staged.save(folded)
-        report.size_after = staged.commit()
-    if args.report:
-        _write_text(args.report, report.to_json() + "\n")
+        report.size_after = staged.size()
+        # the report is written (to its temporary file) before the model moves into
+        # place, so that a failure to write it leaves nothing behind
+        try:
+            with atomic_output(args.report) if args.report else \
+                    contextlib.nullcontext() as tmp_report:
+                if tmp_report:
+                    with open(tmp_report, "w") as f:
+                        f.write(report.to_json() + "\n")
+                staged.commit()
+        except OSError as err:
+            raise UsageError(f"cannot write {args.report}: {err.strerror or err}") from None
     _print_summary(args, report)
     if report.check is not None and not report.check["passed"]:
         worst = report.check["worst"]
@@ -284,28 +294,26 @@ class _Staged:
                 raise RuntimeError(f"bnfast wrote a model the ONNX checker rejects ({err}); "
                                    f"this is a bug in bnfast, please report it") from None
 
-    def commit(self):
-        """Move the files into place; returns their size in bytes."""
+    def _data(self):
+        """The staged data file, if the model has one (onnx may leave it empty when
+        every tensor is small enough to stay inline)."""
         data = os.path.join(self.dir, self.data_name)
-        size = 0
+        return data if os.path.isfile(data) and os.path.getsize(data) > 0 else None
+
+    def size(self):
+        """Bytes of the staged files."""
+        data = self._data()
+        return os.path.getsize(self.model_path) + (os.path.getsize(data) if data else 0)
+
+    def commit(self):
+        """Move the files into place."""
+        data = self._data()
         try:
-            if os.path.isfile(data) and os.path.getsize(data) > 0:
-                size += os.path.getsize(data)
+            if data:
                 os.replace(data, _data_path(self.path))
-            size += os.path.getsize(self.model_path)
             os.replace(self.model_path, self.path)
         except OSError as err:
             raise UsageError(f"cannot write {self.path}: {err.strerror or err}") from None
-        return size
-
-
-def _write_text(path, text):
-    try:
-        with atomic_output(path) as tmp:
-            with open(tmp, "w") as f:
-                f.write(text)
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def _data_files(model, path):
