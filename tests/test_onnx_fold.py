@@ -668,3 +668,12 @@ def test_check_compares_around_a_sequence_valued_intermediate():
     model = make_model(nodes, [info("x", [2, 3])], [info("y", [4, 3])])
     result = check.compare(model, model)
     assert result.passed and "y" in result.outputs
+
+
+def test_a_named_dimension_takes_one_size_in_every_input():
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"])]
+    model = make_model(nodes, [info("a", ["n", "k"]), info("b", ["k", "n"])],
+                       [info("y", ["n", "n"])])
+    shapes = check.input_shapes(model)
+    assert shapes["a"][0] == (2, 2) and shapes["b"][0] == (2, 2)
+    assert check.compare(model, model).passed

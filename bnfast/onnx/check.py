@@ -86,6 +86,11 @@ def _input_plan(model, dims):
         known = ", ".join(symbolic_dims(model)) or "none"
         raise ValueError(f"no input has a dimension named {', '.join(sorted(unknown))}; the "
                          f"named dynamic dimensions are: {known}")
+    # a named dimension takes one size wherever it appears: the batch size when it
+    # is the first axis of some input
+    batch_names = {v.type.tensor_type.shape.dim[0].dim_param for v in _feeds(model)
+                   if v.type.HasField("tensor_type") and v.type.tensor_type.shape.dim
+                   and v.type.tensor_type.shape.dim[0].dim_param}
     plan = {}
     for info in _feeds(model):
         if not info.type.HasField("tensor_type"):
@@ -101,8 +106,10 @@ def _input_plan(model, dims):
                 shape.append(d.dim_value)
             elif d.dim_param and d.dim_param in dims:
                 shape.append(dims[d.dim_param])
+            elif axis == 0 or (d.dim_param and d.dim_param in batch_names):
+                shape.append(DEFAULT_BATCH)
             else:
-                shape.append(DEFAULT_BATCH if axis == 0 else None)
+                shape.append(None)
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         if dtype.kind not in "fiub":
             raise ValueError(f"input '{info.name}' is {dtype}; random inputs are built for "
