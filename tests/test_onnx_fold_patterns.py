@@ -169,3 +169,24 @@ def test_folds_a_bias_add_after_a_layer_that_has_its_own_bias(layer):
     folded, report = fold_and_compare(model)
     assert_folded_all(folded, report, 1)
     assert ops(folded) == [layer]
+
+
+@pytest.mark.parametrize("kernel, axis, folds", [((7, 7), 1, True), ((6, 5), 2, False)],
+                         ids=["keeps-channels", "scrambles"])
+def test_folds_through_a_flatten_only_when_it_keeps_the_channels(kernel, axis, folds):
+    # Conv to (2, 6, 1, 1) -> Flatten -> (2, 6): channels kept. Conv to (2, 6, 2, 3)
+    # -> Flatten(axis=2) -> (12, 6): 6 columns again, but they are the 2x3 positions
+    r = models.rng(15)
+    out = (2, 6) if folds else (12, 6)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["z4"], name="conv"),
+             helper.make_node("Flatten", ["z4"], ["z"], name="flatten", axis=axis),
+             models.bn("z", "y", "bn")]
+    W = r.standard_normal((6, 4, *kernel))
+    model = models.make_model(nodes, [models.info("x", [2, 4, 7, 7])], [models.info("y", out)],
+                              [models.const("W", W)] + models.bn_params("bn", 6))
+    if folds:
+        folded, report = fold_and_compare(model)
+        assert_folded_all(folded, report, 1)
+        assert ops(folded) == ["Conv", "Flatten"]
+    else:
+        assert_stays(model, "Flatten", "batch axis")

@@ -153,8 +153,8 @@ class Graph:
                 self.subgraph_reads.update(names_read_in(sub))
         self.names = all_names(g)
         # shapes are inferred once, before any edit, where a pass needs them
-        needs_shapes = any(node.op_type in ("MatMul", "Squeeze", "Unsqueeze", "Reshape")
-                           for node in g.node)
+        needs_shapes = any(node.op_type in ("MatMul", "Squeeze", "Unsqueeze", "Reshape",
+                                            "Flatten") for node in g.node)
         self._shapes = infer_shapes(model) if needs_shapes else {}
         self.dropped = {}              # id -> node to delete in finish(); holding the
                                        # node keeps its id (and protobuf wrapper) stable

@@ -14,8 +14,8 @@ Between the layer and the BN the pass looks through:
 - one ``Add`` of a constant per-channel bias after a Conv or ConvTranspose
   (``c`` of shape (C, 1, 1), (1, C, 1, 1), a scalar...): it goes into the
   layer's bias, ``b' = (b + c) * alpha + beta_bn``;
-- ``Squeeze``, ``Unsqueeze`` and ``Reshape`` that keep the batch and channel
-  axes where they are (so ``Unsqueeze -> Conv -> Squeeze -> BN``, a Conv1d
+- ``Squeeze``, ``Unsqueeze``, ``Reshape`` and ``Flatten`` that keep the batch
+  and channel axes where they are (so ``Unsqueeze -> Conv -> Squeeze -> BN``, a Conv1d
   written as a Conv2d, folds into the Conv); after a MatMul on a (..., K) input,
   a Reshape to (P, N, 1, ...) that makes its N output features BN's channels.
   Both are proven from the model's inferred shapes; they stay in the graph.
@@ -50,7 +50,7 @@ from bnfast.onnx._graph import NotConstant, attribute, in_default_domain
 from bnfast.onnx.bn_node import Match, NoMatch, label, read_bn
 
 # nodes that only regroup the axes after the channel axis, when shapes prove it
-_RESHAPES = ("Squeeze", "Unsqueeze", "Reshape")
+_RESHAPES = ("Squeeze", "Unsqueeze", "Reshape", "Flatten")
 
 
 def matches(node, graph):
