@@ -677,3 +677,14 @@ def test_a_named_dimension_takes_one_size_in_every_input():
     shapes = check.input_shapes(model)
     assert shapes["a"][0] == (2, 2) and shapes["b"][0] == (2, 2)
     assert check.compare(model, model).passed
+
+
+def test_check_says_at_once_when_onnxruntime_cannot_load_a_model():
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [info("x", [1, 3, "h", "w"])],
+                              [info("y", [1, 3, "h", "w"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example", 1)])
+    with pytest.raises(RuntimeError, match="cannot load the original model") as caught:
+        check.compare(model, model)
+    assert "tried" not in str(caught.value)      # no size ladder for a load failure

@@ -37,7 +37,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from bnfast.onnx._isolate import ChildFailed, call_in_child, first_line
 
-__all__ = ["random_inputs", "input_shapes", "run", "compare", "difference", "CheckResult",
+__all__ = ["random_inputs", "input_shapes", "session", "run", "compare", "difference", "CheckResult",
            "TOLERANCE", "ORT_ERRORS"]
 
 DEFAULT_BATCH = 2
@@ -180,16 +180,11 @@ def random_inputs(model, dims=None, seed=0):
 # running onnxruntime
 # --------------------------------------------------------------------------
 
-def run(model, feeds, threads=None, outputs=None):
-    """Outputs of `model` (a ModelProto, its serialized bytes or a file path) in
-    onnxruntime with graph optimizations disabled, in this process.
-
-    feeds : {input name: array}. threads : onnxruntime's intra-op threads (None:
-    its default, all cores). outputs : names to return (default: the graph
-    outputs). Returns {output name: array}; raises one of ORT_ERRORS when
-    onnxruntime cannot load or run the model.
-    """
-    ort.set_default_logger_severity(4)        # errors come back as exceptions
+def session(model, threads=None):
+    """An onnxruntime session for `model` (a ModelProto, its serialized bytes or a
+    file path) with graph optimizations disabled and onnxruntime's own log lines
+    silenced (errors come back as exceptions, one of ORT_ERRORS)."""
+    ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4
@@ -198,9 +193,20 @@ def run(model, feeds, threads=None, outputs=None):
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    names = outputs or [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run(model, feeds, threads=None):
+    """Outputs of `model` (a ModelProto, its serialized bytes, a file path or a
+    ``session``) in onnxruntime with graph optimizations disabled, in this process.
+
+    feeds : {input name: array}. threads : onnxruntime's intra-op threads (None:
+    its default, all cores). Returns {output name: array}; raises one of
+    ORT_ERRORS when onnxruntime cannot load or run the model.
+    """
+    model = model if isinstance(model, ort.InferenceSession) else session(model, threads)
+    names = [o.name for o in model.get_outputs()]
+    return dict(zip(names, model.run(names, feeds)))
 
 
 # What onnxruntime raises for a model it cannot load or run: its own classes, which
@@ -291,19 +297,22 @@ def _with_outputs(source, names):
 
 def _compare_here(note, sources, shared, plans, seed, rtol, atol):
     """The check itself (run in the child): find inputs the reference runs on, run
-    the candidate on them, compare every shared tensor. Returns CheckResult fields."""
+    the candidate on them, compare every shared tensor. Returns CheckResult fields.
+
+    Each model is loaded once. Only running depends on the input sizes, so a model
+    onnxruntime cannot load fails at once instead of on every size."""
     reference, candidate = sources
-    ref_augmented, cand_augmented = (_with_outputs(s, shared) for s in sources)
+    graph_outputs = _graph_output_names(reference)
+    ref_session = _session_or_explain("the original model", reference, shared)
     tried, feeds, expected = [], None, None
     for kind, plan in plans:
         feeds = plan if kind == "feeds" else _random(plan, seed)
         note(f"running the original model on inputs {_describe_feeds(feeds)}")
         try:
-            expected = _run_with_fallback(ref_augmented, reference, feeds)
+            expected = run(ref_session, feeds)
             break
         except ORT_ERRORS as err:
             tried.append((feeds, first_line(err)))
-            expected = None
     if expected is None:
         feeds, message = tried[-1]
         sizes = "; ".join(_describe_feeds(f) for f, _ in tried)
@@ -311,11 +320,12 @@ def _compare_here(note, sources, shared, plans, seed, rtol, atol):
                            f"(tried {sizes}): {message}; if a dynamic dimension needs a "
                            f"particular size, set it (dims={{NAME: SIZE}}, or bnfast fold "
                            f"--dim NAME=SIZE)")
-    graph_outputs = _graph_output_names(reference)
+    augmented = set(expected) > set(graph_outputs)
     note(f"running the folded model on inputs {_describe_feeds(feeds)}")
+    cand_session = _session_or_explain("the folded model", candidate,
+                                       shared if augmented else [], fallback=False)
     try:
-        augmented = set(expected) > set(graph_outputs)
-        got = run(cand_augmented if augmented else candidate, feeds)
+        got = run(cand_session, feeds)
     except ORT_ERRORS as err:
         raise RuntimeError(f"onnxruntime cannot run the folded model on random inputs "
                            f"({_describe_feeds(feeds)}): {first_line(err)}") from None
@@ -344,15 +354,17 @@ def _compare_here(note, sources, shared, plans, seed, rtol, atol):
         sizes_tried=[_describe_feeds(f) for f, _ in tried] or None)
 
 
-def _run_with_fallback(augmented, plain, feeds):
-    """Run with the extra outputs; if onnxruntime refuses them (a value it cannot
-    return as a tensor, say), run the graph outputs alone."""
-    if augmented is plain:
-        return run(plain, feeds)
+def _session_or_explain(what, source, extra_outputs, fallback=True):
+    """A session for `source` with `extra_outputs` added as graph outputs. With
+    `fallback`, when onnxruntime refuses the extra outputs (a value it cannot
+    return as a tensor, say), one for the graph outputs alone. RuntimeError when
+    onnxruntime cannot load the model."""
     try:
-        return run(augmented, feeds)
-    except ORT_ERRORS:
-        return run(plain, feeds)
+        return session(_with_outputs(source, extra_outputs))
+    except ORT_ERRORS as err:
+        if fallback and extra_outputs:
+            return _session_or_explain(what, source, [], fallback=False)
+        raise RuntimeError(f"onnxruntime cannot load {what}: {first_line(err)}") from None
 
 
 def _graph_output_names(source):
