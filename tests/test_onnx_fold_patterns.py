@@ -190,3 +190,17 @@ def test_folds_through_a_flatten_only_when_it_keeps_the_channels(kernel, axis, f
         assert ops(folded) == ["Conv", "Flatten"]
     else:
         assert_stays(model, "Flatten", "batch axis")
+
+
+def test_folds_bn_into_the_conv_after_it_through_identity_nodes():
+    r = models.rng(16)
+    nodes = [models.bn("x", "z0", "bn"), helper.make_node("Identity", ["z0"], ["z1"]),
+             helper.make_node("Identity", ["z1"], ["z"]),
+             helper.make_node("Conv", ["z", "W"], ["y"], name="conv")]
+    model = models.make_model(nodes, [models.info("x", [1, 4, 6, 6])],
+                              [models.info("y", [1, 5, 4, 4])],
+                              [models.const("W", r.standard_normal((5, 4, 3, 3)))]
+                              + models.bn_params("bn", 4))
+    folded, report = fold_and_compare(model, bn_before_conv=True)
+    assert_folded_all(folded, report, 1)
+    assert ops(folded) == ["Conv"] and folded.graph.node[0].input[0] == "x"

@@ -110,6 +110,7 @@ def rewrite(match, graph):
     if match.before:
         graph.set_input(layer, 0, bn.X)
         graph.forget_value_info(bn.Y)
+        _drop_all(match.removed, graph)
     else:
         # the layer and the nodes kept after it now compute other values: their
         # outputs get new names (a check comparing tensors by name must not pair
@@ -120,12 +121,16 @@ def rewrite(match, graph):
             graph.set_output(previous, 0, renamed)
             graph.set_input(node, index, renamed)
             previous = node
-        for node in match.removed:
-            graph.drop(node)
-            for name in node.output:
-                graph.forget_value_info(name)
+        _drop_all(match.removed, graph)
         graph.set_output(previous, 0, bn.Y)
     graph.drop(bn.node)
+
+
+def _drop_all(nodes, graph):
+    for node in nodes:
+        graph.drop(node)
+        for name in node.output:
+            graph.forget_value_info(name)
 
 
 def label(node):
