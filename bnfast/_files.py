@@ -1,4 +1,5 @@
-"""Writing output files so that a failure never leaves a half-written one."""
+"""Output files: written so that a failure never leaves a half-written one, and
+never onto the input they were made from."""
 import contextlib
 import os
 import tempfile
@@ -34,3 +35,14 @@ def _umask():
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def same_file(a, b):
+    """Whether paths `a` and `b` name one file: the same path once symbolic links
+    are resolved, or the same inode (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:     # one of them does not exist
+        return False

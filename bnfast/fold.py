@@ -127,6 +127,9 @@ def _cast(W2, b2, W):
     return W_out, b_out
 
 
+cast_like = _cast   # public: the graph pass casts biases of other shapes the same way
+
+
 def _channels_first(a, axis, ndim):
     """Reshape a per-channel vector to broadcast along `axis` of an ndim array."""
     shape = [1] * ndim

@@ -184,3 +184,41 @@ def test_export_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "no such file" in result.stderr
+
+
+@pytest.mark.parametrize("alias", ["same", "symlink", "hard link", "dotted"])
+def test_export_refuses_to_overwrite_the_network(tmp_path, saved, capsys, alias):
+    before = saved.read_bytes()
+    out = {"same": saved, "dotted": tmp_path / "." / "net.npz",
+           "symlink": tmp_path / "link.npz", "hard link": tmp_path / "hard.npz"}[alias]
+    if alias == "symlink":
+        os.symlink(saved, out)
+    elif alias == "hard link":
+        os.link(saved, out)
+    code, _, err = run_cli(capsys, saved, "-o", out)
+    assert_usage_error(code, err, "is the network")
+    assert saved.read_bytes() == before
+
+
+@pytest.mark.parametrize("check", [[], ["--check"]], ids=["export", "check"])
+def test_export_refuses_a_huge_input_shape_with_one_line(tmp_path, saved, capsys, check):
+    out = tmp_path / "net.onnx"
+    code, _, err = run_cli(capsys, saved, "-o", out, "--input-shape", "1,100000000,100000000",
+                           *check)
+    assert_usage_error(code, err, "GiB limit")
+    assert not out.exists()
+
+
+def test_export_of_a_net_with_huge_padding_exits_2(tmp_path, saved, capsys):
+    # padding 10**6 makes the first Conv's output (1, 4, 2e6, 2e6): 64 TB, which
+    # numpy refuses to allocate
+    with np.load(saved) as f:
+        arrays = {k: f[k] for k in f.files}
+    description = json.loads(str(arrays["__bnfast_net__"]))
+    description["net"]["layers"][0]["padding"] = 10 ** 6
+    arrays["__bnfast_net__"] = np.array(json.dumps(description))
+    with open(saved, "wb") as f:
+        np.savez(f, **arrays)
+    code, _, err = run_cli(capsys, saved, "-o", tmp_path / "net.onnx")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "net.onnx").exists()

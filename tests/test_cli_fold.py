@@ -13,7 +13,8 @@ import bnfast.onnx.fold
 from bnfast.cli import main
 from bnfast.onnx import check
 
-from test_onnx_fold import bn, bn_params, conv_bn_model, const, info, make_model, ops
+from bnfast.onnx._test_models import bn, bn_params, const, conv_bn_model, info, make_model
+from test_onnx_fold import ops
 
 
 @pytest.fixture
@@ -288,9 +289,10 @@ def test_onnxruntime_crash_in_check_exits_2(tmp_path, capsys):
     code = fold(path, "-o", tmp_path / "o.onnx", "--check")
     if code == 2:   # onnxruntime 1.32 segfaults on this valid model, in the child
         assert_one_line_error(capsys, "onnxruntime crashed")
+        assert not (tmp_path / "o.onnx").exists()      # never exit 2 after writing
     else:
         assert code == 0
-    assert "BatchNormalization" in ops(onnx.load(tmp_path / "o.onnx"))
+        assert "BatchNormalization" in ops(onnx.load(tmp_path / "o.onnx"))
 
 
 def test_failed_write_leaves_no_partial_file(model_path, tmp_path, capsys, monkeypatch):
@@ -325,3 +327,173 @@ def test_python_m_bnfast_fold_exit_codes(model_path, tmp_path):
     assert "Traceback" not in bad.stderr and not (tmp_path / "p.onnx").exists()
     usage = subprocess.run(cmd + [str(model_path)], capture_output=True, text=True)
     assert usage.returncode == 2 and "-o" in usage.stderr
+
+
+# --------------------------------------------------------------------------
+# only the files it was given
+# --------------------------------------------------------------------------
+
+def constant_weight_model():
+    """conv_bn_model whose Conv weight is a Constant node (its value stored
+    externally when saved with convert_attribute=True)."""
+    model = conv_bn_model(cin=8, cout=16)
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    inits = [t for t in model.graph.initializer if t.name != "W"]
+    nodes = [helper.make_node("Constant", [], ["W"], value=weight)] + list(model.graph.node)
+    return make_model(nodes, list(model.graph.input), list(model.graph.output), inits)
+
+
+def test_constant_external_data_is_read_from_the_models_folder(tmp_path, monkeypatch, capsys):
+    folder, elsewhere = tmp_path / "model", tmp_path / "cwd"
+    folder.mkdir(), elsewhere.mkdir()
+    path = folder / "m.onnx"
+    # only the Constant's value (4.5 KB) goes to w.bin; the small initializers stay
+    onnx.save_model(constant_weight_model(), path, save_as_external_data=True,
+                    location="w.bin", size_threshold=1024, convert_attribute=True)
+    lazy = onnx.load(path, load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in lazy.graph.initializer)
+    # a decoy of the same name in the working directory must not be read
+    (elsewhere / "w.bin").write_bytes(np.full(8192, 7.0, np.float32).tobytes())
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "out.onnx"
+    assert fold(path, "-o", out, "--check") == 0
+    assert ops(onnx.load(out)) == ["Conv"]
+    monkeypatch.chdir(folder)
+    assert_same_results(path, out)
+
+
+def test_external_data_outside_the_models_folder_is_refused(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = folder / "m.onnx"
+    onnx.save_model(conv_bn_model(cin=8, cout=16), path, save_as_external_data=True,
+                    location="w.bin", size_threshold=0)
+    os.replace(folder / "w.bin", tmp_path / "w.bin")
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../w.bin"
+    onnx.save(model, path)
+    assert fold(path, "-o", tmp_path / "o.onnx") == 2
+    assert_one_line_error(capsys, "external data")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("option", ["-o", "--report"])
+def test_refuses_to_write_over_the_inputs_data_file(tmp_path, capsys, option):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(conv_bn_model(cin=8, cout=16), path, save_as_external_data=True,
+                    location="m.weights", size_threshold=0)
+    data = (tmp_path / "m.weights").read_bytes()
+    args = ["-o", tmp_path / "m.weights"] if option == "-o" else \
+        ["-o", tmp_path / "o.onnx", "--report", tmp_path / "m.weights"]
+    assert fold(path, *args) == 2
+    assert_one_line_error(capsys, "external data of")
+    assert (tmp_path / "m.weights").read_bytes() == data
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symlink", "hard link"])
+def test_refuses_an_output_that_is_the_input_through_a_link(model_path, tmp_path, capsys,
+                                                            link):
+    before = model_path.read_bytes()
+    link(model_path, tmp_path / "alias.onnx")
+    assert fold(model_path, "-o", tmp_path / "alias.onnx") == 2
+    assert_one_line_error(capsys, "refusing to overwrite the input")
+    assert model_path.read_bytes() == before
+
+
+def test_bad_seed_exits_2_before_writing(model_path, tmp_path, capsys):
+    assert fold(model_path, "-o", tmp_path / "o.onnx", "--check", "--seed", "-1") == 2
+    assert_one_line_error(capsys, "--seed")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_folds_external_data_models_from_their_own_folder(tmp_path, monkeypatch):
+    onnx.save_model(conv_bn_model(cin=8, cout=16), tmp_path / "m.onnx",
+                    save_as_external_data=True, location="m.bin", size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    assert fold("m.onnx", "-o", "out.onnx", "--check") == 0
+    assert ops(onnx.load("out.onnx")) == ["Conv"]
+    assert sorted(os.listdir(tmp_path)) == ["m.bin", "m.onnx", "out.onnx", "out.onnx.data"]
+
+
+def test_report_is_standard_json_when_a_difference_is_not_finite(model_path, tmp_path,
+                                                                 monkeypatch, capsys):
+    real = check.compare
+
+    def nan_somewhere(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.max_abs_diff = result.max_rel_diff = float("inf")
+        result.worst = dict(result.worst, max_abs_diff=float("inf"), passed=False)
+        result.passed = False
+        return result
+    monkeypatch.setattr(check, "compare", nan_somewhere)
+    report = tmp_path / "r.json"
+    assert fold(model_path, "-o", tmp_path / "o.onnx", "--check", "--report", report) == 1
+    text = report.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text)["check"]["max_abs_diff"] is None
+
+
+def test_check_failure_names_the_worst_tensor_and_keeps_the_output(model_path, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "o.onnx"
+    assert fold(model_path, "-o", out, "--check", "--rtol", "0", "--atol", "0") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "on tensor 'y'" in err and "for inspection" in err
+    assert ops(onnx.load(out)) == ["Conv"]
+
+
+def test_onnxruntime_log_lines_do_not_reach_stderr(tmp_path):
+    r = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["z"], name="conv"), bn("z", "y", "bn")]
+    path = tmp_path / "dyn.onnx"
+    onnx.save(make_model(nodes, [info("x", [1, 4, "h", "h"])], [info("y", [1, 6, None, None])],
+                         [const("W", r.standard_normal((6, 4, 5, 5)))] + bn_params("bn", 6)),
+              path)
+    result = subprocess.run([sys.executable, "-m", "bnfast", "fold", str(path), "-o",
+                             str(tmp_path / "o.onnx"), "--check", "--dim", "h=2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "onnxruntime cannot run the original model" in result.stderr
+
+
+def test_check_without_dims_runs_a_model_that_needs_a_larger_input(tmp_path, capsys):
+    r = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["z"], name="conv"), bn("z", "bn1", "bn"),
+             helper.make_node("MaxPool", ["bn1"], ["y"], kernel_shape=[24, 24])]
+    path, report = tmp_path / "det.onnx", tmp_path / "r.json"
+    model = make_model(nodes, [info("x", [1, 4, "h", "w"])], [info("y", [1, 6, None, None])],
+                       [const("W", r.standard_normal((6, 4, 5, 5)))] + bn_params("bn", 6))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    onnx.save(model, path)
+    assert fold(path, "-o", tmp_path / "o.onnx", "--check", "--report", report) == 0
+    data = json.loads(report.read_text())["check"]
+    assert data["passed"] and data["input_shapes"]["x"] == [2, 4, 32, 32]
+    assert "inputs x [2, 4, 32, 32]" in capsys.readouterr().out
+
+
+def test_huge_declared_input_exits_2_before_writing(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    model = conv_bn_model()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 100_000
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 100_000
+    onnx.save(model, path)
+    assert fold(path, "-o", tmp_path / "o.onnx", "--check") == 2
+    assert_one_line_error(capsys, "GiB budget")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_report_that_cannot_be_written_leaves_no_model(model_path, tmp_path, capsys,
+                                                        monkeypatch):
+    import bnfast.commands.fold as command
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(command, "atomic_output", full_disk)
+    out = tmp_path / "o.onnx"
+    assert fold(model_path, "-o", out, "--report", tmp_path / "r.json") == 2
+    assert_one_line_error(capsys, "cannot write", "No space left on device")
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]

@@ -9,50 +9,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfast.onnx import check, fold_model
 from bnfast.onnx._graph import Graph, NotConstant
+from bnfast.onnx._test_models import (bn, bn_params, const, conv_bn_model,
+                                      conv_bn_model_with_bn, info, make_model, rng)
 from bnfast.onnx.fold import InvalidModel
-
-F32 = TensorProto.FLOAT
 
 
 # --------------------------------------------------------------------------
 # building and checking models
 # --------------------------------------------------------------------------
-
-def rng(seed=0):
-    return np.random.default_rng(seed)
-
-
-def const(name, array, dtype=np.float32):
-    return numpy_helper.from_array(np.asarray(array, dtype=dtype), name)
-
-
-def bn_params(prefix, C, seed=1, dtype=np.float32):
-    """Initializers scale, B, mean, var for a BN over C channels, far from identity."""
-    r = rng(seed)
-    return [const(f"{prefix}_scale", r.uniform(0.5, 2, C), dtype),
-            const(f"{prefix}_B", r.standard_normal(C), dtype),
-            const(f"{prefix}_mean", r.standard_normal(C), dtype),
-            const(f"{prefix}_var", r.uniform(0.5, 2, C), dtype)]
-
-
-def bn(x, y, prefix, name=None, outputs=(), **attrs):
-    inputs = [x] + [f"{prefix}_{p}" for p in ("scale", "B", "mean", "var")]
-    return helper.make_node("BatchNormalization", inputs, [y, *outputs],
-                            name=name or prefix, **attrs)
-
-
-def info(name, shape, elem=F32):
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def make_model(nodes, inputs, outputs, initializers=(), opset=17, ir_version=None, **kw):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers), **kw)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    if ir_version is not None:
-        model.ir_version = ir_version
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
 
 def ops(model):
     return [n.op_type for n in model.graph.node]
@@ -86,42 +50,14 @@ def fold_and_compare(model, rtol=1e-5, atol=1e-5, **options):
     assert expected.keys() == got.keys()
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=rtol, atol=atol)
+    every = check.compare(model, folded, isolate=False, rtol=rtol, atol=atol)
+    assert every.passed, every.worst           # every tensor both graphs compute
     return folded, report
 
 
 def assert_folded_all(folded, report, n):
     assert "BatchNormalization" not in ops(folded)
     assert len(report.folded) == n and report.left == []
-
-
-def conv_bn_model(kernel=(3, 3), groups=1, cin=4, cout=6, bias=True, pads=True, seed=0,
-                  dtype=np.float32, opset=17):
-    r = rng(seed)
-    spatial = [7] * len(kernel)
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    inits = [const("W", r.standard_normal((cout, cin // groups, *kernel)), dtype)]
-    inputs = ["x", "W"]
-    if bias:
-        inits.append(const("b", r.standard_normal(cout), dtype))
-        inputs.append("b")
-    attrs = dict(group=groups)
-    if pads:
-        attrs["pads"] = [k // 2 for k in kernel] * 2
-    out_spatial = spatial if pads else [s - k + 1 for s, k in zip(spatial, kernel)]
-    nodes = [helper.make_node("Conv", inputs, ["z"], name="conv", **attrs),
-             bn("z", "y", "bn", epsilon=1e-3)]
-    return make_model(nodes, [info("x", [2, cin, *spatial], elem)],
-                      [info("y", [2, cout, *out_spatial], elem)],
-                      inits + bn_params("bn", cout, dtype=dtype), opset=opset)
-
-
-def conv_bn_model_with_bn(opset, **bn_options):
-    """conv_bn_model whose BN node is built with `bn_options` (extra outputs, modes)."""
-    model = conv_bn_model(opset=opset)
-    nodes = list(model.graph.node)
-    nodes[1] = bn("z", "y", "bn", **bn_options)
-    return make_model(nodes, list(model.graph.input), list(model.graph.output),
-                      list(model.graph.initializer), opset=opset)
 
 
 # --------------------------------------------------------------------------
@@ -638,11 +574,58 @@ def test_random_inputs_follow_graph_shapes_and_named_dims():
                        [info("x", ["batch", 3, None]), info("n", [2], TensorProto.INT64)],
                        [info("y", ["batch", 3, None]), info("m", [2], TensorProto.INT64)])
     feeds = check.random_inputs(model, dims={"batch": 5})
-    assert feeds["x"].shape == (5, 3, 16) and feeds["x"].dtype == np.float32
+    assert feeds["x"].shape == (5, 3, check.SIZE_LADDER[0]) and feeds["x"].dtype == np.float32
     assert feeds["n"].shape == (2,) and feeds["n"].dtype == np.int64
-    assert check.random_inputs(model)["x"].shape == (2, 3, 16)
+    assert check.random_inputs(model)["x"].shape == (2, 3, check.SIZE_LADDER[0])
     with pytest.raises(ValueError, match="no input has a dimension named height.*batch"):
         check.random_inputs(model, dims={"height": 3})
+
+
+def test_negative_and_zero_declared_dims_get_defaults():
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [info("x", [1, 3, 4])],
+                       [info("y", [1, 3, 4])])
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value, dims[2].dim_value = -1, 0
+    assert check.input_shapes(model)["x"][0] == (2, 3, check.SIZE_LADDER[0])
+
+
+def test_input_ladder_grows_until_the_budget_and_refuses_above_it():
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])],
+                       [info("x", [1, 3, "h", "w"])], [info("y", [1, 3, "h", "w"])])
+    ladder = check.input_ladder(model, budget=4 * 3 * 128 * 128)
+    assert [r["x"][0] for r in ladder] == [(1, 3, s, s) for s in check.SIZE_LADDER[:3]]
+    with pytest.raises(ValueError, match="GiB budget"):
+        check.input_ladder(model, dims={"h": 100_000_000, "w": 100_000_000})
+
+
+def test_check_finds_a_size_the_model_runs_at():
+    # a 5x5 kernel without padding, twice: 16 pixels would be too small, 32 runs
+    r = rng(9)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="c1"),
+             helper.make_node("MaxPool", ["h"], ["p"], kernel_shape=[8, 8], strides=[8, 8]),
+             helper.make_node("Conv", ["p", "W2"], ["y"], name="c2")]
+    model = make_model(nodes, [info("x", [1, 2, "H", "W"])], [info("y", [1, 2, None, None])],
+                       [const("W", r.standard_normal((2, 2, 5, 5))),
+                        const("W2", r.standard_normal((2, 2, 3, 3)))])
+    result = check.compare(model, model)
+    assert result.passed and result.input_shapes["x"][2] >= 32
+
+
+def test_check_compares_intermediate_tensors_and_names_the_worst():
+    # a wrong BN epsilon hidden behind a tiny output scale (like a detector's ~1e-7
+    # outputs): the output passes its tolerance, the BN output does not
+    model = conv_bn_model()
+    nodes = list(model.graph.node) + [helper.make_node("Mul", ["y", "tiny"], ["s"])]
+    inits = list(model.graph.initializer) + [const("tiny", [1e-9])]
+    wide = make_model(nodes, list(model.graph.input), [info("s", [2, 6, 7, 7])], inits)
+    changed = onnx.ModelProto()
+    changed.CopyFrom(wide)
+    changed.graph.node[1].attribute[0].f = 0.5
+    only_outputs = check.compare(wide, changed, intermediates=False)
+    every = check.compare(wide, changed)
+    assert only_outputs.passed and only_outputs.tensors_compared == 1
+    assert not every.passed and every.tensors_compared == 3
+    assert every.worst["tensor"] == "y" and not every.worst["passed"]
 
 
 def test_compare_finds_a_changed_result_and_passes_an_equal_one():
@@ -677,3 +660,31 @@ def test_compare_survives_an_onnxruntime_crash():
         assert "onnxruntime" in str(err) and "the original model" in str(err)
     else:                         # a fixed onnxruntime runs it
         assert result.passed
+
+
+def test_check_compares_around_a_sequence_valued_intermediate():
+    nodes = [helper.make_node("SequenceConstruct", ["x", "x"], ["seq"]),
+             helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=0)]
+    model = make_model(nodes, [info("x", [2, 3])], [info("y", [4, 3])])
+    result = check.compare(model, model)
+    assert result.passed and "y" in result.outputs
+
+
+def test_a_named_dimension_takes_one_size_in_every_input():
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"])]
+    model = make_model(nodes, [info("a", ["n", "k"]), info("b", ["k", "n"])],
+                       [info("y", ["n", "n"])])
+    shapes = check.input_shapes(model)
+    assert shapes["a"][0] == (2, 2) and shapes["b"][0] == (2, 2)
+    assert check.compare(model, model).passed
+
+
+def test_check_says_at_once_when_onnxruntime_cannot_load_a_model():
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [info("x", [1, 3, "h", "w"])],
+                              [info("y", [1, 3, "h", "w"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example", 1)])
+    with pytest.raises(RuntimeError, match="cannot load the original model") as caught:
+        check.compare(model, model)
+    assert "tried" not in str(caught.value)      # no size ladder for a load failure

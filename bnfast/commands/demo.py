@@ -221,9 +221,8 @@ def check_onnx(net, x_test, y_test, out):
 
     Returns the "onnx" part of metrics.json (file, size, nodes, accuracy, max
     differences per model); raises CheckFailed when a model's logits differ from
-    bnfast's above ``compare_outputs``'s tolerance.
+    bnfast's above the "export" tolerance of ``bnfast.onnx.check``.
     """
-    from bnfast.commands.export import compare_outputs
     from bnfast.onnx import check, export
     from bnfast.onnx.export import INPUT_NAME
 
@@ -235,10 +234,11 @@ def check_onnx(net, x_test, y_test, out):
         model = export(net, path, input_shape=(1, 1, 8, 8), opset=OPSET, fold=fold)
         # 360 small images: one thread is plenty
         (logits,) = check.run(path, {INPUT_NAME: x_test}, threads=1).values()
-        max_abs, max_rel, ok, tolerance = compare_outputs(logits, reference)
-        if not ok:
+        diff = check.difference(reference, logits, kind="export")
+        max_abs, max_rel = diff["max_abs_diff"], diff["max_rel_diff"]
+        if not diff["passed"]:
             raise CheckFailed(f"{filename}: onnxruntime's logits differ from bnfast's by "
-                              f"{max_abs:.3g} (tolerance {tolerance:.3g})")
+                              f"{max_abs:.3g} (tolerance {diff['allowed']:.3g})")
         ops = [node.op_type for node in model.graph.node]
         report[key] = {
             "file": filename, "bytes": os.path.getsize(path), "nodes": len(ops),

@@ -2,18 +2,19 @@
 
 --check runs the model in onnxruntime on random inputs and compares its outputs
 with bnfast's own forward in eval mode; above tolerance it exits 1 and writes
-nothing.
+nothing. The output is never the network file itself (same path after links,
+or same inode), and an input shape whose sample (or --check batch) would not
+fit the check's memory budget is refused before anything is allocated.
 """
 import argparse
 import os
 
+from bnfast._files import same_file
 from bnfast.errors import CheckFailed, UsageError
 
 HELP = "export a saved bnfast.nn network (.npz) to ONNX, optionally with BN folded"
 
 CHECK_BATCH = 16
-# float32: onnxruntime and numpy sum in different orders; folding rounds once more
-TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-10, 1e-10)}   # (atol, rtol)
 
 
 def _shape(text):
@@ -51,6 +52,9 @@ def run(args):
     if not MIN_OPSET <= args.opset <= max_opset():
         raise UsageError(f"--opset must be between {MIN_OPSET} and {max_opset()}, "
                          f"got {args.opset}")
+    if os.path.exists(args.output) and same_file(args.output, args.net):
+        raise UsageError(f"-o {args.output} is the network {args.net} itself, which writing "
+                         f"would destroy; give the ONNX model its own file")
     try:
         net = nn.load(args.net)
     except FileNotFoundError:
@@ -61,6 +65,7 @@ def run(args):
     if sample_shape is None:
         raise UsageError(f"{args.net} does not record its input shape; pass "
                          f"--input-shape C,H,W (the shape of one sample)")
+    _check_input_size(net, sample_shape, args.check)
     if os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a directory; give a file name such as "
                          f"{os.path.join(args.output, 'net.onnx')}")
@@ -73,6 +78,11 @@ def run(args):
                                  fold=args.fold)
             except (ValueError, TypeError) as err:   # e.g. layers of two dtypes
                 raise UsageError(str(err)) from None
+            except MemoryError:   # e.g. huge padding: tracing the shapes allocates
+                raise UsageError(f"{args.net}: running the network on one sample of shape "
+                                 f"{tuple(sample_shape)} to trace its shapes needs more memory "
+                                 f"than this machine has; check its input shape and "
+                                 f"padding") from None
             data = model.SerializeToString()
             if args.check:
                 check(net, data, sample_shape)
@@ -86,6 +96,23 @@ def run(args):
           f"({ops.count('BatchNormalization')} BatchNormalization"
           f"{', BN folded' if args.fold else ''}), {len(data)} bytes")
     return 0
+
+
+def _check_input_size(net, sample_shape, checking):
+    """UsageError when the sample the export traces, or the batch --check feeds,
+    would take more than the check's input budget (estimated, nothing allocated)."""
+    import numpy as np
+
+    from bnfast.onnx.check import INPUT_BUDGET
+
+    dtype = np.dtype(net.parameters()[0].dtype if net.parameters() else np.float32)
+    batch = CHECK_BATCH if checking else 1
+    nbytes = float(np.prod(sample_shape, dtype=np.float64)) * dtype.itemsize * batch
+    if nbytes > INPUT_BUDGET:
+        what = f"{batch} random samples for --check" if checking else "one sample to trace"
+        raise UsageError(f"input shape {tuple(sample_shape)}: {what} would take "
+                         f"{nbytes / 2 ** 30:.3g} GiB, above the {INPUT_BUDGET / 2 ** 30:.3g} "
+                         f"GiB limit; give the shape of one sample, e.g. --input-shape 1,28,28")
 
 
 def _shape_from_first_layer(net):
@@ -118,37 +145,13 @@ def check(net, model, sample_shape, seed=0):
     try:
         (got,) = onnx_check.run(model, {INPUT_NAME: x}).values()
     except onnx_check.ORT_ERRORS as err:
-        raise UsageError(f"onnxruntime cannot run this model ({_first_line(err)}); note that "
-                         f"its CPU kernels run convolutions in float32 only") from None
-    max_abs, max_rel, ok, tolerance = compare_outputs(got, expected)
+        raise UsageError(f"onnxruntime cannot run this model ({onnx_check.first_line(err)}); "
+                         f"note that its CPU kernels run convolutions in float32 only") from None
+    diff = onnx_check.difference(expected, got, kind="export")
     print(f"check: onnxruntime vs bnfast on {CHECK_BATCH} random inputs: max abs diff "
-          f"{max_abs:.2e}, max rel diff {max_rel:.2e} (tolerance {tolerance:.2e})")
-    if not ok:
-        raise CheckFailed(f"onnxruntime's outputs differ from bnfast's by up to {max_abs:.3g}, "
-                          f"above the tolerance {tolerance:.3g}; nothing written")
-
-
-def compare_outputs(got, expected):
-    """Max abs diff, max rel diff (relative to the largest |expected|), pass/fail, and
-    the largest difference allowed, for onnxruntime's output `got` against bnfast's
-    `expected` (``bnfast.onnx.check.difference``).
-
-    Passes when max |got - expected| <= atol + rtol * max |expected|, with atol
-    and rtol by expected's dtype (TOLERANCE). A different shape or dtype, or NaN
-    or infinity in different places, fails with an infinite difference.
-    """
-    import numpy as np
-
-    from bnfast.onnx.check import difference
-
-    expected = np.asarray(expected)
-    atol, rtol = TOLERANCE.get(expected.dtype.name, TOLERANCE["float32"])
-    result = difference(expected, got, rtol=rtol, atol=atol)
-    finite = expected[np.isfinite(expected)]
-    tolerance = atol + rtol * float(np.abs(finite).max(initial=0.0))
-    return result["max_abs_diff"], result["max_rel_diff"], result["passed"], tolerance
-
-
-def _first_line(err):
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+          f"{diff['max_abs_diff']:.2e}, max rel diff {diff['max_rel_diff']:.2e} (tolerance "
+          f"{diff['allowed']:.2e})")
+    if not diff["passed"]:
+        raise CheckFailed(f"onnxruntime's outputs differ from bnfast's by up to "
+                          f"{diff['max_abs_diff']:.3g}, above the tolerance "
+                          f"{diff['allowed']:.3g}; nothing written")

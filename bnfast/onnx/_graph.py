@@ -3,10 +3,16 @@
 ``Graph`` answers what a pass asks before it rewrites: who produces and who
 uses a value (counting uses from inside subgraphs and graph outputs), and
 what constant a name holds, looking through ``Identity`` to an initializer or
-a ``Constant`` node. It also makes the edits: give a node a new constant input
-(overwriting a weight only when nothing else reads it, cloning it otherwise),
-rename outputs, drop nodes. ``finish()`` then deletes dropped nodes and every
-constant left unused, keeping IR < 4 graph inputs in step with initializers.
+a ``Constant`` node, or evaluating the constant subgraph that computes it (a
+few shape and arithmetic operators, ``CONSTANT_OPS``, run one node at a time
+by ``onnx.reference.ReferenceEvaluator``, each result capped at
+``CONSTANT_LIMIT`` elements; never anything that depends on a graph input).
+It also makes the edits: give a node a new constant input (overwriting a
+weight only when nothing else reads it, cloning it otherwise), rename
+outputs, drop nodes. ``finish()`` then deletes dropped nodes and every
+constant left unused (with the subgraph that computed it), keeping IR < 4
+graph inputs in step with initializers. Every edit is O(1) or O(node size),
+and ``finish()`` is one pass over the graph, so folding is linear in the model.
 """
 import collections
 
@@ -15,6 +21,14 @@ import onnx
 from onnx import numpy_helper
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+# Operators whose output is evaluated when every input is constant, and the
+# largest result (in elements) that evaluation may produce.
+CONSTANT_OPS = frozenset({
+    "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Concat",
+    "ConstantOfShape", "Mul", "Add", "Sub", "Div", "Sqrt", "Pow", "Neg", "Reciprocal",
+    "Abs", "Exp", "Log"})
+CONSTANT_LIMIT = 1 << 26
 
 # Constant node attributes that hold a numeric value, and the numpy dtype of the
 # scalar and list forms (the ONNX spec makes them float32 and int64).
@@ -69,6 +83,32 @@ def names_read_in(graph):
         yield out.name
 
 
+def graph_tensors(graph):
+    """Every TensorProto of `graph`: initializers and node attributes (Constant
+    values, ...), in nested subgraphs too."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+        for sub in subgraphs(node):
+            yield from graph_tensors(sub)
+
+
+def model_tensors(model):
+    """Every TensorProto of `model`: its graph's (``graph_tensors``) and its functions'."""
+    yield from graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
 def all_names(graph):
     """Every value name in `graph` and its subgraphs (for choosing fresh names)."""
     names = set()
@@ -112,12 +152,17 @@ class Graph:
             for sub in subgraphs(node):
                 self.subgraph_reads.update(names_read_in(sub))
         self.names = all_names(g)
-        has_matmul = any(node.op_type == "MatMul" for node in g.node)
-        self._ranks = infer_ranks(model) if has_matmul else {}
+        # shapes are inferred once, before any edit, where a pass needs them
+        needs_shapes = any(node.op_type in ("MatMul", "Squeeze", "Unsqueeze", "Reshape",
+                                            "Flatten") for node in g.node)
+        self._shapes = infer_shapes(model) if needs_shapes else {}
         self.dropped = {}              # id -> node to delete in finish(); holding the
                                        # node keeps its id (and protobuf wrapper) stable
         self.maybe_unused = set()      # constants that edits may have orphaned
         self._arrays = {}
+        self._not_constant = {}        # name -> NotConstant, so a failure is found once
+        self._computed = set()         # ids of nodes evaluated as constants
+        self._stale_info = set()       # value_info names to delete in finish()
 
     # ---- questions ------------------------------------------------------
 
@@ -138,22 +183,46 @@ class Graph:
         so there they are the model's weights."""
         return name in self.initializers and name in self.inputs and self.ir_version >= 4
 
+    def shape(self, name):
+        """The shape of value `name` from shape inference: a tuple of ints, dim_param
+        strings and None (unknown), or None when even the rank is unknown. (Inferred
+        when the Graph is built, for models with MatMul or reshaping nodes.)"""
+        if name in self.initializers:
+            return tuple(self.initializers[name].dims)
+        return self._shapes.get(name)
+
     def rank(self, name):
-        """The rank of value `name` from the model's shape information, or None.
-        (Computed when the Graph is built, for models with MatMul nodes.)"""
-        return self._ranks.get(name)
+        """The rank of value `name`, or None."""
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
 
     def constant(self, name):
         """The numpy value of `name` if it is constant; raises NotConstant saying why."""
+        return self._value(name, depth=0)
+
+    def is_constant(self, name):
+        try:
+            self._value(name, depth=0)
+        except NotConstant:
+            return False
+        return True
+
+    def _value(self, name, depth):
         if name in self._arrays:
             return self._arrays[name]
-        value = self._resolve(name, depth=0)
+        if name in self._not_constant:
+            raise self._not_constant[name]
+        try:
+            value = self._resolve(name, depth)
+        except NotConstant as err:
+            self._not_constant[name] = err
+            raise
         self._arrays[name] = value
         return value
 
     def _resolve(self, name, depth):
         if depth > 64:
-            raise NotConstant(f"'{name}' is reached through too many Identity nodes")
+            raise NotConstant(f"'{name}' is computed through a chain of over 64 nodes")
         if name in self.initializers:
             if self.is_overridable(name):
                 raise NotConstant(f"'{name}' is a graph input with a default value, which a "
@@ -164,10 +233,59 @@ class Graph:
             where = "a graph input" if name in self.inputs else "not defined in the graph"
             raise NotConstant(f"'{name}' is {where}")
         if in_default_domain(node) and node.op_type == "Identity":
-            return self._resolve(node.input[0], depth + 1)
+            return self._value(node.input[0], depth + 1)
         if in_default_domain(node) and node.op_type == "Constant":
             return constant_node_value(node)
+        if in_default_domain(node) and node.op_type in CONSTANT_OPS and not any(
+                True for _ in subgraphs(node)):
+            return self._evaluate(node, name, depth)
         raise NotConstant(f"'{name}' is computed by {node.op_type} node '{node.name}'")
+
+    def _evaluate(self, node, name, depth):
+        """Run one node whose inputs are all constant (onnx's reference evaluator)."""
+        from onnx.reference import ReferenceEvaluator
+
+        where = f"{node.op_type} node '{node.name}'" if node.name else f"a {node.op_type} node"
+        inputs = {}
+        for n in node.input:
+            if n:
+                try:
+                    inputs[n] = self._value(n, depth + 1)
+                except NotConstant as err:
+                    # name the first step and the root cause, not every step between
+                    root = getattr(err, "root", str(err))
+                    failure = NotConstant(f"'{name}' is computed by {where} from '{n}', "
+                                          f"which is not constant: {root}")
+                    failure.root = root
+                    raise failure from None
+        size = sum(a.size for a in inputs.values())
+        if node.op_type == "ConstantOfShape" and inputs:
+            size = int(np.prod(next(iter(inputs.values())), dtype=np.float64))
+        if size > CONSTANT_LIMIT:
+            raise NotConstant(f"'{name}' is computed by {where} with {size} elements, above "
+                              f"the {CONSTANT_LIMIT} bnfast evaluates")
+        graph = onnx.helper.make_graph(
+            [node], "constant",
+            [onnx.helper.make_tensor_value_info(
+                n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+             for n, a in inputs.items()],
+            [onnx.helper.make_empty_tensor_value_info(out) for out in node.output if out])
+        model = onnx.helper.make_model(
+            graph, opset_imports=[onnx.helper.make_opsetid("", self.opset or 1)])
+        model.ir_version = max(self.ir_version, 3)
+        try:
+            results = ReferenceEvaluator(model).run(None, inputs)
+        except Exception as err:   # noqa: BLE001 - any failure: the value is not known
+            raise NotConstant(f"'{name}' is computed by {where}, which could not be "
+                              f"evaluated ({type(err).__name__}: {err})") from None
+        self._computed.add(id(node))
+        for out, value in zip((o for o in node.output if o), results):
+            value = np.asarray(value)
+            if value.size > CONSTANT_LIMIT:
+                raise NotConstant(f"'{name}' is computed by {where} with {value.size} "
+                                  f"elements, above the {CONSTANT_LIMIT} bnfast evaluates")
+            self._arrays[out] = value
+        return self._arrays[name]
 
     def source(self, name):
         """The chain of values a constant name is read through (for clean-up)."""
@@ -253,52 +371,58 @@ class Graph:
         self.maybe_unused.update(self.source(name))
 
     def forget_value_info(self, name):
-        for i, info in enumerate(self.proto.value_info):
-            if info.name == name:
-                del self.proto.value_info[i]
-                break
+        """The shape information of `name` goes (in finish())."""
+        self._stale_info.add(name)
+
+    def _is_constant_node(self, node):
+        return in_default_domain(node) and (node.op_type in ("Constant", "Identity")
+                                            or id(node) in self._computed)
 
     def finish(self):
-        """Delete dropped nodes, then constants nobody reads any more."""
+        """Delete dropped nodes, then constants nobody reads any more (and the
+        Constant, Identity and evaluated nodes that computed them)."""
         pending = list(self.maybe_unused)
+        doomed = set()
         while pending:
             name = pending.pop()
-            if self.uses(name):
+            if self.uses(name) or name in doomed:
                 continue
             node = self.producer.get(name)
-            if (node is not None and id(node) not in self.dropped and in_default_domain(node)
-                    and node.op_type in ("Constant", "Identity")
+            if (node is not None and id(node) not in self.dropped
+                    and self._is_constant_node(node)
                     and not any(self.uses(out) for out in node.output if out)):
                 self.drop(node)
                 pending.extend(n for n in node.input if n)
             elif name in self.initializers and not self.is_overridable(name):
-                self._delete_initializer(name)
+                doomed.add(name)
+                del self.initializers[name]
+                self._arrays.pop(name, None)
+                self.inputs.discard(name)     # IR < 4 lists it as an input too
         g = self.proto
-        for i in reversed(range(len(g.node))):
-            if id(g.node[i]) in self.dropped:
-                del g.node[i]
+        _delete_where(g.node, lambda node: id(node) in self.dropped)
+        _delete_where(g.initializer, lambda tensor: tensor.name in doomed)
+        _delete_where(g.input, lambda info: info.name in doomed)
+        stale = self._stale_info | doomed
+        _delete_where(g.value_info, lambda info: info.name in stale)
         self.dropped.clear()
         self.maybe_unused.clear()
+        self._stale_info.clear()
 
-    def _delete_initializer(self, name):
-        g = self.proto
-        for i, tensor in enumerate(g.initializer):
-            if tensor.name == name:
-                del g.initializer[i]
-                break
-        del self.initializers[name]
-        self._arrays.pop(name, None)
-        if name in self.inputs:   # IR < 4 lists it as an input too
-            for i, info in enumerate(g.input):
-                if info.name == name:
-                    del g.input[i]
-                    break
-            self.inputs.discard(name)
-        self.forget_value_info(name)
+
+def _delete_where(repeated, doomed):
+    """Delete the items of a protobuf repeated field for which `doomed` is true,
+    in one pass (each deletion only moves pointers)."""
+    for i in reversed([i for i, item in enumerate(repeated) if doomed(item)]):
+        del repeated[i]
 
 
 def tensor_value(tensor):
-    """A TensorProto as numpy; NotConstant when its data cannot be read."""
+    """A TensorProto as numpy; NotConstant when its data cannot be read. External
+    data must already be loaded (numpy_helper would read it relative to the
+    working directory)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        raise NotConstant(f"tensor '{tensor.name}' keeps its data in an external file that "
+                          f"is not loaded")
     try:
         return numpy_helper.to_array(tensor)
     except (ValueError, TypeError, OSError) as err:
@@ -317,12 +441,13 @@ def constant_node_value(node):
     raise NotConstant(f"Constant node '{node.name}' holds {kinds}, not a numeric tensor")
 
 
-def infer_ranks(model, inline_limit=1 << 16):
-    """Ranks of the values of the main graph, from ONNX shape inference.
+def infer_shapes(model, inline_limit=1 << 16):
+    """Shapes of the values of the main graph, from ONNX shape inference: tuples
+    of ints, dim_param strings and None.
 
     Inference runs on a copy in which large initializers are declared as graph
     inputs instead of carried, so it costs little memory and works past 2 GB.
-    Returns {} if inference fails: an unknown rank only means a fold is skipped.
+    Returns {} if inference fails: an unknown shape only means a fold is skipped.
     """
     g = model.graph
     skeleton = onnx.ModelProto()
@@ -345,11 +470,11 @@ def infer_ranks(model, inline_limit=1 << 16):
         inferred = onnx.shape_inference.infer_shapes(skeleton)
     except Exception:   # noqa: BLE001 - any failure just means "ranks unknown"
         return {}
-    ranks = {}
+    shapes = {}
     for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         tensor_type = info.type.tensor_type
         if info.type.HasField("tensor_type") and tensor_type.HasField("shape"):
-            ranks[info.name] = len(tensor_type.shape.dim)
-    for tensor in g.initializer:
-        ranks[tensor.name] = len(tensor.dims)
-    return ranks
+            shapes[info.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tensor_type.shape.dim)
+    return shapes

@@ -7,32 +7,42 @@ until neither changes the graph:
 - ``fold_bn_after``: BN into the layer before it (Conv of any rank, grouped or
   depthwise; ConvTranspose, grouped too; Gemm with any transA, transB, alpha,
   beta and C; MatMul with a constant 2-D weight, alone or followed by Add of a
-  constant bias). Chains such as Conv -> BN -> BN fold completely.
+  constant bias). Between the layer and the BN it looks through Identity
+  nodes, a per-channel bias Add (folded into the layer's bias), and Squeeze,
+  Unsqueeze or Reshape nodes that keep the channel axis (a Conv1d written as
+  Unsqueeze -> Conv -> Squeeze; MatMul -> Reshape to (P, N, 1, ...)). Chains
+  such as Conv -> BN -> BN fold completely.
 - ``fold_bn_before`` (``bn_before_conv=True``): BN into the Conv after it, when
   that Conv has no padding.
 
-New weights are computed in float64 by ``bnfast.fold`` and stored in the
-weights' dtype, so the output graph is final and never has more nodes than the
-input. A BN is left in place, with the reason in the report, when it is in
-training mode, has ``spatial=0``, has non-constant parameters, or its
-neighbour is not a layer it can fold into safely (the neighbour's output is
-read elsewhere, a graph output, or its weights are not constant). Weights that
-other nodes share are cloned, never changed under them. Graph inputs and
-outputs, value_info, opset imports, metadata and functions are kept; IR < 4
-models keep every initializer listed as a graph input. Only the main graph is
+Weights and BN parameters may be initializers, Constant nodes, or the result
+of a constant subgraph (ConstantOfShape, Cast, Reshape, Mul, Sqrt, ... of
+constants; ``_graph.CONSTANT_OPS``), evaluated one node at a time, never from
+a graph input. New weights are computed in float64 by ``bnfast.fold`` and
+stored in the weights' dtype, so the output graph is final and never has more
+nodes than the input; values whose meaning changes get new names. A BN is
+left in place, with the reason in the report, when it is in training mode,
+has ``spatial=0``, has non-constant parameters, or its neighbour is not a
+layer it can fold into safely (the neighbour's output is read elsewhere, a
+graph output, or its weights are not constant). Weights that other nodes
+share are cloned, never changed under them. Graph inputs and outputs,
+value_info, opset imports, metadata and functions are kept; IR < 4 models
+keep every initializer listed as a graph input. Only the main graph is
 folded: BN nodes inside subgraphs (If, Loop, Scan) and functions are reported
-as left.
+as left. Time and memory are linear in the size of the model.
 """
 import dataclasses
 import json
+import math
 import sys
 
 import onnx
 from tqdm import tqdm
 
 from bnfast.onnx import fold_bn_after, fold_bn_before
-from bnfast.onnx._graph import Graph, in_default_domain, subgraphs
-from bnfast.onnx.fold_bn import label
+from bnfast.onnx._graph import Graph, in_default_domain, model_tensors, subgraphs
+from bnfast.onnx._isolate import first_line
+from bnfast.onnx.bn_node import label, rewrite
 
 __all__ = ["fold_model", "FoldReport", "InvalidModel"]
 
@@ -62,7 +72,19 @@ class FoldReport:
         return dataclasses.asdict(self)
 
     def to_json(self):
-        return json.dumps(self.to_dict(), indent=2)
+        """Standard JSON: a difference that is not finite (NaN or infinity in
+        different places) is written as null."""
+        return json.dumps(_finite_or_none(self.to_dict()), indent=2, allow_nan=False)
+
+
+def _finite_or_none(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
 
 
 def fold_model(model, *, bn_before_conv=False, progress=False):
@@ -98,9 +120,9 @@ def fold_model(model, *, bn_before_conv=False, progress=False):
         while pending:
             still = []
             for node in pending:
-                fold_pass, match, why = _first_match(node, graph, passes)
-                if fold_pass is not None:
-                    fold_pass.rewrite(match, graph)
+                match, why = _first_match(node, graph, passes)
+                if match:
+                    rewrite(match, graph)
                     report.folded.append({"node": node.name, "output": node.output[0],
                                           "into": match.into})
                     bar.update(1)
@@ -124,16 +146,16 @@ def fold_model(model, *, bn_before_conv=False, progress=False):
 
 
 def _first_match(node, graph, passes):
-    """(pass, match, None) for the first pass that folds `node`, else (None, None, why)."""
+    """(match, None) for the first pass that folds `node`, else (None, why)."""
     reasons = []
     for fold_pass in passes:
         match = fold_pass.matches(node, graph)
         if match:
-            return fold_pass, match, None
+            return match, None
         reasons.append(match.reason)
     if len(reasons) == 1:
-        return None, None, reasons[0]
-    return None, None, f"not into the layer before it: {reasons[0]}; not into the layer after " \
+        return None, reasons[0]
+    return None, f"not into the layer before it: {reasons[0]}; not into the layer after " \
                  f"it: {reasons[1]}"
 
 
@@ -163,9 +185,9 @@ def _nested_bns(model):
 
 
 def _require_loaded_data(model):
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
-            raise InvalidModel(f"initializer '{tensor.name}' is stored in an external data "
+    for tensor in model_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise InvalidModel(f"tensor '{tensor.name}' is stored in an external data "
                                f"file that is not loaded; load the model with onnx.load(path) "
                                f"(which loads external data) or "
                                f"onnx.load_external_data_for_model(model, directory)")
@@ -179,7 +201,7 @@ def _validate(model):
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
-        raise InvalidModel(f"not a valid ONNX model: {_first_line(err)}") from None
+        raise InvalidModel(f"not a valid ONNX model: {first_line(err)}") from None
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
@@ -194,10 +216,5 @@ def _check_output(model, full_check):
         onnx.checker.check_model(model, full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise RuntimeError(f"bnfast produced a model the ONNX checker rejects "
-                           f"({_first_line(err)}); this is a bug in bnfast, please report "
+                           f"({first_line(err)}); this is a bug in bnfast, please report "
                            f"it with the model") from err
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -5,7 +5,7 @@ Before:                                After:
     X -> BN -> Z -> Conv(W, b) -> Y        X -> Conv(W', b') -> Y
 
 Conditions: the BN is in inference mode with constant parameters; the Conv is
-the only reader of Z, reads it as its input (not as a weight), Z is not a graph
+the only reader of Z (through Identity nodes, which go), reads it as its input (not as a weight), Z is not a graph
 output, and the Conv's weights are constant; the Conv has no padding (``pads``
 all zero, or ``auto_pad`` VALID, or SAME with a 1x1 kernel, which pads nothing).
 With padding the Conv sees zeros around the *normalised* input; after folding
@@ -20,28 +20,9 @@ channel ``i = g * Cin/group + c`` of group g:
 
 (``bnfast.fold.fold_bn_conv``). Stride and dilation do not matter.
 """
-from dataclasses import dataclass
-
-import onnx
-
 from bnfast.fold import fold_bn_conv
 from bnfast.onnx._graph import NotConstant, attribute, in_default_domain
-from bnfast.onnx.fold_bn import NoMatch, label, read_bn
-
-
-@dataclass
-class Match:
-    bn: object               # fold_bn.BatchNorm
-    layer: onnx.NodeProto    # the Conv after it
-    weight: object
-    bias: object
-
-    def __bool__(self):
-        return True
-
-    @property
-    def into(self):
-        return f"Conv {label(self.layer)}"
+from bnfast.onnx.bn_node import Match, NoMatch, label, read_bn
 
 
 def matches(node, graph):
@@ -49,14 +30,21 @@ def matches(node, graph):
     bn = read_bn(node, graph)
     if not bn:
         return bn
-    conv = graph.only_reader(bn.Y)
-    if conv is None:
-        uses = graph.uses(bn.Y)
-        return NoMatch(f"its output '{bn.Y}' has {uses} readers or is a graph output; it "
-                       f"folds into a following Conv only when that Conv is its one reader")
+    name, identities = bn.Y, []
+    while True:     # through Identity nodes, each the one reader of the value before it
+        conv = graph.only_reader(name)
+        if conv is None:
+            uses = graph.uses(name)
+            return NoMatch(f"'{name}' has {uses} readers or is a graph output; the BN "
+                           f"folds into a following Conv only when that Conv is its one "
+                           f"reader")
+        if not (in_default_domain(conv) and conv.op_type == "Identity"):
+            break
+        identities.append(conv)
+        name = conv.output[0]
     if not in_default_domain(conv) or conv.op_type != "Conv":
         return NoMatch(f"the node after it is {conv.op_type} {label(conv)}, not a Conv")
-    if conv.input[0] != bn.Y or list(conv.input).count(bn.Y) != 1:
+    if conv.input[0] != name or list(conv.input).count(name) != 1:
         return NoMatch(f"it feeds a weight of Conv {label(conv)}, not its input")
     try:
         W = graph.constant(conv.input[1])
@@ -72,20 +60,7 @@ def matches(node, graph):
                               padding=_padding(conv, W))
     except ValueError as err:
         return NoMatch(f"Conv {label(conv)} after it: {err}")
-    return Match(bn, conv, W2, b2)
-
-
-def rewrite(match, graph):
-    """Apply a Match: the Conv reads X with new weights, the BN goes. False if no match."""
-    if not match:
-        return False
-    conv, bn = match.layer, match.bn
-    graph.set_constant_input(conv, 1, match.weight, f"{conv.input[1]}_bnfolded")
-    graph.set_constant_input(conv, 2, match.bias, f"{conv.name or conv.output[0]}_bias_bnfolded")
-    graph.set_input(conv, 0, bn.X)
-    graph.drop(bn.node)
-    graph.forget_value_info(bn.Y)
-    return True
+    return Match(bn, conv, [(conv, 1, W2), (conv, 2, b2)], removed=identities, before=True)
 
 
 def _padding(conv, W):
