@@ -14,7 +14,11 @@ def is_cupy_array(a):
 
 
 def _where(a):
-    return "a cupy.ndarray (GPU)" if is_cupy_array(a) else f"{type(a).__name__} (CPU)"
+    if is_cupy_array(a):
+        return "a cupy.ndarray (GPU)"
+    kind = type(a)
+    package = kind.__module__.split(".")[0]
+    return f"{kind.__name__ if package == 'builtins' else f'{package}.{kind.__name__}'} (CPU)"
 
 
 def check_same_backend(**arrays):

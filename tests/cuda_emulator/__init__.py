@@ -170,6 +170,7 @@ def fake_cupy():
         int32=np.int32, int64=np.int64,
         empty=lambda shape, dtype=np.float64, order="C": _wrap(np.empty(shape, dtype, order)),
         zeros=lambda shape, dtype=np.float64: _wrap(np.zeros(shape, dtype)),
+        ones=lambda shape, dtype=np.float64: _wrap(np.ones(shape, dtype)),
         empty_like=lambda a, dtype=None: _wrap(np.empty_like(a, dtype)),
         asarray=lambda a, dtype=None: _wrap(np.array(a, dtype=dtype, copy=None if isinstance(a, ndarray) else True)),
         ascontiguousarray=lambda a: _wrap(np.ascontiguousarray(a)),
