@@ -11,6 +11,7 @@ The launch plan, backend detection and argument checks need neither and
 always run.
 """
 import importlib
+import json
 import math
 import subprocess
 import sys
@@ -487,3 +488,58 @@ def test_channels_last_blocks_cover_a_warp_of_channels():
 def test_launch_plan_refuses_empty_or_non_integer_sizes(bad):
     with pytest.raises(ValueError, match="launch_plan needs positive ints"):
         launch_plan(*bad)
+
+
+def test_gpu_benchmark_harness_runs_on_the_emulator(fake_cp, monkeypatch, tmp_path):
+    # the harness's own logic (cases, layouts, timing, report) before it meets a GPU
+    import importlib.util
+    from pathlib import Path
+    ok, why = cuda_emulator.available()
+    if not ok:
+        pytest.skip(why)
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "SHAPES", [(4, 3, 5, 5), (16, 6), (2, 4, 9)])
+    monkeypatch.setattr(bench, "load_torch", lambda: (None, "not on the emulator"))
+    assert bench.main(["--out", str(tmp_path), "--reps", "2"]) == 0
+    report = json.loads((tmp_path / "bench_gpu_float32.json").read_text())
+    layouts = {(tuple(r["shape"]), r["layout"]) for r in report["rows"]}
+    assert layouts == {((4, 3, 5, 5), "channels_first"), ((4, 3, 5, 5), "channels_last"),
+                       ((16, 6), "nc"), ((2, 4, 9), "channels_first"),
+                       ((2, 4, 9), "channels_last")}
+    assert {r["op"] for r in report["rows"]} == set(bench.TARGETS)
+    assert all(r["bnfast_ms"] > 0 and r["copy_ms"] > 0 for r in report["rows"])
+    table = (tmp_path / "bench_gpu_float32.md").read_text()
+    assert "CUDA emulator" in table and "| 4x3x5x5 | channels_last | train |" in table
+
+
+def test_gpu_benchmark_peers_compute_batch_norm(fake_cp):
+    # PyTorch (here on the CPU, through DLPack) and the naive CuPy version
+    # compute the same thing as bnfast on each layout, so their timings compare
+    import importlib.util
+    from pathlib import Path
+    torch = pytest.importorskip("torch")
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for layout, stored, axis in bench.layouts((3, 4, 5, 6)):
+        case = bench.Case(fake_cp, (3, 4, 5, 6), stored, axis, np.float64)
+        x = np.asarray(case.x)
+        want_y, mean, invstd = bnfast.batch_norm_train(x, np.asarray(case.weight),
+                                                       np.asarray(case.bias), axis=axis)
+        want_dx, _, _ = bnfast.batch_norm_backward(np.asarray(case.dy), x,
+                                                   np.asarray(case.weight), mean, invstd,
+                                                   axis=axis)
+        naive = bench.naive_ops(case)
+        np.testing.assert_allclose(np.asarray(naive["train"]()[0]), want_y, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(naive["backward"]()[0]), want_dx, atol=1e-10)
+        peer = bench.torch_ops(case, torch)
+        y = peer["train"]().numpy()
+        dx = peer["backward"]()[0].numpy()
+        if axis != 1:   # torch sees (N, C, H, W); bnfast's arrays are (N, H, W, C)
+            y, dx = np.moveaxis(y, 1, -1), np.moveaxis(dx, 1, -1)
+        np.testing.assert_allclose(y, want_y, atol=1e-10)
+        np.testing.assert_allclose(dx, want_dx, atol=1e-10)

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -151,6 +152,18 @@ class _Kernel:
             raise RuntimeError(f"{self.name}: {self.error().decode()}")
 
 
+class _Event:
+    """A CUDA event on the host clock: everything ran when record() returns."""
+
+    time = 0.0
+
+    def record(self, stream=None):
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
 class RawModule:
     def __init__(self, code, options=(), **kwargs):
         real = next(o.split("=", 1)[1] for o in options if o.startswith("-DBN_REAL="))
@@ -179,8 +192,18 @@ def fake_cupy():
         isfinite=lambda a: _wrap(np.isfinite(a)),
         testing=types.SimpleNamespace(),
     )
-    cp.cuda = types.SimpleNamespace(Device=_Device, runtime=types.SimpleNamespace(
-        getDeviceCount=lambda: 1))
+    cp.__dict__.update(sqrt=lambda a: _wrap(np.sqrt(a)), __version__="emulator",
+                       get_default_memory_pool=lambda: types.SimpleNamespace(
+                           free_all_blocks=lambda: None))
+    runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1, memcpyDeviceToDevice=3,
+        memcpyAsync=lambda dst, src, n, kind, stream: ctypes.memmove(dst, src, n),
+        getDeviceProperties=lambda device_id: {"name": b"CUDA emulator (host)"},
+        runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0)
+    cp.cuda = types.SimpleNamespace(
+        Device=_Device, runtime=runtime, Event=_Event,
+        get_elapsed_time=lambda start, end: (end.time - start.time) * 1e3,
+        get_current_stream=lambda: types.SimpleNamespace(ptr=0))
     cp.__fake__ = True
     return cp
 
