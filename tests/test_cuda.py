@@ -543,3 +543,85 @@ def test_gpu_benchmark_peers_compute_batch_norm(fake_cp):
             y, dx = np.moveaxis(y, 1, -1), np.moveaxis(dx, 1, -1)
         np.testing.assert_allclose(y, want_y, atol=1e-10)
         np.testing.assert_allclose(dx, want_dx, atol=1e-10)
+
+
+# --------------------------------------------------------------------------
+# through bnfast's public API (once bnfast.functional dispatches here)
+# --------------------------------------------------------------------------
+
+wired = pytest.mark.skipif(
+    getattr(BF, "_cuda", None) is None,
+    reason="bnfast.functional does not dispatch to bnfast.cuda on this branch yet")
+
+
+@wired
+@pytest.mark.parametrize("axis", [1, -1])
+def test_public_functions_send_cupy_arrays_to_the_gpu(cp, axis):
+    shape = (4, 3, 5) if axis == 1 else (4, 5, 3)
+    x, dy = _data(shape, np.float32), _data(shape, np.float32, seed=2)
+    gx, g_dy = cp.asarray(x), cp.asarray(dy)
+    rm, rv = cp.zeros(3, np.float32), cp.asarray(np.ones(3, np.float32))
+    y, mean, invstd = bnfast.batch_norm_train(gx, axis=axis, running_mean=rm, running_var=rv)
+    assert all(isinstance(a, cp.ndarray) for a in (y, mean, invstd))
+    assert_close(y, bnfast.batch_norm_train(x, axis=axis)[0], np.float32, 4.0)
+    dx, dweight, dbias = bnfast.batch_norm_backward(g_dy, gx, None, mean, invstd, axis=axis)
+    assert isinstance(dx, cp.ndarray) and isinstance(dweight, cp.ndarray)
+    assert isinstance(bnfast.batch_norm_infer(gx, None, None, rm, rv, axis=axis), cp.ndarray)
+    count, m, m2 = BF.batch_norm_stats(gx, axis=axis)
+    assert isinstance(m, cp.ndarray)
+    _, merged_mean, _ = BF.merge_stats([count], m.reshape(1, 3), m2.reshape(1, 3))
+    assert isinstance(merged_mean, cp.ndarray)
+    assert isinstance(BF.batch_norm_apply(gx, m, cp.asarray(1.0 / np.sqrt(m2.get() / count)),
+                                          axis=axis), cp.ndarray)
+    sums = BF.batch_norm_backward_reduce(g_dy, gx, m, m2, axis=axis)
+    assert isinstance(sums[0], cp.ndarray)
+    assert isinstance(BF.batch_norm_backward_apply(g_dy, gx, m, m2, None, *sums, count,
+                                                   axis=axis), cp.ndarray)
+
+
+@wired
+def test_numpy_call_with_a_cupy_argument_is_a_type_error(fake_cp):
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match="weight is a cupy.ndarray"):
+        bnfast.batch_norm_train(x, fake_cp.ones(3, np.float32))
+    with pytest.raises(TypeError, match="running_var is a cupy.ndarray"):
+        bnfast.batch_norm_infer(x, None, None, np.zeros(3, np.float32),
+                                fake_cp.ones(3, np.float32))
+
+
+@wired
+def test_layer_moved_to_the_gpu_trains_like_the_cpu_layer(cp):
+    x = _data((4, 3, 5, 5), np.float32)
+    dy = _data((4, 3, 5, 5), np.float32, seed=2)
+    cpu = bnfast.BatchNorm2d(3)
+    gpu = bnfast.BatchNorm2d(3).cuda()
+    assert isinstance(gpu.weight, cp.ndarray) and isinstance(gpu.running_var, cp.ndarray)
+    for _ in range(2):
+        y = gpu(cp.asarray(x))
+        assert_close(y, cpu(x), np.float32, 4.0)
+        assert_close(gpu.backward(cp.asarray(dy)), cpu.backward(dy), np.float32, 4.0)
+    assert_close(gpu.running_mean, cpu.running_mean, np.float32)
+    assert_close(gpu.running_var, cpu.running_var, np.float32)
+    assert_close(gpu.grad_weight, cpu.grad_weight, np.float32, 10.0)
+    assert int(gpu.num_batches_tracked) == 2
+    gpu.eval()
+    cpu.eval()
+    assert_close(gpu(cp.asarray(x)), cpu(x), np.float32, 4.0)
+    state = gpu.state_dict()
+    assert isinstance(state["running_mean"], cp.ndarray)
+    back = bnfast.BatchNorm2d(3)
+    back.load_state_dict(state)   # GPU arrays into a CPU layer
+    np.testing.assert_array_equal(back.running_var, gpu.running_var.get())
+    gpu.load_state_dict(cpu.state_dict())   # numpy arrays into a GPU layer
+    assert isinstance(gpu.running_var, cp.ndarray)
+    gpu.cpu()
+    assert isinstance(gpu.weight, np.ndarray) and not is_cupy_array(gpu.weight)
+
+
+@wired
+def test_layer_and_input_on_different_sides_is_a_type_error(fake_cp):
+    with pytest.raises(TypeError, match=r"move the layer with .cuda\(\)"):
+        bnfast.BatchNorm1d(3)(fake_cp.ones((4, 3), np.float32))
+    gpu = bnfast.BatchNorm1d(3).cuda()
+    with pytest.raises(TypeError, match=r"move the layer with .cpu\(\)"):
+        gpu(np.ones((4, 3), np.float32))

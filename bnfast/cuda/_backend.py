@@ -24,6 +24,8 @@ def _where(a):
 def check_same_backend(**arrays):
     """TypeError if the arrays given (by name; None is skipped) mix cupy.ndarray
     with anything else (numpy arrays, lists, CPU tensors)."""
+    if "cupy" not in sys.modules:   # the numpy path's fast exit: no CuPy array exists
+        return
     given = {name: a for name, a in arrays.items() if a is not None}
     on_gpu = [name for name, a in given.items() if is_cupy_array(a)]
     if not on_gpu or len(on_gpu) == len(given):

@@ -63,8 +63,8 @@ class _Pointer:
 
 
 class _Device:
-    def __init__(self, device_id=0):
-        self.id = int(device_id)
+    def __init__(self, device_id=None):
+        self.id = 0 if device_id is None else int(device_id)
         self.attributes = {"MultiProcessorCount": SM_COUNT}
 
     def __enter__(self):
