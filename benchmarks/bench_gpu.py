@@ -219,7 +219,9 @@ def load_torch():
     return torch, ""
 
 
-def run(args):
+def run(args, save=lambda report: None):
+    """Times every case; calls save(report so far) after each shape and layout,
+    so a run stopped early still leaves its results."""
     import cupy as cp
     dtype = np.dtype(args.dtype)
     torch, torch_note = load_torch()
@@ -229,6 +231,17 @@ def run(args):
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rows = []
     began = time.perf_counter()
+    report = {
+        "gpu": gpu, "dtype": str(dtype), "quick": bool(args.quick), "reps": reps,
+        "complete": False, "seconds": 0.0,
+        "versions": {"cupy": cp.__version__, "numpy": np.__version__,
+                     "torch": torch.__version__ if torch is not None else None,
+                     "python": platform.python_version(),
+                     "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+                     "driver": cp.cuda.runtime.driverGetVersion()},
+        "torch_note": torch_note, "targets": TARGETS,
+        "method": __doc__.split("Method.")[1].strip(), "rows": rows,
+    }
     for shape in shapes:
         for layout, stored, axis in layouts(shape):
             case = Case(cp, shape, stored, axis, dtype)
@@ -263,18 +276,10 @@ def run(args):
                       + ("" if row["meets_target"] else "  (over target)"), flush=True)
             del case
             cp.get_default_memory_pool().free_all_blocks()
-    import cupy
-    report = {
-        "gpu": gpu, "dtype": str(dtype), "quick": bool(args.quick), "reps": reps,
-        "seconds": time.perf_counter() - began,
-        "versions": {"cupy": cupy.__version__, "numpy": np.__version__,
-                     "torch": torch.__version__ if torch is not None else None,
-                     "python": platform.python_version(),
-                     "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
-                     "driver": cp.cuda.runtime.driverGetVersion()},
-        "torch_note": torch_note, "targets": TARGETS,
-        "method": __doc__.split("Method.")[1].strip(), "rows": rows,
-    }
+            report["seconds"] = time.perf_counter() - began
+            save(report)
+    report["complete"] = True
+    save(report)
     return report
 
 
@@ -298,6 +303,8 @@ def markdown(report):
             + (f"{r['torch_ratio']:.2f}{faster} | " if torch else "")
             + f"{r['cupy_naive_ratio']:.2f} |")
     met = sum(r["meets_target"] for r in report["rows"])
+    if not report["complete"]:
+        lines += ["", "**Incomplete: the run stopped before every shape was timed.**"]
     lines += ["", f"bnfast meets its target in {met} of {len(report['rows'])} cases"
               + (f" and is faster than PyTorch in "
                  f"{sum(r['faster_than_torch'] for r in report['rows'])}." if torch else ".")]
@@ -322,12 +329,14 @@ def main(argv=None):
               f"pip install bnfast[gpu]", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    report = run(args)
     stem = os.path.join(args.out, f"bench_gpu_{args.dtype}{'_quick' if args.quick else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+
+    def save(report):
+        for ext, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
+            with open(stem + ext + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(stem + ext + ".tmp", stem + ext)
+    report = run(args, save)
     print(f"bench_gpu.py: wrote {stem}.md and .json ({report['seconds']:.0f} s)")
     return 0
 

@@ -505,6 +505,7 @@ def test_gpu_benchmark_harness_runs_on_the_emulator(fake_cp, monkeypatch, tmp_pa
     monkeypatch.setattr(bench, "load_torch", lambda: (None, "not on the emulator"))
     assert bench.main(["--out", str(tmp_path), "--reps", "2"]) == 0
     report = json.loads((tmp_path / "bench_gpu_float32.json").read_text())
+    assert report["complete"]
     layouts = {(tuple(r["shape"]), r["layout"]) for r in report["rows"]}
     assert layouts == {((4, 3, 5, 5), "channels_first"), ((4, 3, 5, 5), "channels_last"),
                        ((16, 6), "nc"), ((2, 4, 9), "channels_first"),
