@@ -15,6 +15,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -492,18 +493,16 @@ def test_launch_plan_refuses_empty_or_non_integer_sizes(bad):
 
 def test_gpu_benchmark_harness_runs_on_the_emulator(fake_cp, monkeypatch, tmp_path):
     # the harness's own logic (cases, layouts, timing, report) before it meets a GPU
-    import importlib.util
-    from pathlib import Path
+    from bnfast.cuda import benchmark as bench
     ok, why = cuda_emulator.available()
     if not ok:
         pytest.skip(why)
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     monkeypatch.setattr(bench, "SHAPES", [(4, 3, 5, 5), (16, 6), (2, 4, 9)])
     monkeypatch.setattr(bench, "load_torch", lambda: (None, "not on the emulator"))
     assert bench.main(["--out", str(tmp_path), "--reps", "2"]) == 0
+    # the script in benchmarks/ is the same harness
+    script = (Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py").read_text()
+    assert "from bnfast.cuda.benchmark import main" in script
     report = json.loads((tmp_path / "bench_gpu_float32.json").read_text())
     assert report["complete"]
     layouts = {(tuple(r["shape"]), r["layout"]) for r in report["rows"]}
@@ -519,13 +518,8 @@ def test_gpu_benchmark_harness_runs_on_the_emulator(fake_cp, monkeypatch, tmp_pa
 def test_gpu_benchmark_peers_compute_batch_norm(fake_cp):
     # PyTorch (here on the CPU, through DLPack) and the naive CuPy version
     # compute the same thing as bnfast on each layout, so their timings compare
-    import importlib.util
-    from pathlib import Path
+    from bnfast.cuda import benchmark as bench
     torch = pytest.importorskip("torch")
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     for layout, stored, axis in bench.layouts((3, 4, 5, 6)):
         case = bench.Case(fake_cp, (3, 4, 5, 6), stored, axis, np.float64)
         x = np.asarray(case.x)
