@@ -14,6 +14,10 @@
  * the reduction helpers and the per-channel kernels, which do not depend on
  * the layout.
  *
+ * Math (training): y = (x - mean) / sqrt(var + eps) * weight + bias per channel,
+ * with mean and var over N and S; references: PyTorch torch.nn.BatchNorm2d,
+ * ONNX BatchNormalization (opset 15), and bnfast/_reference.py.
+ *
  * Conventions (PyTorch's, as on the CPU):
  *   var      biased batch variance, used to normalise
  *   invstd   1 / sqrt(var + eps)
