@@ -414,6 +414,116 @@ def test_gpu_argument_errors_match_the_cpu(fake_cp):
         batch_norm_train(x, running_mean=stats[:3], running_var=stats[:3])
 
 
+# Each mistake made once through bnfast.functional on numpy arrays and once
+# through bnfast.cuda on CuPy arrays: F is the module, a() puts a numpy array
+# on that side. The checks are bnfast._validation's on both.
+def _float32(*shape):
+    return np.ones(shape, np.float32)
+
+
+def _sharing_running_stats(F, a):
+    stats = a(np.zeros(6, np.float32))
+    F.batch_norm_train(a(_float32(4, 3)), running_mean=stats[:3], running_var=stats[:3])
+
+
+def _out_sharing_weight(F, a):
+    out = a(_float32(4, 3))
+    F.batch_norm_train(a(_float32(4, 3)), out[0], out=out)
+
+
+MISTAKES = {
+    "integer x": lambda F, a: F.batch_norm_train(a(np.ones((4, 3), np.int64))),
+    "complex x": lambda F, a: F.batch_norm_infer(a(np.ones((4, 3), np.complex64)), None,
+                                                 None, a(_float32(3)), a(_float32(3))),
+    "float16 x": lambda F, a: F.batch_norm_stats(a(np.ones((4, 3), np.float16))),
+    "weight of the wrong shape": lambda F, a: F.batch_norm_train(a(_float32(4, 3)),
+                                                                 a(_float32(4))),
+    "integer weight": lambda F, a: F.batch_norm_train(a(_float32(4, 3)),
+                                                      a(np.ones(3, np.int32))),
+    "weight that loses precision": lambda F, a: F.batch_norm_train(
+        a(_float32(4, 3)), a(np.ones(3, np.float64))),
+    "running stats of another dtype": lambda F, a: F.batch_norm_train(
+        a(_float32(4, 3)), running_mean=a(np.zeros(3)), running_var=a(np.ones(3))),
+    "one running stat": lambda F, a: F.batch_norm_train(a(_float32(4, 3)),
+                                                        running_mean=a(_float32(3))),
+    "running stats sharing memory": _sharing_running_stats,
+    "momentum out of range": lambda F, a: F.batch_norm_train(a(_float32(4, 3)),
+                                                             momentum=1.5),
+    "eps not a number": lambda F, a: F.batch_norm_train(a(_float32(4, 3)), eps="0.1"),
+    "axis out of range": lambda F, a: F.batch_norm_train(a(_float32(4, 3)), axis=2),
+    "axis not an int": lambda F, a: F.batch_norm_stats(a(_float32(4, 3)), axis=1.0),
+    "one value per channel": lambda F, a: F.batch_norm_train(a(_float32(1, 3))),
+    "empty batch": lambda F, a: F.batch_norm_train(a(_float32(0, 3))),
+    "inference without running stats": lambda F, a: F.batch_norm_infer(
+        a(_float32(4, 3)), None, None, None, None),
+    "out of the wrong shape": lambda F, a: F.batch_norm_infer(
+        a(_float32(4, 3)), None, None, a(_float32(3)), a(_float32(3)), out=a(_float32(3, 4))),
+    "out of another dtype": lambda F, a: F.batch_norm_train(a(_float32(4, 3)),
+                                                            out=a(np.ones((4, 3)))),
+    "out sharing weight": _out_sharing_weight,
+    "dy of another dtype": lambda F, a: F.batch_norm_backward(
+        a(np.ones((4, 3))), a(_float32(4, 3)), None, a(_float32(3)), a(_float32(3))),
+    "dy of another shape": lambda F, a: F.batch_norm_backward_reduce(
+        a(_float32(4, 2)), a(_float32(4, 3)), a(_float32(3)), a(_float32(3))),
+    "save_mean missing": lambda F, a: F.batch_norm_backward(
+        a(_float32(4, 3)), a(_float32(4, 3)), None, None, a(_float32(3))),
+    "mean of the wrong shape": lambda F, a: F.batch_norm_apply(
+        a(_float32(4, 3)), a(_float32(2)), a(_float32(3))),
+    "count below one": lambda F, a: F.batch_norm_backward_apply(
+        a(_float32(4, 3)), a(_float32(4, 3)), a(_float32(3)), a(_float32(3)), None,
+        a(_float32(3)), a(_float32(3)), 0),
+    "negative counts": lambda F, a: F.merge_stats([2, -1], a(np.zeros((2, 3))),
+                                                  a(np.zeros((2, 3)))),
+}
+
+
+def _raised(call):
+    with pytest.raises((TypeError, ValueError)) as info:
+        call()
+    return info.type, str(info.value)
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_a_mistake_gets_the_same_error_on_cpu_and_gpu(fake_cp, mistake):
+    from bnfast import cuda as G
+    cpu = _raised(lambda: MISTAKES[mistake](BF, np.asarray))
+    gpu = _raised(lambda: MISTAKES[mistake](G, fake_cp.asarray))
+    assert gpu[0] is cpu[0]
+    # the advice names the array module of the side the mistake was made on
+    assert gpu[1].replace("cupy.", "np.") == cpu[1]
+
+
+def test_gpu_advice_names_cupy(fake_cp):
+    from bnfast import cuda as G
+    with pytest.raises(TypeError, match=r"cast with x.astype\(cupy.float32\)"):
+        G.batch_norm_train(fake_cp.zeros((4, 3), np.int64))
+    with pytest.raises(TypeError, match=r"allocate it with cupy.empty_like\(x\)"):
+        G.batch_norm_train(fake_cp.ones((4, 3), np.float32), out=fake_cp.ones((4, 3)))
+
+
+def test_unusable_running_stats_get_the_cpu_message(cp):
+    from bnfast import cuda as G
+    x = _data((2, 4, 3), np.float32)
+    rm, rv = np.zeros(4, np.float32), np.array([1.0, -5.0, np.nan, 1.0], np.float32)
+    cpu = _raised(lambda: BF.batch_norm_infer(x, None, None, rm, rv))
+    gpu = _raised(lambda: G.batch_norm_infer(cp.asarray(x), None, None, cp.asarray(rm),
+                                             cp.asarray(rv)))
+    assert gpu == cpu
+
+
+def test_nonfinite_batch_gets_the_cpu_message(cp):
+    from bnfast import cuda as G
+    x = _data((4, 5, 9), np.float32)
+    x[1, 2, 3] = np.nan
+    with pytest.raises(FloatingPointError) as on_cpu:
+        BF.batch_norm_train(x, running_mean=np.zeros(5, np.float32),
+                            running_var=np.ones(5, np.float32))
+    with pytest.raises(FloatingPointError) as on_gpu:
+        G.batch_norm_train(cp.asarray(x), running_mean=cp.zeros(5, np.float32),
+                           running_var=cp.asarray(np.ones(5, np.float32)))
+    assert str(on_gpu.value) == str(on_cpu.value)
+
+
 def test_arrays_on_another_gpu_are_a_value_error(fake_cp):
     from bnfast.cuda import batch_norm_train
     x = fake_cp.asarray(np.ones((4, 3), np.float32))

@@ -12,7 +12,7 @@ load their implementation (and with it CuPy, already imported by whoever made
 the array) on first use. Install the GPU extra with ``pip install
 bnfast[gpu]`` (see docs/gpu.md).
 """
-from bnfast.cuda._backend import check_same_backend, is_cupy_array
+from bnfast.cuda._backend import check_same_backend, is_cupy_array, uses_gpu
 from bnfast.cuda._devices import layer_device_error, move_like, to_cpu, to_gpu
 from bnfast.cuda._plan import LaunchPlan, launch_plan
 
@@ -20,7 +20,7 @@ __all__ = [
     "batch_norm_train", "batch_norm_backward", "batch_norm_infer",
     "batch_norm_stats", "merge_stats", "batch_norm_apply",
     "batch_norm_backward_reduce", "batch_norm_backward_apply",
-    "is_cupy_array", "check_same_backend", "launch_plan", "LaunchPlan",
+    "is_cupy_array", "check_same_backend", "uses_gpu", "launch_plan", "LaunchPlan",
     "to_gpu", "to_cpu", "move_like", "layer_device_error",
 ]
 

@@ -1,7 +1,9 @@
 """Which backend an array belongs to, without importing CuPy.
 
-bnfast.functional dispatches on the array type: these two checks are all it
-needs, and they must cost nothing (and import nothing) on the numpy path.
+bnfast.functional dispatches on the array type: these checks are all it
+needs, and they must cost nothing (and import nothing) on the numpy path. Its
+functions test ``"cupy" in sys.modules`` first and call ``uses_gpu`` only
+then: until something imports CuPy, no argument can be a CuPy array.
 """
 import sys
 
@@ -36,3 +38,10 @@ def check_same_backend(**arrays):
                     f"{_where(given[cpu_name])}; pass every array on the same device: "
                     f"cupy.asarray({cpu_name}) moves {cpu_name} to the GPU, "
                     f"{gpu_name}.get() brings {gpu_name} to the CPU")
+
+
+def uses_gpu(**arrays):
+    """True if the arrays given (by name; None is skipped) are CuPy arrays, False if
+    none is; TypeError naming two of them if they mix CuPy and anything else."""
+    check_same_backend(**arrays)
+    return any(is_cupy_array(a) for a in arrays.values())

@@ -5,7 +5,8 @@ for cupy.ndarray inputs; results are CuPy arrays on x's GPU, and no data
 leaves the device. Imported only once a CuPy array has arrived, so CuPy is
 already imported.
 
-Each call: validate (bnfast.cuda._validate), find the (N, C, S) block without
+Each call: validate (bnfast._validation's shared checks, through
+bnfast.cuda._validate for what CuPy adds), find the (N, C, S) block without
 copying where memory allows (as bnfast.functional._Block does), take the
 launch plan for that shape (launch_plan), then run the kernels of the module
 for x's dtype and layout on the current stream. Two calls read a few bytes
@@ -19,6 +20,7 @@ import math
 import cupy as cp
 import numpy as np
 
+from bnfast import _validation
 from bnfast.cuda import _validate as V
 from bnfast.cuda._plan import launch_plan
 from bnfast.cuda._source import compile_options, read_source
@@ -137,16 +139,17 @@ class _Block:
         return y, self.stored(y), out
 
 
+def _check_dy(dy, x):
+    """dy: x's shape, x's dtype, x's GPU."""
+    _validation.check_like_x(dy, "dy", x)
+    V.check_device(dy, "dy", x.device.id)
+
+
 def _finish(result, copy_to):
     if copy_to is None:
         return result
     copy_to[...] = result
     return copy_to
-
-
-def _channel_list(flags):
-    bad = np.flatnonzero(flags)
-    return bad.size, ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
 
 
 # --------------------------------------------------------------------------
@@ -160,7 +163,7 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
                          running_var=running_var, out=out)
     x = V.device_tensor(x, "x")
     device_id = x.device.id
-    axis = V._channel_axis(axis, x.ndim)
+    axis = _validation.channel_axis(axis, x.ndim)
     C = x.shape[axis]
     weight = V.channel_param(weight, "weight", C, x.dtype, device_id)
     bias = V.channel_param(bias, "bias", C, x.dtype, device_id)
@@ -170,22 +173,16 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     if running:
         running_mean = V.running_stat(running_mean, "running_mean", C, x.dtype, device_id)
         running_var = V.running_stat(running_var, "running_var", C, x.dtype, device_id)
-        if V.overlap(running_mean, running_var) != "none":
-            raise ValueError("running_mean and running_var share memory, so updating one "
-                             "would overwrite the other; pass two separate arrays")
-    eps = V._real(eps, "eps", 0.0, math.inf)
-    momentum = V._real(momentum, "momentum", 0.0, 1.0)
-    count = math.prod(n for i, n in enumerate(x.shape) if i != axis)
-    if count == 0:
-        raise ValueError(f"x of shape {x.shape} has no values per channel; training needs "
-                         f"a non-empty batch")
-    if count == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input "
-                         f"of shape {x.shape}")
+        V.check_disjoint([("running_mean", running_mean), ("running_var", running_var)],
+                         [("x", x), ("weight", weight), ("bias", bias), ("out", out)])
+    eps = _validation.real(eps, "eps", 0.0, math.inf)
+    momentum = _validation.real(momentum, "momentum", 0.0, 1.0)
+    count = _validation.check_trainable(x.shape, axis)
 
     with x.device:
         block = _Block(x, axis)
         y, y_stored, copy_to = block.output(out, [block.x])
+        V.check_disjoint([("out", out)], [("weight", weight), ("bias", bias)])
         save_mean = cp.empty(C, dtype=x.dtype)
         save_invstd = cp.empty(C, dtype=x.dtype)
         if C == 0:
@@ -215,9 +212,10 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
         # the one read-back: a C-sized flag array (with its count) for the error
         host_flags = flags.get()
     if host_flags[C]:
-        n, shown = _channel_list(host_flags[:C])
+        bad = np.flatnonzero(host_flags[:C])
         raise FloatingPointError(
-            f"batch statistics are not finite in {n} of {C} channels ({shown}): the batch "
+            f"batch statistics are not finite in {bad.size} of {C} channels "
+            f"({_validation.channel_list(bad)}): the batch "
             f"holds NaN or inf, or values whose square overflows; running statistics were "
             f"left unchanged")
     return _finish(y, copy_to), save_mean, save_invstd
@@ -230,7 +228,7 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
                          running_var=running_var, out=out)
     x = V.device_tensor(x, "x")
     device_id = x.device.id
-    axis = V._channel_axis(axis, x.ndim)
+    axis = _validation.channel_axis(axis, x.ndim)
     C = x.shape[axis]
     weight = V.channel_param(weight, "weight", C, x.dtype, device_id)
     bias = V.channel_param(bias, "bias", C, x.dtype, device_id)
@@ -239,11 +237,14 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
                          "statistics use batch_norm_train")
     running_mean = V.channel_param(running_mean, "running_mean", C, x.dtype, device_id)
     running_var = V.channel_param(running_var, "running_var", C, x.dtype, device_id)
-    eps = V._real(eps, "eps", 0.0, math.inf)
+    eps = _validation.real(eps, "eps", 0.0, math.inf)
 
     with x.device:
         block = _Block(x, axis)
         y, y_stored, copy_to = block.output(out, [block.x])
+        V.check_disjoint([("out", out)], [("weight", weight), ("bias", bias),
+                                          ("running_mean", running_mean),
+                                          ("running_var", running_var)])
         if C == 0:
             return _finish(y, copy_to)
         # (N or S may be 0: the statistics are still checked)
@@ -256,8 +257,7 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
             run.elementwise("bn_apply", y_stored, block.x, params, n_bad)   # skips if n_bad
         usable = not int(n_bad.get()[0])
     if not usable:
-        from bnfast.functional import _unusable_running_stats
-        raise _unusable_running_stats(running_mean.get(), running_var.get(), eps)
+        raise _validation.unusable_running_stats(running_mean.get(), running_var.get(), eps)
     return _finish(y, copy_to)
 
 
@@ -268,13 +268,8 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     x = V.device_tensor(x, "x")
     dy = V.device_tensor(dy, "dy")
     device_id = x.device.id
-    axis = V._channel_axis(axis, x.ndim)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy is {dy.dtype} but x is {x.dtype}; pass both in one dtype, "
-                        f"e.g. dy.astype(x.dtype)")
-    V.check_device(dy, "dy", device_id)
+    axis = _validation.channel_axis(axis, x.ndim)
+    _check_dy(dy, x)
     C = x.shape[axis]
     weight = V.channel_param(weight, "weight", C, x.dtype, device_id)
     for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
@@ -288,6 +283,8 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
         block = _Block(x, axis)
         dy_stored = block.stored(dy)
         dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
+        V.check_disjoint([("out", out)], [("weight", weight), ("save_mean", save_mean),
+                                          ("save_invstd", save_invstd)])
         dweight = cp.zeros(C, dtype=x.dtype)
         dbias = cp.zeros(C, dtype=x.dtype)
         if x.size:
@@ -315,9 +312,9 @@ def batch_norm_stats(x, axis=1):
     """bnfast.functional.batch_norm_stats on the GPU: count (int), mean and
     m2 ((C,) float64 CuPy arrays)."""
     x = V.device_tensor(x, "x")
-    axis = V._channel_axis(axis, x.ndim)
+    axis = _validation.channel_axis(axis, x.ndim)
     C = x.shape[axis]
-    count = math.prod(n for i, n in enumerate(x.shape) if i != axis)
+    count = _validation.values_per_channel(x.shape, axis)
     with x.device:
         mean = cp.zeros(C, dtype=np.float64)
         m2 = cp.zeros(C, dtype=np.float64)
@@ -349,6 +346,11 @@ def merge_stats(counts, means, m2s):
                          f"(P, C), got {host_counts.dtype} {host_counts.shape}")
     if np.any(host_counts < 0):
         raise ValueError("counts must be >= 0")
+    # the total in Python ints: a sum in the counts' own dtype could wrap around
+    exact = host_counts.astype(object).sum(axis=0)
+    if np.any(exact > np.iinfo(np.int64).max):
+        raise ValueError(f"counts sum to {np.max(exact)} values per channel, more than an "
+                         f"int64 holds; pass the counts of real parts of a batch")
     with means.device:
         n_i = cp.asarray(host_counts if host_counts.ndim == 2 else host_counts[:, None],
                          dtype=np.float64)
@@ -358,8 +360,7 @@ def merge_stats(counts, means, m2s):
         total = n_i.sum(axis=0)
         mean = (n_i * means).sum(axis=0) / cp.where(total > 0, total, 1.0)
         m2 = (m2s + n_i * (means - mean) ** 2).sum(axis=0)
-        count = (int(host_counts.sum()) if host_counts.ndim == 1
-                 else cp.asarray(host_counts.sum(axis=0)))
+        count = int(exact) if host_counts.ndim == 1 else cp.asarray(exact.astype(np.int64))
     return count, mean, m2
 
 
@@ -368,7 +369,7 @@ def batch_norm_apply(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     V.check_same_backend(x=x, mean=mean, invstd=invstd, weight=weight, bias=bias, out=out)
     x = V.device_tensor(x, "x")
     device_id = x.device.id
-    axis = V._channel_axis(axis, x.ndim)
+    axis = _validation.channel_axis(axis, x.ndim)
     C = x.shape[axis]
     mean = V.channel_stat(mean, "mean", C, device_id)
     invstd = V.channel_stat(invstd, "invstd", C, device_id)
@@ -377,6 +378,8 @@ def batch_norm_apply(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     with x.device:
         block = _Block(x, axis)
         y, y_stored, copy_to = block.output(out, [block.x])
+        V.check_disjoint([("out", out)], [("mean", mean), ("invstd", invstd),
+                                          ("weight", weight), ("bias", bias)])
         if x.size:
             run = _Launcher.of(block)
             params = cp.empty((3, C), dtype=x.dtype)
@@ -386,20 +389,13 @@ def batch_norm_apply(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     return _finish(y, copy_to)
 
 
-def _check_dy(dy, x):
-    if dy.shape != x.shape or dy.dtype != x.dtype:
-        raise ValueError(f"dy must match x in shape and dtype, got {dy.shape} {dy.dtype} "
-                         f"for x {x.shape} {x.dtype}")
-    V.check_device(dy, "dy", x.device.id)
-
-
 def batch_norm_backward_reduce(dy, x, mean, invstd, axis=1):
     """bnfast.functional.batch_norm_backward_reduce on the GPU: sum_dy and
     sum_dy_xhat, (C,) float64 CuPy arrays."""
     V.check_same_backend(dy=dy, x=x, mean=mean, invstd=invstd)
     x = V.device_tensor(x, "x")
     dy = V.device_tensor(dy, "dy")
-    axis = V._channel_axis(axis, x.ndim)
+    axis = _validation.channel_axis(axis, x.ndim)
     _check_dy(dy, x)
     C = x.shape[axis]
     mean = V.channel_stat(mean, "mean", C, x.device.id)
@@ -425,7 +421,7 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     x = V.device_tensor(x, "x")
     dy = V.device_tensor(dy, "dy")
     device_id = x.device.id
-    axis = V._channel_axis(axis, x.ndim)
+    axis = _validation.channel_axis(axis, x.ndim)
     _check_dy(dy, x)
     C = x.shape[axis]
     mean = V.channel_stat(mean, "mean", C, device_id)
@@ -433,11 +429,14 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     weight = V.channel_param(weight, "weight", C, x.dtype, device_id)
     sum_dy = V.channel_stat(sum_dy, "sum_dy", C, device_id)
     sum_dy_xhat = V.channel_stat(sum_dy_xhat, "sum_dy_xhat", C, device_id)
-    count = V._real(count, "count", 1.0, math.inf)
+    count = _validation.real(count, "count", 1.0, math.inf)
     with x.device:
         block = _Block(x, axis)
         dy_stored = block.stored(dy)
         dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
+        V.check_disjoint([("out", out)], [("mean", mean), ("invstd", invstd),
+                                          ("weight", weight), ("sum_dy", sum_dy),
+                                          ("sum_dy_xhat", sum_dy_xhat)])
         if x.size:
             run = _Launcher.of(block)
             coef = cp.empty((4, C), dtype=x.dtype)
