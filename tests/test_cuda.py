@@ -11,6 +11,7 @@ The launch plan, backend detection and argument checks need neither and
 always run.
 """
 import importlib
+import importlib.util
 import json
 import math
 import subprocess
@@ -725,8 +726,82 @@ def test_layer_moved_to_the_gpu_trains_like_the_cpu_layer(cp):
 
 @wired
 def test_layer_and_input_on_different_sides_is_a_type_error(fake_cp):
-    with pytest.raises(TypeError, match=r"move the layer with .cuda\(\)"):
+    with pytest.raises(TypeError, match=r"move the layer with layer.cuda\(\)"):
         bnfast.BatchNorm1d(3)(fake_cp.ones((4, 3), np.float32))
     gpu = bnfast.BatchNorm1d(3).cuda()
-    with pytest.raises(TypeError, match=r"move the layer with .cpu\(\)"):
+    with pytest.raises(TypeError, match=r"move the layer with layer.cpu\(\)"):
         gpu(np.ones((4, 3), np.float32))
+
+
+@pytest.mark.parametrize("layer_class, shape", [(bnfast.BatchNorm1d, (6, 3)),
+                                                (bnfast.BatchNorm1d, (4, 3, 7)),
+                                                (bnfast.BatchNorm3d, (2, 3, 2, 3, 4))])
+def test_every_rank_of_layer_runs_on_the_gpu_in_both_modes(cp, layer_class, shape):
+    x, dy = _data(shape, np.float64), _data(shape, np.float64, seed=2)
+    cpu = layer_class(3, dtype=np.float64)
+    gpu = layer_class(3, dtype=np.float64).cuda()
+    for mode in ("train", "eval"):   # eval: the backward through running statistics
+        getattr(cpu, mode)()
+        getattr(gpu, mode)()
+        y = gpu(cp.asarray(x))
+        _on_device(cp, y, gpu.weight)
+        assert_close(y, cpu(x), np.float64, 4.0)
+        dx = gpu.backward(cp.asarray(dy))
+        _on_device(cp, dx, gpu.weight)
+        assert_close(dx, cpu.backward(dy), np.float64, 4.0)
+        assert isinstance(gpu.grad_bias, cp.ndarray) and gpu.grad_bias.dtype == np.float64
+        assert_close(gpu.grad_bias, cpu.grad_bias, np.float64, 10.0)
+
+
+def test_cuda_and_cpu_move_every_array_and_return_the_layer(fake_cp):
+    layer = bnfast.BatchNorm2d(3)
+    layer.grad_weight = layer.grad_bias = np.full(3, 2.0, np.float32)
+    assert layer.cuda() is layer
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+                 "grad_weight", "grad_bias"):
+        assert is_cupy_array(getattr(layer, name)), name
+    assert all(is_cupy_array(a) for a in layer.state_dict().values())
+    assert layer.cpu() is layer
+    for name in ("weight", "running_var", "num_batches_tracked", "grad_bias"):
+        assert type(getattr(layer, name)) is np.ndarray, name
+    np.testing.assert_array_equal(layer.grad_weight, 2.0)
+
+
+def test_layer_without_state_runs_on_either_side(cp):
+    layer = bnfast.BatchNorm1d(3, affine=False, track_running_stats=False)
+    x = _data((5, 3), np.float32)
+    assert_close(layer(cp.asarray(x)), layer(x), np.float32, 4.0)
+
+
+def test_gpu_layer_refuses_host_dy_and_names_cupy_in_dtype_advice(cp):
+    gpu = bnfast.BatchNorm1d(3).cuda()
+    with pytest.raises(TypeError, match=r"x is float64; pass x.astype\(cupy.float32\)"):
+        gpu(cp.ones((4, 3)))
+    gpu(cp.asarray(_data((4, 3), np.float32)))
+    with pytest.raises(TypeError, match=r"dy is on the CPU; move the layer with layer.cpu"):
+        gpu.backward(np.ones((4, 3), np.float32))
+
+
+def test_failed_load_into_a_gpu_layer_changes_nothing(fake_cp):
+    gpu = bnfast.BatchNorm1d(3).cuda()
+    state = bnfast.BatchNorm1d(3).state_dict()
+    state["running_mean"] = np.full(3, 5.0, np.float32)
+    state["running_var"] = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="running_var must have shape"):
+        gpu.load_state_dict(state)
+    np.testing.assert_array_equal(gpu.running_mean.get(), 0.0)
+    state["running_var"] = fake_cp.asarray(np.full(3, 3.0))   # a float64 GPU array
+    gpu.load_state_dict(state)
+    assert is_cupy_array(gpu.running_var) and gpu.running_var.dtype == np.float32
+    np.testing.assert_array_equal(gpu.running_var.get(), 3.0)
+
+
+def test_moving_a_layer_to_a_gpu_without_cupy_says_what_to_install():
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here")
+    code = ("import bnfast\n"
+            "try:\n    bnfast.BatchNorm1d(3).cuda()\n"
+            "except ImportError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    assert "needs CuPy" in out and "pip install bnfast[gpu]" in out

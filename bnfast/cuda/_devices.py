@@ -40,11 +40,12 @@ def move_like(value, target):
     return np.asarray(to_cpu(value))
 
 
-def layer_device_error(layer_name, x_on_gpu):
-    """The TypeError for a layer called with an input on the other side."""
+def layer_device_error(layer_name, x_on_gpu, name="x"):
+    """The TypeError for a layer called with an input (x, dy) on the other side."""
     if x_on_gpu:
         return TypeError(f"{layer_name}'s parameters and statistics are numpy arrays (CPU) "
-                         f"but x is a cupy.ndarray (GPU); move the layer with .cuda() or "
-                         f"pass x.get()")
+                         f"but {name} is a cupy.ndarray (GPU); move the layer with "
+                         f"layer.cuda() or pass {name}.get()")
     return TypeError(f"{layer_name}'s parameters and statistics are CuPy arrays (GPU) but "
-                     f"x is on the CPU; move the layer with .cpu() or pass cupy.asarray(x)")
+                     f"{name} is on the CPU; move the layer with layer.cpu() or pass "
+                     f"cupy.asarray({name})")
