@@ -2,7 +2,8 @@
 # The GPU check of bnfast's CUDA path, in one run (issue 14):
 #   1. build and install bnfast (pip install --no-build-isolation .)
 #   2. the GPU tests (tests/test_cuda.py on the device: GPU vs CPU results)
-#   3. the GPU benchmark (benchmarks/bench_gpu.py, float32 and float64)
+#   3. the GPU benchmark (benchmarks/bench_gpu.py, i.e. bnfast.bench.gpu, float32
+#      and float64; `bnfast bench --gpu` runs the same)
 # and everything they print and write goes to the folder given as argument:
 #   check.log  every step's output        env.txt  GPU, driver, versions
 #   summary.txt  one line per step        bench_gpu_<dtype>.md / .json
@@ -123,7 +124,7 @@ step "benchmark float32" 140 "$PY" benchmarks/bench_gpu.py --out "$out" --dtype 
 step "benchmark float64" 80 "$PY" benchmarks/bench_gpu.py --out "$out" --dtype float64 \
     --reps 7
 for md in "$out"/bench_gpu_*.md; do
-    [ -f "$md" ] && tail -1 "$md" | sed "s|^|$(basename "$md"): |" >>"$summary"
+    [ -f "$md" ] && grep -m1 '^Targets:' "$md" | sed "s|^|$(basename "$md"): |" >>"$summary"
 done
 
 say "done in $((SECONDS - start))s; summary:"

@@ -602,48 +602,94 @@ def test_launch_plan_refuses_empty_or_non_integer_sizes(bad):
         launch_plan(*bad)
 
 
-def test_gpu_benchmark_harness_runs_on_the_emulator(fake_cp, monkeypatch, tmp_path):
-    # the harness's own logic (cases, layouts, timing, report) before it meets a GPU
-    from bnfast.cuda import benchmark as bench
+def _small_gpu_benchmark(monkeypatch):
+    from bnfast.bench import gpu
     ok, why = cuda_emulator.available()
     if not ok:
         pytest.skip(why)
-    monkeypatch.setattr(bench, "SHAPES", [(4, 3, 5, 5), (16, 6), (2, 4, 9)])
-    monkeypatch.setattr(bench, "load_torch", lambda: (None, "not on the emulator"))
-    assert bench.main(["--out", str(tmp_path), "--reps", "2"]) == 0
+    small = [(4, 3, 5, 5), (16, 6), (2, 4, 9)]
+    monkeypatch.setattr(gpu, "SHAPES", small)
+    monkeypatch.setattr(gpu, "QUICK_SHAPES", small[:1])
+    monkeypatch.setattr(gpu, "load_torch", lambda: (None, "not on the emulator"))
+    return gpu
+
+
+def test_gpu_benchmark_harness_runs_on_the_emulator(fake_cp, monkeypatch, tmp_path):
+    # the harness's own logic (cases, layouts, timing, document, report) before a GPU
+    from bnfast.bench.target_table import GPU_TARGETS
+    gpu = _small_gpu_benchmark(monkeypatch)
+    assert gpu.main(["--out", str(tmp_path), "--reps", "2"]) == 0
     # the script in benchmarks/ is the same harness
     script = (Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py").read_text()
-    assert "from bnfast.cuda.benchmark import main" in script
-    report = json.loads((tmp_path / "bench_gpu_float32.json").read_text())
-    assert report["complete"]
-    layouts = {(tuple(r["shape"]), r["layout"]) for r in report["rows"]}
+    assert "from bnfast.bench.gpu import main" in script
+    result = json.loads((tmp_path / "bench_gpu_float32.json").read_text())
+    assert result["meta"]["complete"] and result["meta"]["machine"] == "CUDA emulator (host)"
+    layouts = {(tuple(r["shape"]), r["layout"]) for r in result["rows"]}
     assert layouts == {((4, 3, 5, 5), "channels_first"), ((4, 3, 5, 5), "channels_last"),
-                       ((16, 6), "nc"), ((2, 4, 9), "channels_first"),
+                       ((16, 6), "(N, C)"), ((2, 4, 9), "channels_first"),
                        ((2, 4, 9), "channels_last")}
-    assert {r["op"] for r in report["rows"]} == set(bench.TARGETS)
-    assert all(r["bnfast_ms"] > 0 and r["copy_ms"] > 0 for r in report["rows"])
+    assert {r["workload"] for r in result["rows"]} == set(gpu.WORKLOADS)
+    limits = GPU_TARGETS["streaming"]["ratio"]
+    for r in result["rows"]:
+        assert r["copy"]["floor_s"] > 0 and r["copy"]["by"] == "cudaMemcpyAsync"
+        assert set(r["results"]) == {"bnfast", "cupy_naive"}
+        assert r["results"]["bnfast"]["ratio"] > 0
+        assert r["target"]["limit"] == limits[(r["workload"], r["outputs"])]
+        assert r["versus"] == {}   # no PyTorch on the emulator
+    assert result["targets"]["judged"] == len(result["rows"])
     table = (tmp_path / "bench_gpu_float32.md").read_text()
-    assert "CUDA emulator" in table and "| 4x3x5x5 | channels_last | train |" in table
+    assert "CUDA emulator" in table and "| (4, 3, 5, 5) | channels_last | float32 |" in table
+    assert "inference 1.2x, training forward 1.6x, backward 2.7x" in table
+
+
+def test_bnfast_bench_gpu_reaches_the_gpu_run(fake_cp, monkeypatch, tmp_path, capsys):
+    from bnfast.cli import main
+    _small_gpu_benchmark(monkeypatch)
+    path = tmp_path / "gpu.json"
+    assert main(["bench", "--gpu", "--quick", "--repeat", "1", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["meta"]["device"] == "gpu" and result["meta"]["quick"]
+    assert {tuple(r["shape"]) for r in result["rows"]} == {(4, 3, 5, 5)}
+    assert "# bnfast benchmark (float32, quick)" in capsys.readouterr().out
+
+
+def test_bnfast_bench_gpu_refuses_cpu_only_flags(fake_cp, capsys):
+    from bnfast.cli import main
+    assert main(["bench", "--gpu", "--threads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == "bnfast bench: error: --threads has no meaning with --gpu; leave it out\n"
+
+
+def test_bnfast_bench_gpu_without_cupy_is_one_line_and_exit_2():
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here")
+    done = subprocess.run([sys.executable, "-m", "bnfast", "bench", "--gpu", "--quick"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("bnfast bench: error: the GPU benchmark needs CuPy")
+    assert "pip install bnfast[gpu]" in lines[0]
 
 
 def test_gpu_benchmark_peers_compute_batch_norm(fake_cp):
     # PyTorch (here on the CPU, through DLPack) and the naive CuPy version
     # compute the same thing as bnfast on each layout, so their timings compare
-    from bnfast.cuda import benchmark as bench
+    from bnfast.bench import gpu
     torch = pytest.importorskip("torch")
-    for layout, stored, axis in bench.layouts((3, 4, 5, 6)):
-        case = bench.Case(fake_cp, (3, 4, 5, 6), stored, axis, np.float64)
+    for layout, stored, axis in gpu.layouts((3, 4, 5, 6)):
+        case = gpu.Case(fake_cp, (3, 4, 5, 6), stored, axis, np.float64, layout)
         x = np.asarray(case.x)
         want_y, mean, invstd = bnfast.batch_norm_train(x, np.asarray(case.weight),
                                                        np.asarray(case.bias), axis=axis)
         want_dx, _, _ = bnfast.batch_norm_backward(np.asarray(case.dy), x,
                                                    np.asarray(case.weight), mean, invstd,
                                                    axis=axis)
-        naive = bench.naive_ops(case)
-        np.testing.assert_allclose(np.asarray(naive["train"]()[0]), want_y, atol=1e-10)
+        naive = gpu.naive_ops(case)
+        np.testing.assert_allclose(np.asarray(naive["forward"]()[0]), want_y, atol=1e-10)
         np.testing.assert_allclose(np.asarray(naive["backward"]()[0]), want_dx, atol=1e-10)
-        peer = bench.torch_ops(case, torch)
-        y = peer["train"]().numpy()
+        peer = gpu.torch_ops(case, torch)
+        y = peer["forward"]().numpy()
         dx = peer["backward"]()[0].numpy()
         if axis != 1:   # torch sees (N, C, H, W); bnfast's arrays are (N, H, W, C)
             y, dx = np.moveaxis(y, 1, -1), np.moveaxis(dx, 1, -1)
