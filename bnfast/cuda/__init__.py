@@ -6,8 +6,9 @@ and return CuPy arrays on x's GPU. The kernels are CUDA C++ source files
 (``kernels/``, shipped in the package) compiled by CuPy's ``RawModule`` once
 per GPU, dtype and layout (channels-first, channels-last), and cached.
 
-Importing this package imports neither CuPy nor NVRTC: ``is_cupy_array`` and
-``check_same_backend`` only look at ``sys.modules``, and the array functions
+Importing this package imports neither CuPy nor NVRTC: ``is_cupy_array``,
+``check_same_backend`` and ``uses_gpu`` (bnfast.functional's dispatch test)
+only look at ``sys.modules``, and the array functions
 load their implementation (and with it CuPy, already imported by whoever made
 the array) on first use. Install the GPU extra with ``pip install
 bnfast[gpu]`` (see docs/gpu.md).
