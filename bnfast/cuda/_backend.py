@@ -42,6 +42,19 @@ def check_same_backend(**arrays):
 
 def uses_gpu(**arrays):
     """True if the arrays given (by name; None is skipped) are CuPy arrays, False if
-    none is; TypeError naming two of them if they mix CuPy and anything else."""
-    check_same_backend(**arrays)
-    return any(is_cupy_array(a) for a in arrays.values())
+    none is; TypeError naming two of them if they mix CuPy and anything else.
+    (A plain loop: numpy calls in a process that has imported CuPy pay for it.)"""
+    cupy = sys.modules.get("cupy")
+    if cupy is None:
+        return False
+    kind = cupy.ndarray
+    given = on_gpu = 0
+    for a in arrays.values():
+        if a is not None:
+            given += 1
+            on_gpu += isinstance(a, kind)
+    if on_gpu == 0:
+        return False
+    if on_gpu < given:
+        check_same_backend(**arrays)   # raises, naming a GPU and a CPU argument
+    return True
