@@ -98,6 +98,10 @@ class _BatchNorm(Module):
     def cuda(self, device=None):
         """Move every array of the layer to GPU `device` (None: the current one) as
         CuPy arrays; returns self. Needs CuPy (pip install bnfast[gpu])."""
+        if (type(self)._batch_forward is not _BatchNorm._batch_forward
+                or type(self)._batch_backward is not _BatchNorm._batch_backward):
+            raise TypeError(f"{type(self).__name__} takes its batch statistics its own way "
+                            f"and has no GPU path; keep it on the CPU")
         return self._move(lambda a: cuda.to_gpu(a, device))
 
     def cpu(self):

@@ -851,3 +851,13 @@ def test_moving_a_layer_to_a_gpu_without_cupy_says_what_to_install():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True).stdout
     assert "needs CuPy" in out and "pip install bnfast[gpu]" in out
+
+
+def test_a_layer_with_its_own_batch_statistics_refuses_to_move_to_a_gpu(fake_cp):
+    class Elsewhere(bnfast.BatchNorm1d):
+        def _batch_forward(self, x, momentum, running_mean, running_var):
+            raise AssertionError("not reached")
+    layer = Elsewhere(3)
+    with pytest.raises(TypeError, match="Elsewhere takes its batch statistics its own way"):
+        layer.cuda()
+    assert type(layer.weight) is np.ndarray   # nothing moved
