@@ -16,6 +16,12 @@ Conventions (PyTorch's):
 - ``invstd = 1 / sqrt(var + eps)``.
 - float32 and float64 only, sums accumulated in double; outputs have x's dtype.
 
+Backends: each function hands a call whose x (merge_stats: means) is a
+``cupy.ndarray`` to ``bnfast.cuda``, which has the same signatures and returns
+CuPy arrays on x's GPU; mixing CuPy and numpy arguments is a TypeError naming
+both. The test is ``"cupy" in sys.modules`` first, so the numpy path pays one
+dict lookup and CuPy is never imported here.
+
 Errors (the checks live in ``bnfast._validation``, shared by every backend):
 ``TypeError`` for wrong dtypes and types, ``ValueError`` for wrong shapes, axes,
 values and overlapping memory, ``FloatingPointError`` when a training batch has
@@ -25,12 +31,16 @@ a call writes (``out``, running statistics) must not share memory with any other
 argument (ValueError naming both), except that ``out`` may be x (or dy) itself.
 """
 import math
+import sys
 
 import numpy as np
 
 from bnfast import _kernels
+from bnfast import cuda as _cuda
 from bnfast import _validation as V
 from bnfast._runtime import get_num_threads
+
+_modules = sys.modules   # "cupy" in _modules: a CuPy array may have arrived
 
 __all__ = [
     "batch_norm_train", "batch_norm_backward", "batch_norm_infer",
@@ -201,6 +211,11 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
         in the batch, or overflow); running statistics are left unchanged and
         the content of ``out`` is then undefined.
     """
+    if "cupy" in _modules and _cuda.uses_gpu(x=x, weight=weight, bias=bias, out=out,
+                                             running_mean=running_mean, running_var=running_var):
+        return _cuda.batch_norm_train(x, weight, bias, axis=axis, eps=eps, momentum=momentum,
+                                      running_mean=running_mean, running_var=running_var,
+                                      out=out)
     x, axis, weight, bias, eps, momentum, running_mean, running_var = train_arguments(
         x, weight, bias, axis, eps, momentum, running_mean, running_var, out)
     V.check_trainable(x.shape, axis)
@@ -241,6 +256,10 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
     running_var : (C,) arrays (read only). out : as in ``batch_norm_train``.
     Returns y, x's shape and dtype. Non-finite values propagate.
     """
+    if "cupy" in _modules and _cuda.uses_gpu(x=x, weight=weight, bias=bias, out=out,
+                                             running_mean=running_mean, running_var=running_var):
+        return _cuda.batch_norm_infer(x, weight, bias, running_mean, running_var, axis=axis,
+                                      eps=eps, out=out)
     x = V.as_float_array(x, "x")
     axis = V.channel_axis(axis, x.ndim)
     C = x.shape[axis]
@@ -280,6 +299,10 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     out : array for dx (may be dy or x itself).
     Returns dx (like x), dweight and dbias ((C,), x's dtype; always returned).
     """
+    if "cupy" in _modules and _cuda.uses_gpu(x=x, dy=dy, weight=weight, save_mean=save_mean,
+                                             save_invstd=save_invstd, out=out):
+        return _cuda.batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=axis,
+                                         out=out)
     x = V.as_float_array(x, "x")
     dy = V.as_float_array(dy, "dy")
     axis = V.channel_axis(axis, x.ndim)
@@ -318,6 +341,8 @@ def batch_norm_stats(x, axis=1):
     (C,) float64 arrays of the mean and ``m2 = sum((x - mean)**2)``. Parts
     combine with ``merge_stats``; the biased variance is ``m2 / count``.
     """
+    if "cupy" in _modules and _cuda.is_cupy_array(x):
+        return _cuda.batch_norm_stats(x, axis)
     x = V.as_float_array(x, "x")
     axis = V.channel_axis(axis, x.ndim)
     C = x.shape[axis]
@@ -340,7 +365,11 @@ def merge_stats(counts, means, m2s):
     mean and m2 (C,) float64. Parts with count 0 contribute nothing.
 
     mean = sum(n_i mean_i) / n;  m2 = sum(m2_i + n_i (mean_i - mean)^2)
+
+    With CuPy means and m2s the work stays on their GPU (counts may be on either side).
     """
+    if "cupy" in _modules and _cuda.uses_gpu(means=means, m2s=m2s):
+        return _cuda.merge_stats(counts, means, m2s)
     for name, value in (("counts", counts), ("means", means), ("m2s", m2s)):
         V.check_not_masked(value, name)
     means = np.asarray(means, dtype=np.float64)
@@ -401,6 +430,9 @@ def batch_norm_apply(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     sqrt(m2 / count + eps)``), used in float64. weight, bias : (C,) or None.
     Returns y like x (or ``out``).
     """
+    if "cupy" in _modules and _cuda.uses_gpu(x=x, mean=mean, invstd=invstd, weight=weight,
+                                             bias=bias, out=out):
+        return _cuda.batch_norm_apply(x, mean, invstd, weight, bias, axis, out)
     x = V.as_float_array(x, "x")
     axis = V.channel_axis(axis, x.ndim)
     C = x.shape[axis]
@@ -426,6 +458,8 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, axis=1):
     ``sum_dy_xhat = sum(dy * (x - mean) * invstd)`` ((C,) float64 each; they
     are dbias and dweight). Sum them over parts before ``batch_norm_backward_apply``.
     """
+    if "cupy" in _modules and _cuda.uses_gpu(x=x, dy=dy, mean=mean, invstd=invstd):
+        return _cuda.batch_norm_backward_reduce(dy, x, mean, invstd, axis)
     x = V.as_float_array(x, "x")
     dy = V.as_float_array(dy, "dy")
     axis = V.channel_axis(axis, x.ndim)
@@ -449,6 +483,11 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     (the whole batch, across every part):
     ``dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``.
     """
+    if "cupy" in _modules and _cuda.uses_gpu(x=x, dy=dy, mean=mean, invstd=invstd,
+                                             weight=weight, sum_dy=sum_dy,
+                                             sum_dy_xhat=sum_dy_xhat, out=out):
+        return _cuda.batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy,
+                                               sum_dy_xhat, count, axis, out)
     x = V.as_float_array(x, "x")
     dy = V.as_float_array(dy, "dy")
     axis = V.channel_axis(axis, x.ndim)

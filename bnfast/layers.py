@@ -10,6 +10,14 @@ A layer holds ``weight`` and ``bias`` (when ``affine``), ``running_mean``,
 numpy arrays, under PyTorch's names, so a torch checkpoint's arrays load as
 they are and ours load into torch.
 
+Devices, as in PyTorch: ``layer.cuda()`` moves every array of the layer
+(parameters, statistics, gradients) to a GPU as CuPy arrays, ``layer.cpu()``
+back to numpy; both return the layer. A layer computes on the side its arrays
+are on (bnfast.functional dispatches CuPy inputs to bnfast.cuda), and an input
+from the other side is a TypeError that says which call moves what.
+``state_dict()`` returns arrays of the layer's side; ``load_state_dict()`` takes
+numpy or CuPy arrays and copies them to the layer's side.
+
 Modes, as in PyTorch:
 - ``train()``: normalise with batch statistics; update the running statistics
   (if tracked) with ``r = (1 - momentum) * r + momentum * batch_stat``, or with
@@ -22,9 +30,12 @@ Modes, as in PyTorch:
 ``forward`` keeps a reference to x for ``backward``: do not change x (nor, in
 eval mode, the running statistics) in between.
 """
+import sys
+
 import numpy as np
 
 from bnfast import _validation as V
+from bnfast import cuda
 from bnfast import functional as F
 from bnfast._module import Module
 
@@ -73,10 +84,66 @@ class _BatchNorm(Module):
             self.weight[...] = 1
             self.bias[...] = 0
 
+    # ---- devices ---------------------------------------------------------
+
+    _array_names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+                    "grad_weight", "grad_bias")
+
+    def _move(self, to):
+        for name in self._array_names:
+            setattr(self, name, to(getattr(self, name)))
+        self._cache = None   # what forward kept is on the other side
+        return self
+
+    def cuda(self, device=None):
+        """Move every array of the layer to GPU `device` (None: the current one) as
+        CuPy arrays; returns self. Needs CuPy (pip install bnfast[gpu])."""
+        if (type(self)._batch_forward is not _BatchNorm._batch_forward
+                or type(self)._batch_backward is not _BatchNorm._batch_backward):
+            raise TypeError(f"{type(self).__name__} takes its batch statistics its own way "
+                            f"and has no GPU path; keep it on the CPU")
+        return self._move(lambda a: cuda.to_gpu(a, device))
+
+    def cpu(self):
+        """Move every array of the layer to the host as numpy arrays; returns self."""
+        return self._move(cuda.to_cpu)
+
+    def _on_gpu(self):
+        """True if the layer's arrays are CuPy arrays (False without arrays: a layer
+        with neither parameters nor running statistics runs on either side)."""
+        return any(cuda.is_cupy_array(getattr(self, name))
+                   for name in ("weight", "running_mean"))
+
+    def _check_side(self, a, name):
+        """TypeError if `a` is not on the layer's side (only once CuPy is imported:
+        before that nothing can be on a GPU)."""
+        if "cupy" not in sys.modules:
+            return False
+        on_gpu = cuda.is_cupy_array(a)
+        stateless = self.weight is None and self.running_mean is None
+        if on_gpu != self._on_gpu() and not stateless:
+            raise cuda.layer_device_error(type(self).__name__, on_gpu, name)
+        return on_gpu
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy arrays in (numpy, CuPy, or CPU torch tensors), cast to the layer's
+        dtype, onto the layer's side (host or GPU); see Module.load_state_dict."""
+        if "cupy" in sys.modules:   # checked on the host, like every other array
+            state_dict = {name: cuda.to_cpu(value) for name, value in state_dict.items()}
+        return super().load_state_dict(state_dict, strict)
+
+    def _checked_state(self, name, value, target):
+        return cuda.move_like(super()._checked_state(name, value, target), target)
+
     # ---- forward / backward ---------------------------------------------
 
     def _check_input(self, x):
-        x = V.as_float_array(x, "x")
+        on_gpu = self._check_side(x, "x")
+        xp = "cupy" if on_gpu else "np"
+        if on_gpu:
+            V.check_float_dtype(x, "x", xp)
+        else:
+            x = V.as_float_array(x, "x")
         if x.ndim not in self._accepted_ndims:
             dims = " or ".join(f"{d}D" for d in self._accepted_ndims)
             raise ValueError(f"{type(self).__name__} expected {dims} input (got {x.ndim}D "
@@ -88,7 +155,7 @@ class _BatchNorm(Module):
                              f"shape {x.shape}")
         if x.dtype != self.dtype:
             raise TypeError(f"{type(self).__name__} holds {self.dtype} parameters but x is "
-                            f"{x.dtype}; pass x.astype(np.{self.dtype}) or build the layer "
+                            f"{x.dtype}; pass x.astype({xp}.{self.dtype}) or build the layer "
                             f"with dtype=np.{x.dtype}")
         return x
 
@@ -138,7 +205,10 @@ class _BatchNorm(Module):
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         kind, x, mean, invstd = self._cache
-        dy = V.as_float_array(dy, "dy")
+        if self._check_side(dy, "dy"):
+            V.check_float_dtype(dy, "dy", "cupy")
+        else:
+            dy = V.as_float_array(dy, "dy")
         if dy.shape != x.shape:
             raise ValueError(f"dy must have the shape of the last forward's input {x.shape}, "
                              f"got {dy.shape}")
@@ -146,14 +216,15 @@ class _BatchNorm(Module):
             dx, dweight, dbias = self._batch_backward(dy, x, mean, invstd)
         else:
             # running statistics are constants: dx = dy * weight * invstd
+            xp = sys.modules["cupy"] if cuda.is_cupy_array(x) else np   # the layer's side
             mean = self.running_mean.astype(np.float64)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            invstd = 1.0 / xp.sqrt(self.running_var.astype(np.float64) + self.eps)
             dbias, dweight = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=self.axis)
-            dx = F.batch_norm_apply(dy, np.zeros_like(mean), invstd, self.weight, None,
+            dx = F.batch_norm_apply(dy, xp.zeros(mean.shape), invstd, self.weight, None,
                                     axis=self.axis)
-        if self.affine:
-            self.grad_weight = np.asarray(dweight, dtype=self.dtype)
-            self.grad_bias = np.asarray(dbias, dtype=self.dtype)
+        if self.affine:   # (on the layer's side: numpy or CuPy)
+            self.grad_weight = dweight.astype(self.dtype, copy=False)
+            self.grad_bias = dbias.astype(self.dtype, copy=False)
         return dx
 
     # ---- state, saving, export -----------------------------------------
@@ -191,10 +262,12 @@ class _BatchNorm(Module):
                              f"BatchNormalization normalises axis 1; build the layer with "
                              f"axis=1 to export it")
         C = self.num_features
-        V.check_usable_running_stats(self.running_mean, self.running_var, self.eps)
-        inputs = [("weight", self.weight if self.affine else np.ones(C)),
-                  ("bias", self.bias if self.affine else np.zeros(C)),
-                  ("running_mean", self.running_mean), ("running_var", self.running_var)]
+        host = cuda.to_cpu   # a layer on a GPU exports its arrays from the host
+        V.check_usable_running_stats(host(self.running_mean), host(self.running_var), self.eps)
+        inputs = [("weight", host(self.weight) if self.affine else np.ones(C)),
+                  ("bias", host(self.bias) if self.affine else np.zeros(C)),
+                  ("running_mean", host(self.running_mean)),
+                  ("running_var", host(self.running_var))]
         attributes = {"epsilon": float(self.eps)}
         if self.momentum is not None:   # ONNX blends running * momentum: the complement
             attributes["momentum"] = 1.0 - float(self.momentum)

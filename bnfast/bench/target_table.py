@@ -4,6 +4,9 @@ A ratio is median time / copy floor, the floor being the fastest copy of the
 same tensor timed in the same run (bnfast.bench.floor). Each rule set applies
 to bnfast's figure on every dtype and layout; a (workload, outputs) a set does
 not list has no target there. Edit the numbers here, not in the code.
+
+TARGETS are the CPU run's; GPU_TARGETS those of the GPU run (bnfast.bench.gpu),
+in the same form, with the rule sets a GPU has.
 """
 MB = 1_000_000
 
@@ -47,5 +50,26 @@ TARGETS = {
     },
     # Like for like (preallocated against torch's .out, fresh against fresh),
     # bnfast's median is at most each of these peers' on every row both ran.
+    "never slower than": ("torch",),
+}
+
+
+GPU_TARGETS = {
+    # On a GPU every tensor streams from HBM (the standard shapes are far larger
+    # than L2): the floor is a device-to-device copy of the same tensor.
+    "streaming": {
+        "rule": "every shape and layout, against a device-to-device copy of x: inference "
+                "1.2x, training forward 1.6x, backward 2.7x, forward+backward 5x (fresh "
+                "outputs)",
+        "ratio": {
+            ("inference", "fresh"): 1.2,
+            ("forward", "fresh"): 1.6,
+            ("backward", "fresh"): 2.7,
+            ("forward+backward", "fresh"): 5.0,
+        },
+        "shape_factor": {},
+        "same_on_every_shape": (),
+    },
+    # Faster than PyTorch's CUDA BatchNorm (cuDNN or its own kernels) on every row.
     "never slower than": ("torch",),
 }

@@ -29,13 +29,13 @@ def tensor_bytes(shape, dtype):
 def target_for(shape, dtype, workload, outputs, table=TARGETS):
     """bnfast's target for one row, or None where the rules set none."""
     shape = tuple(shape)
-    overhead = table["call overhead"]
-    if shape == tuple(overhead["shape"]):
+    overhead = table.get("call overhead")   # a table may leave a rule set out (the GPU's)
+    if overhead and shape == tuple(overhead["shape"]):
         limit = overhead["microseconds"].get(workload)
         return None if limit is None else Target("microseconds", limit, "call overhead")
     key = (workload, outputs)
-    in_cache = table["in cache"]
-    if tensor_bytes(shape, dtype) < in_cache["below_bytes"]:
+    in_cache = table.get("in cache")
+    if in_cache and tensor_bytes(shape, dtype) < in_cache["below_bytes"]:
         limit = in_cache["ratio"].get(key)
         return None if limit is None else Target("ratio", limit, "in cache")
     streaming = table["streaming"]

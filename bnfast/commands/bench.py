@@ -3,7 +3,9 @@
 The benchmark itself is bnfast.bench; this module is its command line: the
 flags, the checks made before a run (every output path, matplotlib for
 --chart), and the one place where the benchmark's ValueError, TypeError and
-ImportError become a one-line usage error (exit 2).
+ImportError become a one-line usage error (exit 2). ``--gpu`` runs the GPU
+benchmark (bnfast.bench.gpu) instead: bnfast's CUDA path on CuPy arrays beside
+PyTorch's CUDA BatchNorm; without CuPy or a CUDA device it is a usage error too.
 """
 import argparse
 import json
@@ -44,14 +46,43 @@ def add_arguments(parser):
                         help="write the markdown report (it also goes to stdout)")
     parser.add_argument("--chart", default=None, metavar="PATH",
                         help="write a PNG chart (needs matplotlib)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="time the CUDA path on CuPy arrays against a device-to-device "
+                             "copy, beside PyTorch's CUDA BatchNorm (needs CuPy and a GPU)")
 
 
 def _progress(message):
     print(message, file=sys.stderr, flush=True)
 
 
+def run_gpu(args):
+    """`bnfast bench --gpu`: the same flags where they mean something on a GPU."""
+    from bnfast.bench import gpu, outputs, report
+    for flag, given in (("--threads", args.threads), ("--no-numpy", args.no_numpy),
+                        ("--chart", args.chart)):
+        if given:
+            raise UsageError(f"{flag} has no meaning with --gpu; leave it out")
+    try:
+        outputs.check_writable({"--json": args.json, "--markdown": args.markdown})
+        gpu.load_cupy()
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(str(err)) from None
+    result = gpu.run(args.dtype, args.quick, args.repeat, with_peers=not args.no_peers,
+                     progress=_progress)
+    text = gpu.markdown(result)
+    print(text)
+    print(report.summary_line(result), file=sys.stderr)
+    if args.json:
+        outputs.write_text(json.dumps(result, indent=1) + "\n", args.json)
+    if args.markdown:
+        outputs.write_text(text, args.markdown)
+    return 0
+
+
 def run(args):
     """Check the flags and output paths, measure, print the report, write the files."""
+    if args.gpu:
+        return run_gpu(args)
     from bnfast.bench import outputs, report, run as bench, timing
     try:
         plan = bench.plan_for(quick=args.quick, dtype=args.dtype, rounds=args.repeat,
