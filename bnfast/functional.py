@@ -1,6 +1,6 @@
 """Batch Normalization on numpy arrays: validation, the (N, C, S) view, dispatch.
 
-Every array with a channel axis is, in memory, a block (N, C, S): N is every
+Every array with a channel axis is, in memory, a block (N, C, S) (bnfast._view): N is every
 axis stored before the channel axis, S every axis stored after it. The C
 kernels see only that block. This module finds it without copying whenever the
 memory already has that form (C-contiguous arrays, and arrays C-contiguous in
@@ -39,6 +39,7 @@ from bnfast import _kernels
 from bnfast import cuda as _cuda
 from bnfast import _validation as V
 from bnfast._runtime import get_num_threads
+from bnfast._view import Block
 
 _modules = sys.modules   # "cupy" in _modules: a CuPy array may have arrived
 
@@ -52,56 +53,15 @@ __all__ = [
 # the (N, C, S) view
 # --------------------------------------------------------------------------
 
-def _memory_order(a):
-    """Axes of `a` from slowest to fastest in memory if `a` is one contiguous
-    block in that order (C order, or e.g. channels_last), else None."""
-    if a.flags.c_contiguous:
-        return tuple(range(a.ndim))
-    order = tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
-    return order if a.transpose(order).flags.c_contiguous else None
-
-
 def _same_start(a, b):
     """True if a and b begin at the same address (with the same layout, the same array)."""
     return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
 
-class _Block:
-    """x seen as an (N, C, S) block, and outputs laid out the same way.
+class _Block(Block):
+    """x as an (N, C, S) numpy block (bnfast._view.Block) and where outputs go."""
 
-    `order` is None when memory is in axis order (C-contiguous: nothing to
-    rearrange, the common case), else the axes from slowest to fastest. The
-    kernels take `stored` arrays: C-contiguous views in memory order."""
-
-    __slots__ = ("order", "shape", "dtype", "N", "C", "S", "x")
-
-    def __init__(self, x, axis):
-        order = None if x.flags.c_contiguous else _memory_order(x)
-        if order is None:
-            x = np.ascontiguousarray(x)   # a copy only if contiguous in no axis order
-            self.N = math.prod(x.shape[:axis])
-            self.S = math.prod(x.shape[axis + 1:])
-        else:
-            k = order.index(axis)
-            self.N = math.prod(x.shape[i] for i in order[:k])
-            self.S = math.prod(x.shape[i] for i in order[k + 1:])
-        self.order = order
-        self.shape = x.shape
-        self.dtype = x.dtype
-        self.C = x.shape[axis]
-        self.x = x if order is None else x.transpose(order)   # C-contiguous either way
-
-    def stored(self, a):
-        """`a` (x itself, or e.g. dy) as a C-contiguous array in x's memory order;
-        a copy only if its memory is laid out otherwise."""
-        return np.ascontiguousarray(a if self.order is None else a.transpose(self.order))
-
-    def empty(self):
-        """A fresh array of x's shape and dtype, in x's memory order."""
-        if self.order is None:
-            return np.empty(self.shape, dtype=self.dtype)
-        stored = np.empty([self.shape[i] for i in self.order], dtype=self.dtype)
-        return stored.transpose(np.argsort(self.order))
+    __slots__ = ()
 
     def output(self, out, reads, name="out"):
         """Where the kernel writes: returns (result, stored view to write, array to

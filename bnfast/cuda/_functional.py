@@ -21,6 +21,7 @@ import cupy as cp
 import numpy as np
 
 from bnfast import _validation
+from bnfast._view import Block
 from bnfast.cuda import _validate as V
 from bnfast.cuda._plan import launch_plan
 from bnfast.cuda._source import compile_options, read_source
@@ -92,38 +93,11 @@ class _Launcher:
 # the (N, C, S) view (bnfast.functional._Block, for CuPy)
 # --------------------------------------------------------------------------
 
-class _Block:
-    """x seen as an (N, C, S) block, and outputs laid out the same way. `order`
-    is None when x is C-contiguous, else its axes from slowest to fastest."""
+class _Block(Block):
+    """x as an (N, C, S) CuPy block (bnfast._view.Block) and where outputs go."""
 
-    __slots__ = ("order", "shape", "dtype", "N", "C", "S", "x")
-
-    def __init__(self, x, axis):
-        order = None if x.flags.c_contiguous else V.memory_order(x)
-        if order is None:
-            x = cp.ascontiguousarray(x)   # a copy only if contiguous in no axis order
-            self.N = math.prod(x.shape[:axis])
-            self.S = math.prod(x.shape[axis + 1:])
-        else:
-            k = order.index(axis)
-            self.N = math.prod(x.shape[i] for i in order[:k])
-            self.S = math.prod(x.shape[i] for i in order[k + 1:])
-        self.order = order
-        self.shape = x.shape
-        self.dtype = x.dtype
-        self.C = x.shape[axis]
-        self.x = x if order is None else x.transpose(order)   # C-contiguous either way
-
-    def stored(self, a):
-        """`a` as a C-contiguous array in x's memory order (a copy only if needed)."""
-        return cp.ascontiguousarray(a if self.order is None else a.transpose(self.order))
-
-    def empty(self):
-        """A fresh array of x's shape and dtype, in x's memory order."""
-        if self.order is None:
-            return cp.empty(self.shape, dtype=self.dtype)
-        stored = cp.empty([self.shape[i] for i in self.order], dtype=self.dtype)
-        return stored.transpose(np.argsort(self.order).tolist())
+    __slots__ = ()
+    xp = cp
 
     def output(self, out, reads, name="out"):
         """(result, stored view the kernel writes, array to copy into afterwards

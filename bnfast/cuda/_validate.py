@@ -115,12 +115,3 @@ def check_disjoint(written, reads):
     """ValueError naming both arrays if an array the call writes overlaps another
     argument (``_validation.check_disjoint``, with device pointers)."""
     V.check_disjoint(written, reads, overlap=overlaps)
-
-
-def memory_order(a):
-    """Axes of `a` from slowest to fastest in memory if `a` is one contiguous
-    block in that order (C order, or e.g. channels_last), else None."""
-    if a.flags.c_contiguous:
-        return tuple(range(a.ndim))
-    order = tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
-    return order if a.transpose(order).flags.c_contiguous else None
