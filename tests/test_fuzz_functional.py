@@ -65,10 +65,13 @@ def report_counts(request):
 
 def report_line(request, module, counts):
     drawn = counts["drawn"]
-    errors = {k: v for k, v in sorted(counts.items()) if k not in ("drawn", "result")}
+    errors = {k: v for k, v in sorted(counts.items())
+              if k not in ("drawn", "result", "forward")}
     line = (f"fuzz [{module}]: {drawn} inputs drawn; {counts['result']} answered with a "
             f"result checked against the reference; "
             f"{sum(errors.values())} clean errors {errors}")
+    if counts["forward"]:
+        line += f"; {counts['forward']} loaded networks run forward"
     path = os.environ.get("BNFAST_FUZZ_COUNTS")
     if path:
         with open(path, "a") as f:
