@@ -1340,10 +1340,28 @@ def test_known_defect_out_overlapping_a_parameter(function, target):
     run_alias_case(function, target, *KNOWN_OVERLAP_DEFECTS[function, target])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: eps=10**400 raises OverflowError")
-def test_known_defect_eps_too_large_for_a_float_is_a_value_error():
-    with pytest.raises(ValueError, match="eps"):
-        bnfast.batch_norm_train(np.ones((4, 2)), eps=10 ** 400)
+_X = np.arange(8.0).reshape(4, 2)
+_HUGE = 10 ** 400      # a Python int no float can hold
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11: eps=10**400 raises OverflowError (the "
+                                       "same for momentum, count, the layers and folds)")
+@pytest.mark.parametrize("name,call", [
+    ("eps", lambda: bnfast.batch_norm_train(_X, eps=_HUGE)),
+    ("eps", lambda: bnfast.batch_norm_infer(_X, None, None, np.zeros(2), np.ones(2),
+                                            eps=_HUGE)),
+    ("momentum", lambda: bnfast.batch_norm_train(_X, momentum=_HUGE)),
+    ("count", lambda: F.batch_norm_backward_apply(_X, _X, np.zeros(2), np.ones(2), None,
+                                                  np.zeros(2), np.zeros(2), _HUGE)),
+    ("eps", lambda: bnfast.BatchNorm1d(2, eps=_HUGE)),
+    ("momentum", lambda: bnfast.BatchNorm1d(2, momentum=_HUGE)),
+    ("eps", lambda: bnfast.fold_linear_bn(np.ones((2, 3)), None, None, None, np.zeros(2),
+                                          np.ones(2), _HUGE)),
+], ids=["train-eps", "infer-eps", "train-momentum", "backward_apply-count", "layer-eps",
+        "layer-momentum", "fold-eps"])
+def test_known_defect_numbers_too_large_for_a_float_are_a_value_error(name, call):
+    with pytest.raises(ValueError, match=name):
+        call()
 
 
 @pytest.mark.xfail(strict=True, reason="issue 11: set_num_threads(2**40) is accepted, "
@@ -1448,3 +1466,52 @@ def test_new_defect_channels_last_backward_of_large_float32_data():
     dx, _, _ = bnfast.batch_norm_backward(dy, x, None, mean, invstd)
     dx_ref = ref.backward(dy, x, None, mean, invstd)[0]
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, reason="new: merge_stats with int64 counts whose sum "
+                                       "exceeds 2**63 wraps to a negative count (the uint64 "
+                                       "defect of issue 11, with signed counts)")
+def test_new_defect_merge_stats_int64_counts_do_not_wrap():
+    counts = np.array([2 ** 62, 2 ** 62], np.int64)
+    try:
+        count, _, _ = F.merge_stats(counts, np.zeros((2, 1)), np.zeros((2, 1)))
+    except (ValueError, TypeError):
+        return                     # refusing counts that do not fit is fine too
+    assert count == 2 ** 63
+
+
+@pytest.mark.xfail(strict=True, reason="new: fold_* return inf weights (with only a numpy "
+                                       "RuntimeWarning) when the float64 fold overflows; "
+                                       "the docstring promises ValueError for a fold that "
+                                       "would give non-finite weights")
+@pytest.mark.parametrize("fold", ["W", "b", "bn_conv"])
+def test_new_defect_fold_that_overflows_float64_is_refused(fold):
+    tiny_var = np.full(3, 1e-300)
+    with np.errstate(over="ignore", invalid="ignore"), pytest.raises(ValueError):
+        if fold == "W":            # alpha = 1e150, W * alpha = inf
+            bnfast.fold_linear_bn(np.full((3, 2), 1e300), None, None, None, np.zeros(3),
+                                  tiny_var, 0.0)
+        elif fold == "b":          # b * alpha = inf
+            bnfast.fold_linear_bn(np.ones((3, 2)), np.full(3, 1e300), None, None,
+                                  np.zeros(3), tiny_var, 0.0)
+        else:                      # sum of W * beta = -inf
+            bnfast.fold_bn_conv(np.full((3, 2, 1, 1), 1e300), None, None, np.ones(2),
+                                np.full(2, 1e300), np.ones(2), 0.0)
+
+
+@pytest.mark.xfail(strict=True, reason="new: BatchNorm layers accept any axis (5, '1') at "
+                                       "construction and fail only at the first forward")
+@pytest.mark.parametrize("axis", [5, "1", None, 1.5])
+def test_new_defect_layer_constructor_checks_axis(axis):
+    with pytest.raises((TypeError, ValueError), match="axis"):
+        bnfast.BatchNorm2d(3, axis=axis)
+
+
+@pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="AddressSanitizer aborts on a 4 TB allocation instead of failing")
+@pytest.mark.xfail(strict=True, reason="new: BatchNorm1d(10**12) raises MemoryError (the "
+                                       "size is not checked before allocating), not a "
+                                       "ValueError naming the size")
+def test_new_defect_layer_with_absurd_num_features_is_a_value_error():
+    with pytest.raises(ValueError, match="num_features"):
+        bnfast.BatchNorm1d(10 ** 12)
