@@ -315,7 +315,8 @@ def channel_vectors(draw, C, dtype, name, optional=True, positive=False):
         with np.errstate(over="ignore"):
             return v.astype(other), (VALID if safe and other != np.float16 else EITHER)
     if kind == "int":
-        return np.nan_to_num(v).astype(np.int32), EITHER
+        with np.errstate(invalid="ignore"):
+            return np.nan_to_num(v).astype(np.int32), EITHER
     shape = draw(st.sampled_from([(C + 1,), (1, C), (), (C, 1)]))
     return np.ones(shape, dtype), INVALID
 
