@@ -1,5 +1,6 @@
 """Every public function called from 8 Python threads at once, while another
-thread keeps changing bnfast.set_num_threads, gives the serial answer.
+thread keeps changing bnfast.set_num_threads (and the instruction set, where the
+CPU offers two), gives the serial answer.
 
 Each call gets its own outputs and running statistics (sharing a writable array
 between threads is a race in any library); the inputs are shared and read by
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import bnfast
+from bnfast import _runtime
 from bnfast import functional as F
 from bnfast import nn
 
@@ -150,8 +152,10 @@ def assert_same(name, got, want):
 
 @pytest.fixture
 def restore_threads():
+    isa = _runtime.get_isa()
     yield
     bnfast.set_num_threads(None)
+    _runtime.set_isa(isa)
 
 
 def test_every_public_function_from_8_threads_while_thread_count_changes(restore_threads):
@@ -182,11 +186,15 @@ def test_every_public_function_from_8_threads_while_thread_count_changes(restore
         except Exception as err:          # reported below with its thread
             errors.append((seed, repr(err)))
 
+    isas = _runtime.available_isas()
+
     def change_thread_count():
+        """Cycle the thread count, and the instruction set where there are two."""
         start.wait()
         i = 0
         while not done.is_set():
             bnfast.set_num_threads(THREAD_COUNTS[i % len(THREAD_COUNTS)])
+            _runtime.set_isa(isas[i % len(isas)])
             i += 1
             time.sleep(0.0005)
         changes[0] = i
