@@ -1249,7 +1249,7 @@ def test_layers_follow_the_reference_through_training_eval_and_state_dict(case):
     axis, dtype = kwargs["axis"], np.dtype(kwargs["dtype"])
     if bad in ("ndim", "channels", "dtype"):
         x = batches[0]
-        x = {"ndim": x[..., None], "channels": np.concatenate([x, x], axis=axis),
+        x = {"ndim": x[..., None, None], "channels": np.concatenate([x, x], axis=axis),
              "dtype": x.astype(np.float64 if dtype == np.float32 else np.float32)}[bad]
         before = bn.state_dict()
         _, err = attempt(lambda: bn(x))
@@ -1328,6 +1328,28 @@ def test_layers_follow_the_reference_through_training_eval_and_state_dict(case):
     fresh.eval()
     if kwargs["track_running_stats"]:
         np.testing.assert_array_equal(fresh(batches[0]), bn(batches[0]))
+        # eval backward: the running statistics are constants, dx = dy * weight * invstd
+        dy = np.linspace(-1, 1, batches[0].size).reshape(batches[0].shape).astype(dtype)
+        dx, err = attempt(lambda: bn.backward(dy))
+        judge(VALID, err)
+        dy64 = f64(dy)
+        w = np.ones(C) if bn.weight is None else f64(bn.weight)
+        invstd = 1 / np.sqrt(f64(bn.running_var) + kwargs["eps"])
+        dx_ref = dy64 * per_channel(w * invstd, dy.ndim, axis)
+        assert_close("eval dx", dx, dx_ref, K * eps_of(dtype) * (np.abs(dx_ref) + 1e-30))
+        if kwargs["affine"]:
+            reduce = tuple(i for i in range(dy.ndim) if i != axis % dy.ndim)
+            x64 = f64(batches[0])
+            xhat = (x64 - per_channel(f64(bn.running_mean), dy.ndim, axis)) \
+                * per_channel(invstd, dy.ndim, axis)
+            db_ref = dy64.sum(axis=reduce)
+            dw_ref = (dy64 * xhat).sum(axis=reduce)
+            assert_close("eval grad_bias", bn.grad_bias, db_ref,
+                         K * eps_of(dtype) * np.abs(dy64).sum(axis=reduce) + 1e-30)
+            assert_close("eval grad_weight", bn.grad_weight, dw_ref,
+                         K * eps_of(dtype) * np.abs(dy64 * xhat).sum(axis=reduce)
+                         + K * EPS64 * invstd * (np.abs(dy64) * np.abs(x64)).sum(axis=reduce)
+                         + 1e-30)
 
 
 # --------------------------------------------------------------------------
