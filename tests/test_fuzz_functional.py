@@ -47,12 +47,14 @@ COUNTS = collections.Counter()
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                       HealthCheck.data_too_large,
                                                       HealthCheck.filter_too_much])
-# max_examples per test; their sum is the number of cases one CI run draws
-EXAMPLES = {
+# max_examples per test; their sum is the number of cases one CI run draws.
+# $BNFAST_FUZZ_SCALE multiplies them (e.g. 10 for a deeper nightly run).
+SCALE = max(1, int(os.environ.get("BNFAST_FUZZ_SCALE", "1")))
+EXAMPLES = {k: v * SCALE for k, v in {
     "train": 300, "infer": 200, "backward": 200, "stats": 120, "merge": 120,
     "apply": 120, "backward_reduce": 100, "backward_apply": 100, "aliasing": 200,
     "fold": 200, "layers": 120,
-}
+}.items()}
 
 
 @pytest.fixture(scope="module", autouse=True)

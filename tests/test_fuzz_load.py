@@ -29,10 +29,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bnfast import nn
 
-from test_fuzz_functional import report_line
+from test_fuzz_functional import SCALE, report_line
 
 COUNTS = collections.Counter()
-EXAMPLES = {"bytes": 150, "zip_headers": 100, "json": 150, "arrays": 100}
+# max_examples per test (times $BNFAST_FUZZ_SCALE, e.g. 10 for a deeper nightly run)
+EXAMPLES = {k: v * SCALE for k, v in
+            {"bytes": 250, "zip_headers": 200, "json": 300, "arrays": 250}.items()}
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                       HealthCheck.data_too_large,
                                                       HealthCheck.function_scoped_fixture])
@@ -61,16 +63,22 @@ def make_net():
     return net
 
 
+class Saved(tuple):
+    """(bytes of a valid saved net, its description, its arrays, the net)."""
+
+    def __repr__(self):          # keep hypothesis' failure reports short
+        return f"<saved net, {len(self[0])} bytes>"
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """(bytes of a valid saved net, its description, its arrays, the net)."""
     path = tmp_path_factory.mktemp("net") / "net.npz"
     net = make_net()
     net.save(path)
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     description = json.loads(str(arrays.pop("__bnfast_net__")))
-    return path.read_bytes(), description, arrays, net
+    return Saved((path.read_bytes(), description, arrays, net))
 
 
 def write_npz(path, description, arrays):
@@ -130,9 +138,13 @@ def network_as_described(net, path):
         assert type(layer).__name__ == config["type"]
         actual = layer.config()
         for key, value in config.items():
-            if key != "type":
-                assert actual[key] == value or (key == "dtype"
-                                                and np.dtype(actual[key]) == np.dtype(value))
+            if key == "type":
+                continue
+            if key == "stride" and value is None:     # MaxPool2d: stride = kernel_size
+                value = actual["kernel_size"]
+            assert actual[key] == value or (key == "dtype"
+                                            and np.dtype(actual[key]) == np.dtype(value)), \
+                f"{config['type']}.{key}: {actual[key]!r} loaded, {value!r} in the file"
     state = net.state_dict()
     assert state.keys() == arrays.keys()
     for key, value in arrays.items():
