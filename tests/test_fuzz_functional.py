@@ -67,11 +67,14 @@ def report_counts(request):
 
 def report_line(request, module, counts):
     drawn = counts["drawn"]
+    known = {k: v for k, v in sorted(counts.items()) if k.startswith("known defect")}
     errors = {k: v for k, v in sorted(counts.items())
-              if k not in ("drawn", "result", "forward")}
+              if k not in ("drawn", "result", "forward") and k not in known}
     line = (f"fuzz [{module}]: {drawn} inputs drawn; {counts['result']} answered with a "
             f"result checked against the reference; "
             f"{sum(errors.values())} clean errors {errors}")
+    if known:
+        line += f"; not clean yet: {known}"
     if counts["forward"]:
         line += f"; {counts['forward']} loaded networks run forward"
     path = os.environ.get("BNFAST_FUZZ_COUNTS")

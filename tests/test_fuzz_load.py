@@ -90,6 +90,22 @@ def write_npz(path, description, arrays):
         np.savez(f, **entries)
 
 
+# New defect (explicit xfail tests below): zipfile raises NotImplementedError for an
+# unsupported compression method, zip version or flag bits 5/6, and RuntimeError
+# for an encrypted entry, and nn.load lets them through. Until that is fixed these
+# two, raised by zipfile itself, are counted as "known defect" instead of failing
+# the fuzz; set this to False when the fix lands.
+ZIPFILE_ESCAPES_KNOWN = True
+
+
+def raised_by_zipfile(err):
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.endswith("zipfile.py") or \
+        "zipfile" in tb.tb_frame.f_globals.get("__name__", "")
+
+
 def try_load(path):
     """The loaded net, or None after a LoadError; any other exception fails."""
     COUNTS["drawn"] += 1
@@ -98,6 +114,11 @@ def try_load(path):
     except nn.LoadError as err:
         assert str(err).strip()
         COUNTS["LoadError"] += 1
+        return None
+    except (NotImplementedError, RuntimeError) as err:
+        if not (ZIPFILE_ESCAPES_KNOWN and raised_by_zipfile(err)):
+            raise
+        COUNTS["known defect (zipfile exception escapes)"] += 1
         return None
     COUNTS["result"] += 1
     return net
@@ -149,6 +170,8 @@ def network_as_described(net, path):
     assert state.keys() == arrays.keys()
     for key, value in arrays.items():
         np.testing.assert_array_equal(state[key], value.astype(state[key].dtype), err_msg=key)
+        assert state[key].dtype.kind != "f" or np.isfinite(state[key]).all(), \
+            f"{key}: a loaded network holds NaN or infinity"
     # issue 11 #5: sizes in a saved net are not capped yet (padding=10**6 allocates
     # until MemoryError), so only nets with small sizes are run
     if net.input_shape is not None and small_ints(description):
@@ -190,14 +213,7 @@ def test_truncated_or_flipped_files_load_the_saved_net_or_raise_load_error(
         same_network(net, original)
 
 
-# Central-directory fields whose edits make zipfile raise NotImplementedError or
-# RuntimeError, which nn.load lets through today (new defect, explicit xfail tests
-# below): version needed to extract, general purpose flags, compression method.
-# Not drawn in the fuzz until fixed.
-ESCAPING_CENTRAL_FIELDS = {1: "version needed", 2: "flags", 3: "compression method"}
-
-
-def header_fields(blob, skip_escaping=True):
+def header_fields(blob):
     """(offset, size) of every fixed-size field of every zip header in blob."""
     layouts = {
         b"PK\x03\x04": [2, 2, 2, 2, 2, 4, 4, 4, 2, 2],           # local file header
@@ -209,10 +225,8 @@ def header_fields(blob, skip_escaping=True):
         start = blob.find(signature)
         while start != -1:
             offset = start + 4
-            for index, size in enumerate(sizes):
-                if not (skip_escaping and signature == b"PK\x01\x02"
-                        and index in ESCAPING_CENTRAL_FIELDS):
-                    fields.append((offset, size))
+            for size in sizes:
+                fields.append((offset, size))
                 offset += size
             start = blob.find(signature, start + 1)
     return fields
@@ -353,6 +367,8 @@ def test_edited_arrays_and_npy_headers_load_the_described_net_or_raise_load_erro
                "float64": lambda: v.astype(np.float64), "complex": lambda: v + 1j,
                "bool": lambda: v > 0, "scalar": lambda: np.float32(1.0),
                "nan": lambda: np.full_like(v, np.nan), "huge": lambda: np.full_like(v, 1e30),
+               # (float64 values beyond float32's range load as inf today: new defect,
+               # explicit test below; 1e30 fits)
                "negative_var": lambda: -np.abs(v) - 1, "empty": lambda: v[:0]}[replacement]()
         with np.errstate(all="ignore"):
             entry = npy_bytes(np.asarray(new))
@@ -391,6 +407,18 @@ def test_new_defect_unsupported_zip_features_raise_load_error(saved, tmp_path, i
                                                               escaping):
     path = tmp_path / "net.npz"
     path.write_bytes(_with_central_field(saved[0], index, value))
+    with pytest.raises(nn.LoadError):
+        nn.load(path)
+
+
+@pytest.mark.xfail(strict=True, reason="new: nn.load checks arrays for NaN/inf before "
+                                       "casting them to the layer's dtype, so a float64 "
+                                       "1e300 loads into a float32 layer as inf")
+def test_new_defect_load_refuses_arrays_that_overflow_the_layer_dtype(saved, tmp_path):
+    arrays = dict(saved[2])
+    arrays["0.weight"] = np.full(arrays["0.weight"].shape, 1e300)    # layer 0 is float32
+    path = tmp_path / "net.npz"
+    write_npz(path, saved[1], arrays)
     with pytest.raises(nn.LoadError):
         nn.load(path)
 
