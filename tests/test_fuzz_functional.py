@@ -1368,6 +1368,24 @@ _X = np.arange(8.0).reshape(4, 2)
 _HUGE = 10 ** 400      # a Python int no float can hold
 
 
+@pytest.mark.xfail(strict=True, reason="issue 11: running statistics overlapping x or "
+                                       "weight are accepted, and the update changes them")
+@pytest.mark.parametrize("victim", ["x", "weight", "bias"])
+def test_known_defect_running_stats_overlapping_an_input_are_refused(victim):
+    x = np.random.default_rng(0).standard_normal((6, 3))
+    weight, bias = np.full(3, 2.0), np.full(3, 0.5)
+    inputs = {"x": x, "weight": weight, "bias": bias}
+    before = {k: v.copy() for k, v in inputs.items()}
+    running_mean = inputs[victim].reshape(-1)[:3]      # a view of the input
+    try:
+        bnfast.batch_norm_train(x, weight, bias, running_mean=running_mean,
+                                running_var=np.ones(3))
+    except ValueError:
+        pass
+    for k, v in inputs.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=f"{k} was modified")
+
+
 @pytest.mark.xfail(strict=True, reason="issue 11: eps=10**400 raises OverflowError (the "
                                        "same for momentum, count, the layers and folds)")
 @pytest.mark.parametrize("name,call", [
