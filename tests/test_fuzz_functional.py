@@ -244,8 +244,16 @@ def lay_out(values, dtype, layout, k, perm):
     raise AssertionError(layout)
 
 
+# Shapes large enough for thread teams (>= 2 x 32768 values) and for the kernels'
+# other walks (long slices, many channels, channels-last blocks), drawn now and then.
+LARGE_SHAPES = [(2, 8, 4100), (4100, 3, 6), (70000, 2), (3, 700, 40), (16, 5, 64, 33)]
+
+
 @st.composite
 def shapes_and_axes(draw, min_dims=1, max_dims=5, max_side=6):
+    if draw(st.integers(0, 24)) == 0:
+        shape = draw(st.sampled_from([s for s in LARGE_SHAPES if len(s) >= min_dims]))
+        return shape, draw(st.sampled_from([1, -1, 0]))
     ndim = draw(st.integers(min_dims, max_dims))
     shape = tuple(draw(st.lists(st.integers(0, max_side), min_size=ndim, max_size=ndim)))
     if draw(st.integers(0, 3)):         # mostly non-empty
