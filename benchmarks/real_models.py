@@ -72,7 +72,7 @@ SOURCES_FILE = "sources.json"
 # ladder, all at once, until onnxruntime runs the original model.
 BATCH = 1
 SIZE_LADDER = (32, 64, 128, 224, 320, 640)
-CHUNK = 64   # extra outputs per onnxruntime run when comparing every tensor
+CHUNK_BYTES = 1 << 29   # about this much in the extra outputs of one onnxruntime run
 # A float tensor passes when max|a - b| <= RTOL * max(max|a|, SCALE_FLOOR): relative to its
 # own scale, except that a tensor below SCALE_FLOOR everywhere (a detector's probabilities
 # after a Sigmoid, ~1e-8 on random inputs, where onnxruntime's own Sigmoid differs by
@@ -234,8 +234,26 @@ def _with_outputs(model, names):
     return copy
 
 
+def input_dependent(model):
+    """Names of the top-level tensors whose value depends on a graph input a caller feeds.
+
+    Nodes are in topological order in a valid model; a node with a subgraph counts
+    as input-dependent (it may read any outer tensor).
+    """
+    dynamic = {v.name for v in _feeds(model)}
+    for node in model.graph.node:
+        has_subgraph = any(a.HasField("g") or len(a.graphs) for a in node.attribute)
+        if has_subgraph or any(i in dynamic for i in node.input):
+            dynamic.update(o for o in node.output if o)
+    return dynamic
+
+
 def common_tensors(original, folded):
-    """[(name, reference)] for every name computed (or fed) in both top-level graphs.
+    """[(name, reference)] for every input-dependent tensor computed in both top-level graphs.
+
+    Constants (weights, shapes, Constant nodes and what is computed from them
+    alone) are left out: a folder may rewrite a constant under its own name, and
+    what matters is the activations.
 
     ``reference`` is the original tensor the folded one must equal: the same name,
     unless its one reader in the original is a BN, Identity or elementwise or
@@ -249,6 +267,7 @@ def common_tensors(original, folded):
         names = [o for n in model.graph.node for o in n.output if o]
         return names + [o.name for o in model.graph.output]
     in_folded = set(produced(folded))
+    dynamic = input_dependent(original)
     readers = collections.defaultdict(list)
     for node in original.graph.node:
         for name in set(node.input):
@@ -270,7 +289,7 @@ def common_tensors(original, folded):
 
     seen, common = set(), []
     for name in produced(original):
-        if name in in_folded and name not in seen:
+        if name in in_folded and name in dynamic and name not in seen:
             seen.add(name)
             common.append((name, reference(name)))
     return common
@@ -290,19 +309,27 @@ class TensorDiff:
     passed: bool
 
 
-def tensor_differences(original_path, folded_path, feeds, chunk=CHUNK):
-    """[TensorDiff] for every tensor in both graphs, the original as reference."""
+def tensor_differences(original_path, folded_path, feeds, budget=CHUNK_BYTES):
+    """[TensorDiff] for every tensor in both graphs, the original as reference.
+
+    The tensors are fetched as extra graph outputs of copies of both models, a
+    chunk at a time; the chunk grows or shrinks so that one holds about
+    ``budget`` bytes (the first has 32 tensors).
+    """
     original = onnx.load(original_path)
     folded = onnx.load(folded_path)
     pairs = common_tensors(original, folded)
-    diffs = []
-    for start in range(0, len(pairs), chunk):
+    diffs, start, chunk = [], 0, 32
+    while start < len(pairs):
         names, references = zip(*pairs[start:start + chunk])
         wanted = list(dict.fromkeys(references))
         a = dict(zip(wanted, _session(_with_outputs(original, wanted)).run(wanted, feeds)))
         b = _session(_with_outputs(folded, list(names))).run(list(names), feeds)
         diffs.extend(_diff(name if name == ref else f"{name} (as {ref})", a[ref], y)
                      for name, ref, y in zip(names, references, b))
+        start += len(names)
+        per_tensor = max(1, sum(np.asarray(x).nbytes for x in b) // len(b))
+        chunk = int(min(1024, max(1, budget // (2 * per_tensor))))
     return diffs
 
 
@@ -464,8 +491,9 @@ class _Graph:
         self.producer = {o: n for n in graph.node for o in n.output if o}
         self.consumers = collections.Counter(i for n in graph.node for i in n.input if i)
         self.consumers.update(o.name for o in graph.output)
+        self.dynamic = input_dependent(model)
 
-    def source(self, name, depth=0):
+    def source(self, name):
         """Where a tensor comes from: 'initializer', 'Constant', 'computed(op,...)' or 'input'."""
         if name in self.initializers:
             return "initializer"
@@ -476,6 +504,8 @@ class _Graph:
             return "missing"
         if node.op_type == "Constant":
             return "Constant"
+        if name in self.dynamic:
+            return "input-dependent"
         ops, stack, seen = set(), [node], set()
         while stack:
             n = stack.pop()
@@ -486,8 +516,6 @@ class _Graph:
             for i in n.input:
                 if not i or i in self.initializers:
                     continue
-                if i in self.inputs or len(seen) > 200:
-                    return "input-dependent"
                 p = self.producer.get(i)
                 if p is not None:
                     stack.append(p)
@@ -505,9 +533,18 @@ class _Graph:
         return None
 
 
-def describe_bn(model, bn):
-    """(pattern, foldable_in_principle, why): the chain from the layer up to this BN."""
-    g = _Graph(model)
+def describe_bn(model, bn, graph=None):
+    """(pattern, foldable_in_principle, why): the chain from the layer up to this BN.
+
+    The chain goes up from the BN's input through Identity, elementwise ops with
+    one constant operand and reshaping ops to the first other node: a layer
+    (Conv, ConvTranspose, Gemm, MatMul; written with where its weights come from),
+    another op, or the graph input. "Foldable in principle" means a layer with
+    constant weights heads the chain, nothing on the way is read elsewhere and
+    the BN's parameters are constant; whether a Reshape on the way keeps the
+    channel axis is not judged here.
+    """
+    g = graph or _Graph(model)
     params = sorted({g.source(p) for p in bn.input[1:5]})
     chain, name, fanout = [], bn.input[0], False
     for _ in range(8):
@@ -518,13 +555,14 @@ def describe_bn(model, bn):
         if g.consumers[name] > 1:
             fanout = True
         if node.op_type in PASS_THROUGH:
-            dynamic = [i for i in node.input[1:] if i and g.source(i) == "input-dependent"]
+            dynamic = [i for i in node.input[1:] if i in g.dynamic]
             consts = [f"{g.source(i)}{list(g.shape_of(i) or [])}" for i in node.input[1:]
-                      if i and g.source(i) != "input-dependent"]
+                      if i and i not in g.dynamic]
             if node.op_type in ("Add", "Sub", "Mul"):
                 # the data path is whichever input is not constant
-                data = [i for i in node.input if g.source(i) == "input-dependent"
-                        or i in g.inputs]
+                data = [i for i in node.input if i in g.dynamic]
+                consts = [f"{g.source(i)}{list(g.shape_of(i) or [])}" for i in node.input
+                          if i and i not in g.dynamic]
                 if len(data) != 1:
                     chain.append(f"{node.op_type}(two tensors)")
                     break
@@ -548,7 +586,8 @@ def describe_bn(model, bn):
     top = chain[0].split("[")[0].split("(")[0] if chain else ""
     constant = all(s != "input-dependent" and s != "input" for s in params)
     if top not in LAYERS:
-        return pattern, False, f"no layer before it ({top or 'nothing'})"
+        return pattern + f"; then {_readers_chain(g, bn.output[0])}", False, \
+            f"no layer before it ({top or 'nothing'})"
     if fanout:
         return pattern, False, "the layer's output is read elsewhere"
     if not constant or "input-dependent" in chain[0]:
@@ -556,10 +595,33 @@ def describe_bn(model, bn):
     return pattern, True, "constant parameters after a layer"
 
 
+def _readers_chain(g, name, steps=4):
+    """What reads a tensor, step by step while there is one reader: 'Mul → Add → Relu'."""
+    readers = collections.defaultdict(list)
+    for node in g.producer.values():
+        for i in set(node.input):
+            readers[i].append(node)
+    chain = []
+    for _ in range(steps):
+        nodes = {id(n): n for n in readers.get(name, [])}.values()
+        if len(nodes) != 1:
+            chain.append(f"{len(nodes)} readers" if nodes else "graph output")
+            break
+        (node,) = nodes
+        consts = [f"{g.source(i)}{list(g.shape_of(i) or [])}" for i in node.input
+                  if i and i not in g.dynamic]
+        chain.append(node.op_type + (f"({', '.join(consts)})" if consts else ""))
+        if node.op_type not in PASS_THROUGH or not node.output:
+            break
+        name = node.output[0]
+    return " → ".join(chain)
+
+
 def left_patterns(folded_path):
     """[(pattern, foldable, why)] for each BN left in a folded model."""
     model = onnx.load(folded_path, load_external_data=False)
-    return [describe_bn(model, n) for n in model.graph.node
+    graph = _Graph(model)
+    return [describe_bn(model, n, graph) for n in model.graph.node
             if n.op_type == "BatchNormalization"]
 
 
@@ -674,10 +736,10 @@ def _finite(x):
     return x is not None and x == x and x not in (float("inf"), float("-inf"))
 
 
-def _left_cell(result):
+def _left_cell(result, nodes=True):
     if not result.get("ok"):
         return "error"
-    return str(result["bn_left"])
+    return f"{result['bn_left']} ({result['nodes']})" if nodes else str(result["bn_left"])
 
 
 def _diff_cell(result):
@@ -705,15 +767,15 @@ def markdown(records, meta):
     lines = [f"BN folding on real models (onnxsim {t.get('onnxsim')}, onnxruntime "
              f"{t.get('onnxruntime')}, onnxoptimizer {t.get('onnxoptimizer')}, bnfast "
              f"{t.get('bnfast')}; `python benchmarks/compare_folders.py --real DIR`). "
-             "Columns 3-6: BNs left by each tool.",
+             "Tool columns: BNs left (nodes left).",
              "",
-             "| model | BN | onnxsim | ORT basic | onnxoptimizer | bnfast | worst tensor diff "
-             "(bnfast) | `bnfast fold --check` |",
+             "| model | BN (nodes) | onnxsim | ORT basic | onnxoptimizer | bnfast | worst tensor "
+             "diff (bnfast) | `bnfast fold --check` |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
         src = r["source"] or {}
         where = f" ({src['package']} {src['version']})" if src else ""
-        cells = [f"{r['model']}{where}", str(r["bn"])]
+        cells = [f"{r['model']}{where}", f"{r['bn']} ({r['nodes']})"]
         cells += [_left_cell(r["tools"][tool]) for tool in TOOLS]
         cells += [_diff_cell(r["tools"]["bnfast"]), _check_cell(r["tools"]["bnfast"]["check"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -740,7 +802,7 @@ def markdown(records, meta):
 
 
 def _summary_line(r):
-    cells = " | ".join(f"{tool} {_left_cell(r['tools'][tool])}" for tool in TOOLS)
+    cells = " | ".join(f"{tool} {_left_cell(r['tools'][tool], False)}" for tool in TOOLS)
     return (f"{r['model']:40s} BN {r['bn']:4d} | {cells} | diff "
             f"{_diff_cell(r['tools']['bnfast'])} | check {r['tools']['bnfast']['check']['exit_code']}")
 

@@ -47,7 +47,7 @@ def conv_bn_relu(shape=(1, 3, 8, 8)):
              _bn("z", "y", "bn"), helper.make_node("Relu", ["y"], ["r"])]
     inits = [_const("W", r.normal(size=(C, 3, 3, 3))), _const("cb", r.normal(size=C))]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, list(shape))],
-                              [helper.make_tensor_value_info("r", 1, None)],
+                              [helper.make_tensor_value_info("r", 1, [shape[0], C, *shape[2:]])],
                               inits + _bn_inits("bn", 1))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -66,7 +66,8 @@ def two_branches():
              _const("ab", r.normal(size=(C, 1, 1)))]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", 1, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("y1", 1, None), helper.make_tensor_value_info("y2", 1, None)],
+        [helper.make_tensor_value_info("y1", 1, ["N", C, "H", "W"]),
+         helper.make_tensor_value_info("y2", 1, ["N", C, "H2", "W2"])],
         inits + _bn_inits("bn1", 3) + _bn_inits("bn2", 4))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -132,6 +133,33 @@ def test_tensor_read_by_a_layer_that_stays_is_compared_as_itself(tmp_path):
     model = conv_bn_relu()
     pairs = dict(rm.common_tensors(model, model))
     assert all(name == ref for name, ref in pairs.items())
+
+
+def _relu_chain(n):
+    nodes = [helper.make_node("Relu", [f"a{i}"], [f"a{i + 1}"]) for i in range(n)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a0", 1, [2, 3])],
+                              [helper.make_tensor_value_info(f"a{n}", 1, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 29])
+def test_every_tensor_compared_whatever_the_chunk_size(tmp_path, budget):
+    path = _save(_relu_chain(50), tmp_path, "m.onnx")
+    feeds = {"a0": np.ones((2, 3), np.float32)}
+    diffs = rm.tensor_differences(path, path, feeds, budget=budget)
+    assert [d.name for d in diffs] == [f"a{i}" for i in range(1, 51)]
+    assert all(d.passed and d.max_abs_diff == 0 for d in diffs)
+
+
+def test_constants_are_not_compared():
+    """A folder may rewrite a Constant under its own name; only activations count."""
+    model = conv_bn_relu()
+    model.graph.node.insert(0, helper.make_node(
+        "Constant", [], ["k"], value=numpy_helper.from_array(np.ones(1, np.float32))))
+    model.graph.node.insert(1, helper.make_node("Neg", ["k"], ["k2"]))
+    model.graph.node.append(helper.make_node("Add", ["r", "k2"], ["out"]))
+    names = [name for name, _ in rm.common_tensors(model, model)]
+    assert names == ["z", "y", "r", "out"]
 
 
 def test_tiny_tensor_judged_against_the_scale_floor():
@@ -258,8 +286,8 @@ def test_table_of_a_model_folder(tmp_path):
     table = (results / "real_models.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| branches.onnx (made-here 1)"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "2"
-    assert cells[5] == str(bnfast["bn_left"])
+    assert cells[1] == f"2 ({record['nodes']})" and record["nodes"] == 7
+    assert cells[5] == f"{bnfast['bn_left']} ({bnfast['nodes']})"
 
 
 def test_table_refuses_a_missing_folder(tmp_path, capsys):
