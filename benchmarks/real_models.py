@@ -19,7 +19,7 @@ command ``python -m bnfast fold M -o OUT --check --report R.json``, with its exi
 code and message); and for each result, the worst difference over every tensor
 that exists in both graphs, computed in onnxruntime with optimizations off on
 random inputs that the original accepts. Each difference is judged against its
-own tensor's scale: ``max|a - b| / max(max|a|, 1e-3)``. Every tool and every comparison
+own tensor's scale: ``max|a - b| / max(max|a|, 1e-2)``. Every tool and every comparison
 runs in a child process, so a crash or a hang becomes a recorded error.
 
 For every BN that bnfast leaves, ``describe_bn`` writes the graph pattern around
@@ -91,11 +91,13 @@ BATCH = 1
 SIZE_LADDER = (32, 64, 128, 224, 320, 640)
 CHUNK_BYTES = 1 << 29   # about this much in the extra outputs of one onnxruntime run
 # A float tensor passes when max|a - b| <= RTOL * max(max|a|, SCALE_FLOOR): relative to its
-# own scale, except that a tensor below SCALE_FLOOR everywhere (a detector's probabilities
-# after a Sigmoid, ~1e-8 on random inputs, where onnxruntime's own Sigmoid differs by
-# ~6e-8 between two runs of equal logits) is judged against SCALE_FLOOR.
+# own scale, except that a tensor below SCALE_FLOOR everywhere is judged against
+# SCALE_FLOOR. That is a detector's probabilities after a Sigmoid on random inputs (1e-8 to
+# 1e-6), where onnxruntime's float32 Sigmoid is off by up to one step of 1.0 (1.2e-7) from
+# two runs of logits that differ in rounding; a wrong fold shows in the logits before it,
+# which are compared too.
 RTOL = {np.dtype(np.float16): 1e-2, np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
-SCALE_FLOOR = 1e-3
+SCALE_FLOOR = 1e-2
 
 
 # --------------------------------------------------------------------------
@@ -173,7 +175,8 @@ def _feeds(model):
 # random inputs the original accepts
 # --------------------------------------------------------------------------
 
-def _session(model_or_path, **outputs_unused):
+def _session(model_or_path):
+    """An onnxruntime CPU session with graph optimizations off (they would fold BN too)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -200,16 +203,11 @@ def input_shapes(model, size):
 
 
 def random_feeds(shapes, seed=0):
+    """Standard normal floats; other dtypes 0 or 1 (valid as indices, masks and bools)."""
     rng = np.random.default_rng(seed)
-    feeds = {}
-    for name, (shape, dtype) in shapes.items():
-        if dtype.kind == "f":
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind in "iu":
-            feeds[name] = rng.integers(0, 2, shape).astype(dtype)
-        else:
-            feeds[name] = rng.integers(0, 2, shape).astype(dtype)
-    return feeds
+    return {name: (rng.standard_normal(shape) if dtype.kind == "f"
+                   else rng.integers(0, 2, shape)).astype(dtype)
+            for name, (shape, dtype) in shapes.items()}
 
 
 def accepted_feeds(path, seed=0):
@@ -259,19 +257,19 @@ def input_dependent(model):
 
 
 def common_tensors(original, folded):
-    """[(name, reference)] for every input-dependent tensor computed in both top-level graphs.
+    """[(name, candidates)] for every input-dependent tensor computed in both top-level graphs.
 
     Constants (weights, shapes, Constant nodes and what is computed from them
     alone) are left out: a folder may rewrite a constant under its own name, and
     what matters is the activations.
 
-    ``reference`` is the original tensor the folded one must equal: the same name,
-    unless its one reader in the original is a BN, Identity or elementwise or
-    reshaping node that is gone from the folded graph (a folded BN, an Add folded
-    into a bias: none of its outputs is left); then the
-    folded tensor stands for that node's output, and so on down the removed chain.
-    Folders differ in which name the folded layer writes (onnxsim keeps the Conv's
-    output name, bnfast the BN's); this compares both the same way.
+    ``candidates`` are the original tensors the folded one may stand for: itself,
+    then, while its one reader in the original is a BN, Identity, elementwise or
+    reshaping node, that node's output, down to the first one that the folded
+    graph also has. Folders differ in
+    which name the folded layer writes (onnxsim keeps the Conv's output name,
+    bnfast the BN's); a folded tensor passes when it equals one candidate (after a
+    reshape, for candidates behind a Reshape or Squeeze: same data, other shape).
     """
     def produced(model):
         names = [o for n in model.graph.node for o in n.output if o]
@@ -284,35 +282,35 @@ def common_tensors(original, folded):
             readers[name].append(node)
     graph_outputs = {o.name for o in original.graph.output}
 
-    def reference(name):
-        seen = {name}
+    def candidates(name):
+        chain = [name]
         while name not in graph_outputs:
             nodes = readers.get(name, [])
             if (len(nodes) != 1 or nodes[0].op_type not in FOLDED_INTO_PRODUCER
-                    or any(o in in_folded for o in nodes[0].output if o)):
+                    or nodes[0].output[0] in chain):
                 break
             name = nodes[0].output[0]
-            if name in seen:
+            chain.append(name)
+            if name in in_folded:   # compared under its own name too; the chain ends here
                 break
-            seen.add(name)
-        return name
+        return chain
 
     seen, common = set(), []
     for name in produced(original):
         if name in in_folded and name in dynamic and name not in seen:
             seen.add(name)
-            common.append((name, reference(name)))
+            common.append((name, candidates(name)))
     return common
 
 
-# the nodes a folder may merge into the node before them, keeping that node's output name
+# the nodes a folder may merge into the layer before them, which keeps its output name
 FOLDED_INTO_PRODUCER = {"BatchNormalization", "Identity", "Add", "Sub", "Mul", "Div",
                         "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 
 
 @dataclasses.dataclass
 class TensorDiff:
-    name: str
+    name: str           # the folded tensor, with "(as X)" when it matched original tensor X
     max_abs_diff: float
     scale: float        # max|a| of the original's tensor
     rel_diff: float     # max_abs_diff / max(scale, SCALE_FLOOR) (inf when shapes differ)
@@ -331,16 +329,31 @@ def tensor_differences(original_path, folded_path, feeds, budget=CHUNK_BYTES):
     pairs = common_tensors(original, folded)
     diffs, start, chunk = [], 0, 32
     while start < len(pairs):
-        names, references = zip(*pairs[start:start + chunk])
-        wanted = list(dict.fromkeys(references))
+        part = pairs[start:start + chunk]
+        names = [name for name, _ in part]
+        wanted = list(dict.fromkeys(c for _, cands in part for c in cands))
         a = dict(zip(wanted, _session(_with_outputs(original, wanted)).run(wanted, feeds)))
-        b = _session(_with_outputs(folded, list(names))).run(list(names), feeds)
-        diffs.extend(_diff(name if name == ref else f"{name} (as {ref})", a[ref], y)
-                     for name, ref, y in zip(names, references, b))
+        b = _session(_with_outputs(folded, names)).run(names, feeds)
+        diffs.extend(_best(name, cands, a, y) for (name, cands), y in zip(part, b))
         start += len(names)
         per_tensor = max(1, sum(np.asarray(x).nbytes for x in b) // len(b))
         chunk = int(min(1024, max(1, budget // (2 * per_tensor))))
     return diffs
+
+
+def _best(name, candidates, original, folded):
+    """The TensorDiff of folded against the candidate it matches best (itself first)."""
+    diffs = []
+    for i, cand in enumerate(candidates):
+        ref = np.asarray(original[cand])
+        value = np.asarray(folded)
+        if i > 0 and ref.shape != value.shape and ref.size == value.size:
+            value = value.reshape(ref.shape)   # behind a Squeeze/Reshape: same data
+        diff = _diff(name if i == 0 else f"{name} (as {cand})", ref, value)
+        if diff.passed:
+            return diff
+        diffs.append(diff)
+    return min(diffs, key=lambda d: (d.rel_diff, d.max_abs_diff))
 
 
 def _diff(name, a, b):
@@ -791,7 +804,7 @@ def markdown(records, meta):
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["",
               "Worst tensor diff: over every tensor present in both the original and "
-              "bnfast's output, max|a − b| / max(max|a|, 1e-3) of that tensor, in "
+              "bnfast's output, max|a − b| / max(max|a|, 1e-2) of that tensor, in "
               "onnxruntime with "
               "optimizations off on random inputs the original accepts (batch "
               f"{meta['batch']}; other dynamic dimensions tried at "
