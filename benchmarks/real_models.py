@@ -494,7 +494,7 @@ def run_bnfast(src, dst, report, cwd):
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("bnfast")]
     checks = [ln for ln in lines if ln.startswith("check")]
     message = (errors or checks or lines[-1:] or [""])[-1]
-    return {"exit_code": done.returncode, "message": message[:400],
+    return {"exit_code": done.returncode, "message": message[:1000],
             "stderr_lines": len(done.stderr.splitlines())}
 
 
@@ -691,7 +691,10 @@ def measure(path, source, work):
             result["bn_left"] = bn_count(folded)
             result["nodes"] = node_count(folded)
             if tool == "bnfast" or result["bn_left"] < record["bn"]:
-                result["left_patterns"] = [list(p) for p in left_patterns(out)]
+                counts = collections.Counter(left_patterns(out))
+                result["left_patterns"] = [
+                    {"pattern": p, "foldable": f, "why": why, "count": n}
+                    for (p, f, why), n in counts.most_common()]
             if runnable:
                 result.update(_compare(path, out, npz, work))
         record["tools"][tool] = result
@@ -727,15 +730,23 @@ def run(folder, results=RESULTS, stem="real_models", log=print):
             "tools": _versions(), "size_ladder": list(SIZE_LADDER), "batch": BATCH}
     os.makedirs(results, exist_ok=True)
     with open(os.path.join(results, stem + ".json"), "w") as f:
-        json.dump({"meta": meta, "models": records}, f, indent=1, default=_json_default)
+        json.dump(_finite_json({"meta": meta, "models": records}), f, indent=1,
+                  allow_nan=False)
         f.write("\n")
     with open(os.path.join(results, stem + ".md"), "w") as f:
         f.write(markdown(records, meta))
     return records
 
 
-def _json_default(value):
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+def _finite_json(value):
+    """value with every NaN or infinity written as null (standard JSON has neither)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _versions():
