@@ -332,3 +332,19 @@ def test_table_refuses_a_missing_folder(tmp_path, capsys):
         rm.main(["table", str(tmp_path / "absent")])
     assert exit_info.value.code == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_compare_folders_real_option_makes_this_table(monkeypatch, tmp_path):
+    """`compare_folders.py --real DIR` hands DIR to real_models.run and makes nothing else."""
+    benchmarks = os.path.join(HERE, os.pardir, "benchmarks")
+    monkeypatch.syspath_prepend(benchmarks)
+    spec = importlib.util.spec_from_file_location(
+        "compare_folders", os.path.join(benchmarks, "compare_folders.py"))
+    compare_folders = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_folders)
+    import real_models
+    calls = []
+    monkeypatch.setattr(real_models, "run", lambda folder: calls.append(folder))
+    monkeypatch.setattr(compare_folders, "run_folder", lambda *a: pytest.fail("ran a pattern"))
+    assert compare_folders.main(["--real", str(tmp_path)]) == 0
+    assert calls == [str(tmp_path)]
