@@ -12,8 +12,10 @@ outside the standard ONNX domain.
 
     python benchmarks/compare_folders.py
 
-writes benchmarks/results/fold_comparison.md (the README table) and .json.
+writes benchmarks/results/fold_comparison.md (the README table) and .json;
+``--real DIR`` writes the real-models table instead (benchmarks/real_models.py).
 """
+import argparse
 import importlib.metadata
 import json
 import os
@@ -357,7 +359,15 @@ def _version(distribution):
         return None
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="BN folding by bnfast and other tools")
+    parser.add_argument("--real", metavar="DIR", help="instead, the real-models table of the "
+                        ".onnx files in DIR (benchmarks/real_models.py)")
+    real = parser.parse_args(argv).real
+    if real:
+        import real_models   # benchmarks/real_models.py, beside this file
+        real_models.run(real)
+        return 0
     folders = [(name, fn, _version(dist)) for name, fn, dist in FOLDERS if _version(dist)]
     missing = [name for name, _, dist in FOLDERS if not _version(dist)]
     results = []

@@ -1,0 +1,353 @@
+"""The real-models table maker (benchmarks/real_models.py) on tiny generated models.
+
+The table itself is made from models downloaded from PyPI; these tests build
+small stand-ins with onnx.helper so that what the table says (BNs left, the
+worst tensor difference, the inputs the original accepts, the pattern around a
+BN) is checked against facts known by construction.
+"""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+pytest.importorskip("onnxruntime")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location(
+    "real_models", os.path.join(HERE, os.pardir, "benchmarks", "real_models.py"))
+rm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rm)
+
+C = 4
+
+
+def _const(name, array):
+    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+
+def _bn_inits(prefix, seed):
+    r = np.random.default_rng(seed)
+    return [_const(f"{prefix}_s", r.uniform(0.5, 2, C)), _const(f"{prefix}_b", r.normal(size=C)),
+            _const(f"{prefix}_m", r.normal(size=C)), _const(f"{prefix}_v", r.uniform(0.5, 2, C))]
+
+
+def _bn(x, y, prefix):
+    return helper.make_node("BatchNormalization",
+                            [x] + [f"{prefix}_{p}" for p in "sbmv"], [y], name=prefix)
+
+
+def conv_bn_relu(shape=(1, 3, 8, 8)):
+    """x -> Conv 'z' -> BN 'y' -> Relu 'r'."""
+    r = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W", "cb"], ["z"], pads=[1] * 4, name="conv"),
+             _bn("z", "y", "bn"), helper.make_node("Relu", ["y"], ["r"])]
+    inits = [_const("W", r.normal(size=(C, 3, 3, 3))), _const("cb", r.normal(size=C))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, list(shape))],
+                              [helper.make_tensor_value_info("r", 1, [shape[0], C, *shape[2:]])],
+                              inits + _bn_inits("bn", 1))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def two_branches():
+    """Conv -> BN and ConvTranspose -> Identity -> Add(C,1,1) -> Identity -> BN, one input."""
+    r = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["z1"], pads=[1] * 4),
+             _bn("z1", "y1", "bn1"),
+             helper.make_node("ConvTranspose", ["x", "Wt"], ["t"], strides=[2, 2]),
+             helper.make_node("Identity", ["t"], ["t1"]),
+             helper.make_node("Add", ["t1", "ab"], ["t2"]),
+             helper.make_node("Identity", ["t2"], ["t3"]),
+             _bn("t3", "y2", "bn2")]
+    inits = [_const("W", r.normal(size=(C, 3, 3, 3))), _const("Wt", r.normal(size=(3, C, 2, 2))),
+             _const("ab", r.normal(size=(C, 1, 1)))]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", 1, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y1", 1, ["N", C, "H", "W"]),
+         helper.make_tensor_value_info("y2", 1, ["N", C, "H2", "W2"])],
+        inits + _bn_inits("bn1", 3) + _bn_inits("bn2", 4))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _fold_by_hand(model, keep_conv_name=False, bias_error=0.0):
+    """Conv+BN folded in numpy; the Conv writes 'y' (bnfast's way) or keeps 'z' (onnxsim's)."""
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    scale = arrays["bn_s"] / np.sqrt(arrays["bn_v"] + 1e-5)
+    W = arrays["W"] * scale[:, None, None, None]
+    b = (arrays["cb"] - arrays["bn_m"]) * scale + arrays["bn_b"] + bias_error
+    out = "z" if keep_conv_name else "y"
+    nodes = [helper.make_node("Conv", ["x", "W", "cb"], [out], pads=[1] * 4, name="conv"),
+             helper.make_node("Relu", [out], ["r"])]
+    graph = helper.make_graph(nodes, "g", list(model.graph.input), list(model.graph.output),
+                              [_const("W", W), _const("cb", b)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _save(model, folder, name):
+    path = os.path.join(str(folder), name)
+    onnx.save(model, path)
+    return path
+
+
+# --------------------------------------------------------------------------
+# the comparison of every tensor
+# --------------------------------------------------------------------------
+
+def _feeds(shape=(1, 3, 8, 8)):
+    return {"x": np.random.default_rng(5).standard_normal(shape).astype(np.float32)}
+
+
+def test_right_fold_passes_on_every_common_tensor(tmp_path):
+    original = _save(conv_bn_relu(), tmp_path, "o.onnx")
+    folded = _save(_fold_by_hand(conv_bn_relu()), tmp_path, "f.onnx")
+    diffs = rm.tensor_differences(original, folded, _feeds())
+    assert {d.name for d in diffs} == {"y", "r"}
+    assert all(d.passed for d in diffs), diffs
+
+
+def test_wrong_fold_fails_and_names_the_first_wrong_tensor(tmp_path):
+    original = _save(conv_bn_relu(), tmp_path, "o.onnx")
+    folded = _save(_fold_by_hand(conv_bn_relu(), bias_error=1e-2), tmp_path, "f.onnx")
+    diffs = rm.tensor_differences(original, folded, _feeds())
+    failed = [d.name for d in diffs if not d.passed]
+    assert "y" in failed
+    assert rm.worst(diffs).name in failed
+    assert rm.worst(diffs).max_abs_diff == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_layer_that_keeps_its_output_name_is_compared_with_the_bn_output(tmp_path):
+    """onnxsim's folded Conv still writes 'z', which now holds what BN wrote to 'y'."""
+    original = _save(conv_bn_relu(), tmp_path, "o.onnx")
+    folded = _save(_fold_by_hand(conv_bn_relu(), keep_conv_name=True), tmp_path, "f.onnx")
+    pairs = dict(rm.common_tensors(onnx.load(original), onnx.load(folded)))
+    assert pairs == {"z": ["z", "y"], "r": ["r"]}
+    diffs = rm.tensor_differences(original, folded, _feeds())
+    assert all(d.passed for d in diffs), diffs
+
+
+def _conv_squeeze_bn(fold=False, error=0.0):
+    """x (1,3,1,8) -> Conv 'c' (1,C,1,8) -> Squeeze(axis 2) 's' -> BN 'y' (1,C,8), or that
+    folded the way a folder that keeps the Conv's output name writes it."""
+    r = np.random.default_rng(7)
+    W = r.normal(size=(C, 3, 1, 3)).astype(np.float32)
+    inits = _bn_inits("bn", 8)
+    s_, b_, m_, v_ = (numpy_helper.to_array(t) for t in inits)
+    axes = numpy_helper.from_array(np.array([2], np.int64), "axes")
+    if fold:
+        k = s_ / np.sqrt(v_ + 1e-5)
+        nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[0, 1, 0, 1]),
+                 helper.make_node("Squeeze", ["c", "axes"], ["y"])]
+        inits = [_const("W", W * k[:, None, None, None]), _const("b", b_ - m_ * k + error)]
+    else:
+        nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[0, 1, 0, 1]),
+                 helper.make_node("Squeeze", ["c", "axes"], ["s"]), _bn("s", "y", "bn")]
+        inits = [_const("W", W)] + inits
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, 1, 8])],
+                              [helper.make_tensor_value_info("y", 1, [1, C, 8])],
+                              inits + [axes])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("error, passes", [(0.0, True), (1e-2, False)])
+def test_fold_through_a_squeeze_is_compared_behind_the_squeeze(tmp_path, error, passes):
+    """'c' now holds BN's values in the Conv's shape: it matches 'y' after a reshape."""
+    original = _save(_conv_squeeze_bn(), tmp_path, "o.onnx")
+    folded = _save(_conv_squeeze_bn(fold=True, error=error), tmp_path, "f.onnx")
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 3, 1, 8)).astype(np.float32)}
+    diffs = {d.name.split(" ")[0]: d for d in rm.tensor_differences(original, folded, feeds)}
+    assert set(diffs) == {"c", "y"}
+    assert diffs["c"].passed is passes and diffs["y"].passed is passes
+    if passes:
+        assert diffs["c"].name == "c (as y)"
+
+
+def test_candidates_stop_at_a_node_no_folder_merges_into_a_layer():
+    """'y' is read by a Relu: it stands only for itself; 'z' may stand for BN's 'y'."""
+    model = conv_bn_relu()
+    assert dict(rm.common_tensors(model, model)) == {"z": ["z", "y"], "y": ["y"], "r": ["r"]}
+
+
+def _relu_chain(n):
+    nodes = [helper.make_node("Relu", [f"a{i}"], [f"a{i + 1}"]) for i in range(n)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a0", 1, [2, 3])],
+                              [helper.make_tensor_value_info(f"a{n}", 1, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 29])
+def test_every_tensor_compared_whatever_the_chunk_size(tmp_path, budget):
+    path = _save(_relu_chain(50), tmp_path, "m.onnx")
+    feeds = {"a0": np.ones((2, 3), np.float32)}
+    diffs = rm.tensor_differences(path, path, feeds, budget=budget)
+    assert [d.name for d in diffs] == [f"a{i}" for i in range(1, 51)]
+    assert all(d.passed and d.max_abs_diff == 0 for d in diffs)
+
+
+def test_constants_are_not_compared():
+    """A folder may rewrite a Constant under its own name; only activations count."""
+    model = conv_bn_relu()
+    model.graph.node.insert(0, helper.make_node(
+        "Constant", [], ["k"], value=numpy_helper.from_array(np.ones(1, np.float32))))
+    model.graph.node.insert(1, helper.make_node("Neg", ["k"], ["k2"]))
+    model.graph.node.append(helper.make_node("Add", ["r", "k2"], ["out"]))
+    names = [name for name, _ in rm.common_tensors(model, model)]
+    assert names == ["z", "y", "r", "out"]
+
+
+def test_tiny_tensor_judged_against_the_scale_floor():
+    a = np.full((3,), 3e-8, np.float32)
+    loose = rm._diff("p", a, a * 3)          # 6e-8 apart: rounding at that scale
+    wrong = rm._diff("p", a + 1.0, a + 1.1)  # 10 % of its own scale
+    assert loose.passed and loose.rel_diff == pytest.approx(6e-8 / rm.SCALE_FLOOR, rel=1e-3)
+    assert not rm._diff("p", a, a + 1e-5).passed   # 1e-5 on values of 3e-8 is no rounding
+    assert not wrong.passed and wrong.rel_diff == pytest.approx(0.1 / 1.0, rel=1e-3)
+
+
+def test_shape_or_nan_difference_fails():
+    a = np.zeros((2, 3), np.float32)
+    assert not rm._diff("p", a, a.reshape(3, 2)).passed
+    b = a.copy()
+    b[0, 0] = np.nan
+    assert not rm._diff("p", a, b).passed
+    assert rm._diff("p", b, b.copy()).passed   # the same NaN in both
+
+
+# --------------------------------------------------------------------------
+# inputs the original accepts
+# --------------------------------------------------------------------------
+
+def _pool_model(batch_dim):
+    """MaxPool with a 40x40 kernel and no padding: spatial sizes below 40 fail."""
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[40, 40])
+    dims = [batch_dim, 3, "H", -1]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, dims)],
+                              [helper.make_tensor_value_info("y", 1, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("batch_dim", ["N", -1, None])
+def test_inputs_climb_the_ladder_until_the_original_runs(tmp_path, batch_dim):
+    """Named, -1 and unnamed dynamic dimensions: batch BATCH, the rest on the ladder."""
+    model = _pool_model(batch_dim)
+    feeds, size, error = rm.accepted_feeds(_save(model, tmp_path, "m.onnx"))
+    assert error is None
+    assert size == min(s for s in rm.SIZE_LADDER if s >= 40)
+    assert feeds["x"].shape == (rm.BATCH, 3, size, size)
+
+
+def test_inputs_report_why_the_original_never_runs(tmp_path):
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"])
+    graph = helper.make_graph([bn], "g", [helper.make_tensor_value_info("x", 1, [1, 2, 3])],
+                              [helper.make_tensor_value_info("y", 1, None)],
+                              [_const(n, [1, 1]) for n in "sbmv"])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
+    model.ir_version = 3
+    feeds, size, error = rm.accepted_feeds(_save(model, tmp_path, "m.onnx"))
+    assert feeds is None and size is None
+    assert "BatchNormalization" in error
+
+
+# --------------------------------------------------------------------------
+# the pattern around a BN
+# --------------------------------------------------------------------------
+
+def test_pattern_looks_through_identity_and_names_the_bias_add():
+    model = two_branches()
+    bn = next(n for n in model.graph.node if n.name == "bn2")
+    pattern, foldable, _ = rm.describe_bn(model, bn)
+    assert pattern == ("ConvTranspose[w: initializer] → Identity → Add(initializer[4, 1, 1]) "
+                       "→ Identity → BN[params: initializer]")
+    assert foldable
+
+
+def test_pattern_of_bn_after_a_pool_read_elsewhere_is_not_foldable():
+    pool = helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2])
+    graph = helper.make_graph(
+        [pool, _bn("p", "y", "bn"), helper.make_node("Relu", ["p"], ["r"])], "g",
+        [helper.make_tensor_value_info("x", 1, [1, C, 4, 4])],
+        [helper.make_tensor_value_info("y", 1, None), helper.make_tensor_value_info("r", 1, None)],
+        _bn_inits("bn", 0))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    pattern, foldable, why = rm.describe_bn(model, model.graph.node[1])
+    assert pattern.startswith("MaxPool → BN[params: initializer]")
+    assert "read elsewhere" in pattern
+    assert not foldable and "MaxPool" in why
+
+
+def test_pattern_names_the_ops_of_a_constant_subgraph():
+    model = conv_bn_relu()
+    shape = numpy_helper.from_array(np.array([C], np.int64), "s_shape")
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "bn_s"))
+    model.graph.initializer.append(shape)
+    model.graph.node.insert(0, helper.make_node(
+        "ConstantOfShape", ["s_shape"], ["bn_s"],
+        value=numpy_helper.from_array(np.array([1.5], np.float32))))
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    pattern, foldable, _ = rm.describe_bn(model, bn)
+    assert pattern == "Conv[w: initializer] → BN[params: computed(ConstantOfShape)/initializer]"
+    assert foldable
+
+
+# --------------------------------------------------------------------------
+# the whole table
+# --------------------------------------------------------------------------
+
+def test_table_of_a_model_folder(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    _save(two_branches(), models, "branches.onnx")
+    (models / rm.SOURCES_FILE).write_text(json.dumps(
+        {"branches.onnx": {"package": "made-here", "version": "1", "path": "x/branches.onnx"}}))
+    results = tmp_path / "results"
+    assert rm.main(["table", str(models), "--results", str(results)]) == 0
+
+    saved = json.loads((results / "real_models.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"{c} is not standard JSON"))
+    (record,) = saved["models"]
+    assert record["model"] == "branches.onnx" and record["bn"] == 2
+    assert record["source"]["package"] == "made-here"
+    assert record["inputs"]["error"] is None and record["inputs"]["shapes"]["x"][0] == rm.BATCH
+    assert set(record["tools"]) == set(rm.TOOLS)
+    for tool, result in record["tools"].items():
+        if result["ok"]:
+            assert 0 <= result["bn_left"] <= 2, tool
+    bnfast = record["tools"]["bnfast"]
+    assert bnfast["ok"] and bnfast["check"]["exit_code"] in (0, 1, 2)
+    assert bnfast["tensors_compared"] >= 1
+    assert bnfast["tensors_failed"] == 0, bnfast["worst"]
+    assert sum(p["count"] for p in bnfast.get("left_patterns", [])) == bnfast["bn_left"]
+
+    table = (results / "real_models.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| branches.onnx (made-here 1)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"2 ({record['nodes']})" and record["nodes"] == 7
+    assert cells[5] == f"{bnfast['bn_left']} ({bnfast['nodes']})"
+    # the saved JSON holds everything the table shows
+    assert rm.main(["render", "--results", str(results)]) == 0
+    assert (results / "real_models.md").read_text() == table
+
+
+def test_table_refuses_a_missing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        rm.main(["table", str(tmp_path / "absent")])
+    assert exit_info.value.code == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_compare_folders_real_option_makes_this_table(monkeypatch, tmp_path):
+    """`compare_folders.py --real DIR` hands DIR to real_models.run and makes nothing else."""
+    benchmarks = os.path.join(HERE, os.pardir, "benchmarks")
+    monkeypatch.syspath_prepend(benchmarks)
+    spec = importlib.util.spec_from_file_location(
+        "compare_folders", os.path.join(benchmarks, "compare_folders.py"))
+    compare_folders = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_folders)
+    import real_models
+    calls = []
+    monkeypatch.setattr(real_models, "run", lambda folder: calls.append(folder))
+    monkeypatch.setattr(compare_folders, "run_folder", lambda *a: pytest.fail("ran a pattern"))
+    assert compare_folders.main(["--real", str(tmp_path)]) == 0
+    assert calls == [str(tmp_path)]
