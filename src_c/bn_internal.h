@@ -94,6 +94,11 @@ static inline int64_t channels_per_group(int64_t N, int64_t C, int64_t S, int64_
     return g < 1 ? 1 : g;
 }
 
+/* Channels-first sums are carried in the tensor's own type over this many
+ * values of a slice, then added in double (add_slice_sums and the backward
+ * sums): 256 floats are 32 additions per AVX2 lane, a few roundings of 6e-8. */
+#define SUM_CHUNK 256
+
 /* Channels-first slices up to this long (S = H * W) are walked plane by plane
  * in memory order with per-thread partial sums, as channels-last rows are;
  * longer ones channel by channel, each channel kept in cache between passes. */
