@@ -85,9 +85,22 @@ static inline void FN(add_slice_sums)(double *s1, double *s2, const real *x_nc, 
     *s2 += sum_sq;
 }
 
+/* A channel's shift for its sums: the mean of one of its slices (in double),
+ * rounded to `real`. Close to the channel's mean, so the shifted values are
+ * centred: their sums in `real` grow like sqrt(count), not like count, and
+ * M2 = s2 - s1^2 / M cancels nothing. Like a single value of the channel, it
+ * lies within the data, so (mean - shift)^2 <= M2 / S. */
+static inline real FN(slice_mean)(const real *x_nc, int64_t S)
+{
+    double sum = 0.0;
+    #pragma omp simd reduction(+:sum)
+    for (int64_t s = 0; s < S; s++) sum += (double)x_nc[s];
+    return (real)(sum / (double)S);
+}
+
 /* Mean and M2 of channels c0 .. c0 + g - 1 (g <= MAX_GROUP) of an (N, C, S)
  * block, read in memory order (N runs of g * S values), each channel's sums
- * shifted by its first value. `exact`: sums in double (the statistics a caller
+ * shifted by the mean of its first slice (slice_mean). `exact`: sums in double (the statistics a caller
  * receives in double, bn_collect_stats); otherwise in `real` chunks
  * (add_slice_sums, for the training forward, whose statistics leave as `real`),
  * a channel whose sums came out non-finite summed again in double. */
@@ -98,7 +111,7 @@ static void FN(group_moments_cf)(double *mean, double *m2, const real *x,
     real shift[MAX_GROUP];
     double s1[MAX_GROUP], s2[MAX_GROUP];
     for (int64_t j = 0; j < g; j++) {
-        shift[j] = x[(c0 + j) * S];
+        shift[j] = FN(slice_mean)(x + (c0 + j) * S, S);
         s1[j] = s2[j] = 0.0;
     }
     for (int64_t n = 0; n < N && !exact; n++) {
@@ -239,7 +252,7 @@ static void FN(collect_stats_planes_share)(double *partial, int64_t stride,
  * (S <= SHORT_SLICE, e.g. a 7x7 map). Visiting one channel at a time would stride
  * through N slices far apart and starve the prefetcher, so this walks memory in
  * order instead: parallel over n, each thread adds its (C, S) planes into
- * private per-channel partials (shifted by x[0, c, 0]), then the partials are
+ * private per-channel partials (shifted by the mean of x[0, c, :]), then the partials are
  * added over threads; `exact` as in group_moments_cf. Returns -1 if scratch fails. */
 static int FN(collect_stats_planes)(double *mean, double *m2, const real *x,
                                     int64_t N, int64_t C, int64_t S, int n_threads, int exact)
@@ -249,7 +262,7 @@ static int FN(collect_stats_planes)(double *mean, double *m2, const real *x,
     double *partial = alloc_partials(nt + 1, 2 * C, &stride);
     if (!partial) return -1;
     real *shift = (real *)(partial + stride * nt);
-    for (int64_t c = 0; c < C; c++) shift[c] = x[c * S];
+    for (int64_t c = 0; c < C; c++) shift[c] = FN(slice_mean)(x + c * S, S);
 
     ON_THREADS(nt, FN(collect_stats_planes_share)(partial, stride, shift, x, N, C, S, exact));
     sum_partials(mean, m2, partial, stride, nt, C);
