@@ -144,9 +144,8 @@ static void FN(collect_stats_cf_share)(double *mean, double *m2, const real *x,
 /* Per-channel mean and M2 of a channels-first block, parallel over channel groups.
  * mean, m2: (C,); x: (N, C, S); `exact` as in group_moments_cf. */
 static void FN(collect_stats_cf)(double *mean, double *m2, const real *x,
-                                 int64_t N, int64_t C, int64_t S, int n_threads, int exact)
+                                 int64_t N, int64_t C, int64_t S, int nt, int exact)
 {
-    int nt = team_size(n_threads, N * C * S);
     int64_t g = channels_per_group(N, C, S, sizeof(real), 1, nt);
     ON_THREADS(nt, FN(collect_stats_cf_share)(mean, m2, x, N, C, S, g, exact));
 }
@@ -197,9 +196,8 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const re
  * Each thread sums its rows into private partials of size 2C, shifted by row 0,
  * then the partials are added over threads. Returns -1 if scratch fails. */
 static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
-                                int64_t R, int64_t C, int n_threads)
+                                int64_t R, int64_t C, int nt)
 {
-    int nt = team_size(n_threads, R * C);
     int64_t stride;
     double *partial = alloc_partials(nt, 2 * C, &stride);
     if (!partial) return -1;
@@ -255,9 +253,8 @@ static void FN(collect_stats_planes_share)(double *partial, int64_t stride,
  * private per-channel partials (shifted by the mean of x[0, c, :]), then the partials are
  * added over threads; `exact` as in group_moments_cf. Returns -1 if scratch fails. */
 static int FN(collect_stats_planes)(double *mean, double *m2, const real *x,
-                                    int64_t N, int64_t C, int64_t S, int n_threads, int exact)
+                                    int64_t N, int64_t C, int64_t S, int nt, int exact)
 {
-    int nt = team_size(n_threads, N * C * S);
     int64_t stride;   /* each thread's 2C partials, then the C shifts */
     double *partial = alloc_partials(nt + 1, 2 * C, &stride);
     if (!partial) return -1;
@@ -285,17 +282,17 @@ static int FN(collect_stats_planes)(double *mean, double *m2, const real *x,
 /* Per-channel mean and M2 over N and S, channels-first sums in double when
  * `exact`, else in `real` chunks (group_moments_cf). */
 static int FN(moments)(double *mean, double *m2, const real *x,
-                       int64_t N, int64_t C, int64_t S, int n_threads, int exact)
+                       int64_t N, int64_t C, int64_t S, int nt, int exact)
 {
     if (N * S == 0) {
         for (int64_t c = 0; c < C; c++) mean[c] = m2[c] = 0.0;
         return 0;
     }
-    if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, n_threads);
-    if (walk_planes(N, C, S, n_threads)) {
-        return FN(collect_stats_planes)(mean, m2, x, N, C, S, n_threads, exact);
+    if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, nt);
+    if (walk_planes(N, C, S, nt)) {
+        return FN(collect_stats_planes)(mean, m2, x, N, C, S, nt, exact);
     }
-    FN(collect_stats_cf)(mean, m2, x, N, C, S, n_threads, exact);
+    FN(collect_stats_cf)(mean, m2, x, N, C, S, nt, exact);
     return 0;
 }
 
@@ -305,7 +302,8 @@ static int FN(moments)(double *mean, double *m2, const real *x,
 int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
                          int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    return FN(moments)(mean, m2, x, N, C, S, n_threads, 1);
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_STATS);
+    return FN(moments)(mean, m2, x, N, C, S, nt, 1);
 }
 
 /* ------------------------------------------------------------------ */
@@ -393,15 +391,13 @@ static void FN(apply_cl_share)(real *y, const real *x, const real *restrict pivo
     }
 }
 
-/* Per-channel affine map y = x * alpha[c] + beta[c], in the pivot form.
- * y, x: (N, C, S); alpha, beta: (C,). y may be x. Returns -1 if scratch fails. */
-int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
-                 int64_t N, int64_t C, int64_t S, int n_threads)
+/* bn_apply on a team of nt threads. */
+static int FN(apply_on)(real *y, const real *x, const double *alpha, const double *beta,
+                        int64_t N, int64_t C, int64_t S, int nt)
 {
     real *params = FN(pivot_forms)(alpha, beta, C);
     if (!params) return -1;
     const real *pivot = params, *scale = params + C, *offset = params + 2 * C;
-    int nt = team_size(n_threads, N * C * S);
     if (S == 1) {
         ON_THREADS(nt, FN(apply_cl_share)(y, x, pivot, scale, offset, N, C));
     } else {
@@ -409,6 +405,15 @@ int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta
     }
     free(params);
     return 0;
+}
+
+/* Per-channel affine map y = x * alpha[c] + beta[c], in the pivot form.
+ * y, x: (N, C, S); alpha, beta: (C,). y may be x. Returns -1 if scratch fails. */
+int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
+                 int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_APPLY);
+    return FN(apply_on)(y, x, alpha, beta, N, C, S, nt);
 }
 
 /* ------------------------------------------------------------------ */
@@ -443,7 +448,8 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
                             invstd_of((double)running_var[c], eps));
     }
 
-    int status = FN(bn_apply)(y, x, alpha, beta, N, C, S, n_threads);
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_APPLY);
+    int status = FN(apply_on)(y, x, alpha, beta, N, C, S, nt);
     free(alpha);
     return status;
 }
@@ -521,9 +527,8 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
 static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
                                  double *batch_mean, double *batch_var,
                                  const real *x, const real *weight, const real *bias,
-                                 int64_t N, int64_t C, int64_t S, double eps, int n_threads)
+                                 int64_t N, int64_t C, int64_t S, double eps, int nt)
 {
-    int nt = team_size(n_threads, N * C * S);
     int64_t g = channels_per_group(N, C, S, sizeof(real), 1, nt);
     ON_THREADS(nt, FN(forward_train_cf_share)(y, save_mean, save_invstd, batch_mean, batch_var,
                                               x, weight, bias, N, C, S, g, eps));
@@ -535,14 +540,14 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
                                       double *batch_mean, double *batch_var,
                                       const real *x, const real *weight, const real *bias,
                                       int64_t N, int64_t C, int64_t S, double eps,
-                                      int n_threads)
+                                      int nt)
 {
     double *alpha = malloc((size_t)(2 * C) * sizeof(double));
     if (!alpha) return -1;
     double *beta = alpha + C;
 
     /* mean and biased variance over N and S */
-    if (FN(moments)(batch_mean, batch_var, x, N, C, S, n_threads, 0) != 0) {
+    if (FN(moments)(batch_mean, batch_var, x, N, C, S, nt, 0) != 0) {
         free(alpha);
         return -1;
     }
@@ -556,7 +561,7 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
     }
 
     /* normalise */
-    int status = FN(bn_apply)(y, x, alpha, beta, N, C, S, n_threads);
+    int status = FN(apply_on)(y, x, alpha, beta, N, C, S, nt);
     free(alpha);
     return status;
 }
@@ -578,15 +583,16 @@ int FN(bn_forward_train)(real *y, real *save_mean, real *save_invstd,
     if (!batch_mean) return -1;
     double *batch_var = batch_mean + C;
 
-    if (walk_planes(N, C, S, n_threads)) {
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_TRAIN);
+    if (walk_planes(N, C, S, nt)) {
         if (FN(forward_train_two_pass)(y, save_mean, save_invstd, batch_mean, batch_var, x,
-                                       weight, bias, N, C, S, eps, n_threads) != 0) {
+                                       weight, bias, N, C, S, eps, nt) != 0) {
             free(batch_mean);
             return -1;
         }
     } else {
         FN(forward_train_cf)(y, save_mean, save_invstd, batch_mean, batch_var, x,
-                             weight, bias, N, C, S, eps, n_threads);
+                             weight, bias, N, C, S, eps, nt);
     }
 
     int n_bad = FN(update_running_stats)(running_mean, running_var, batch_mean, batch_var,
@@ -751,9 +757,8 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
 static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   const real *dy, const real *x,
                                   const double *mean, const double *invstd,
-                                  int64_t R, int64_t C, int n_threads)
+                                  int64_t R, int64_t C, int nt)
 {
-    int nt = team_size(n_threads, R * C);
     int64_t stride;
     double *partial = alloc_partials(nt, 2 * C, &stride);
     real *pivot = malloc((size_t)C * sizeof(real));
@@ -816,9 +821,8 @@ static void FN(backward_reduce_planes_share)(double *partial, int64_t stride,
 static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
                                       const real *dy, const real *x,
                                       const double *mean, const double *invstd,
-                                      int64_t N, int64_t C, int64_t S, int n_threads)
+                                      int64_t N, int64_t C, int64_t S, int nt)
 {
-    int nt = team_size(n_threads, N * C * S);
     int64_t stride;   /* each thread's 2C partials, then the C pivots */
     double *partial = alloc_partials(nt + 1, 2 * C, &stride);
     if (!partial) return -1;
@@ -857,6 +861,25 @@ static void FN(backward_reduce_cf_share)(double *sum_dy, double *sum_dy_xhat,
     }
 }
 
+/* bn_backward_reduce on a team of nt threads. */
+static int FN(backward_reduce_on)(double *sum_dy, double *sum_dy_xhat,
+                                  const real *dy, const real *x,
+                                  const double *mean, const double *invstd,
+                                  int64_t N, int64_t C, int64_t S, int nt)
+{
+    if (S == 1) {
+        return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, nt);
+    }
+    if (walk_planes(N, C, S, nt)) {
+        return FN(backward_reduce_planes)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
+                                          nt);
+    }
+    int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
+    ON_THREADS(nt, FN(backward_reduce_cf_share)(sum_dy, sum_dy_xhat, dy, x, mean, invstd,
+                                                N, C, S, g));
+    return 0;
+}
+
 /* The two reductions of backward, per channel over N and S:
  *   sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean) * invstd)
  * They are dbias and dweight. dy, x: (N, C, S); the rest (C,) double. */
@@ -865,19 +888,8 @@ int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
                            const double *mean, const double *invstd,
                            int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    if (S == 1) {
-        return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C,
-                                      n_threads);
-    }
-    if (walk_planes(N, C, S, n_threads)) {
-        return FN(backward_reduce_planes)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
-                                          n_threads);
-    }
-    int nt = team_size(n_threads, N * C * S);
-    int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
-    ON_THREADS(nt, FN(backward_reduce_cf_share)(sum_dy, sum_dy_xhat, dy, x, mean, invstd,
-                                                N, C, S, g));
-    return 0;
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_REDUCE);
+    return FN(backward_reduce_on)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, nt);
 }
 
 /* One thread's share of backward_apply_cl: its rows of
@@ -928,6 +940,29 @@ static void FN(backward_apply_cf_share)(real *dx, const real *dy, const real *x,
     }
 }
 
+/* bn_backward_apply on a team of nt threads. */
+static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
+                                 const double *mean, const double *invstd, const real *weight,
+                                 const double *sum_dy, const double *sum_dy_xhat, double count,
+                                 int64_t N, int64_t C, int64_t S, int nt)
+{
+    real *coefficients = malloc((size_t)(4 * C) * sizeof(real));
+    if (!coefficients) return -1;
+    real *k = coefficients, *pivot = k + C, *q = k + 2 * C, *offset = k + 3 * C;
+    for (int64_t c = 0; c < C; c++) {
+        FN(dx_pivot_form)(&k[c], &pivot[c], &q[c], &offset[c],
+                          weight ? (double)weight[c] : 1.0, mean[c], invstd[c],
+                          sum_dy[c], sum_dy_xhat[c], count);
+    }
+    if (S == 1) {
+        ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, k, pivot, q, offset, N, C));
+    } else {
+        ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, k, pivot, q, offset, N, C, S));
+    }
+    free(coefficients);
+    return 0;
+}
+
 /* The pass that writes dx, given the two reductions over `count` values per
  * channel (count may exceed N * S when the sums come from several processes):
  *   dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
@@ -939,22 +974,9 @@ int FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
                           const double *sum_dy, const double *sum_dy_xhat, double count,
                           int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    real *coefficients = malloc((size_t)(4 * C) * sizeof(real));
-    if (!coefficients) return -1;
-    real *k = coefficients, *pivot = k + C, *q = k + 2 * C, *offset = k + 3 * C;
-    for (int64_t c = 0; c < C; c++) {
-        FN(dx_pivot_form)(&k[c], &pivot[c], &q[c], &offset[c],
-                          weight ? (double)weight[c] : 1.0, mean[c], invstd[c],
-                          sum_dy[c], sum_dy_xhat[c], count);
-    }
-    int nt = team_size(n_threads, N * C * S);
-    if (S == 1) {
-        ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, k, pivot, q, offset, N, C));
-    } else {
-        ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, k, pivot, q, offset, N, C, S));
-    }
-    free(coefficients);
-    return 0;
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_DX);
+    return FN(backward_apply_on)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
+                                 N, C, S, nt);
 }
 
 /* One thread's share of the channels-first backward with long slices: its
@@ -1006,23 +1028,23 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
         invstd[c] = (double)save_invstd[c];
     }
 
-    if (walk_planes(N, C, S, n_threads)) {
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_BACKWARD);
+    if (walk_planes(N, C, S, nt)) {
         /* channels-last, short slices or few channels: the two reductions,
          * then one pass for dx */
-        if (FN(bn_backward_reduce)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
-                                   n_threads) != 0) {
+        if (FN(backward_reduce_on)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
+                                   nt) != 0) {
             free(scratch);
             return -1;
         }
-        if (FN(bn_backward_apply)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
-                                  (double)M, N, C, S, n_threads) != 0) {
+        if (FN(backward_apply_on)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                  (double)M, N, C, S, nt) != 0) {
             free(scratch);
             return -1;
         }
     } else {
         /* channels-first, long slices: each channel group reduced and written
          * while in cache */
-        int nt = team_size(n_threads, N * C * S);
         int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
         ON_THREADS(nt, FN(backward_cf_share)(dx, sum_dy, sum_dy_xhat, dy, x, weight, mean,
                                              invstd, N, C, S, g));
