@@ -125,9 +125,16 @@ static inline int64_t channels_per_group(int64_t N, int64_t C, int64_t S, int64_
 #define SUM_CHUNK 256
 
 /* Channels-first slices up to this long (S = H * W) are walked plane by plane
- * in memory order with per-thread partial sums, as channels-last rows are;
- * longer ones channel by channel, each channel kept in cache between passes. */
+ * in memory order with per-thread partial sums, as channels-last rows are,
+ * while the arrays a job reads (x; x and dy for backward) total at most
+ * PLANES_CACHE_BYTES: their second pass then mostly hits cache. Larger blocks
+ * of short slices, and longer slices, are walked channel group by channel
+ * group, each group kept in cache between its passes. Measured (1 thread, CPU
+ * time, planes vs groups): planes faster by 16-20 % on (64, 128, 100) (3.3 MB
+ * forward, 6.6 MB backward), groups faster by 10-20 % on (32, 2048, 7, 7)
+ * (12.8 MB forward, 25.7 MB backward). */
 #define SHORT_SLICE 256
+#define PLANES_CACHE_BYTES (8 * 1024 * 1024)
 
 /* Threads worth starting for a kernel whose tensor x has `bytes` bytes, given
  * its break-even (TEAM_BYTES_*): at most n_threads, each thread with at least
@@ -140,13 +147,16 @@ static inline int team_size(int n_threads, int64_t bytes, int64_t break_even)
 }
 
 /* A block is walked plane by plane, parallel over n, when its slices are short
- * (S == 1, channels-last, counts as short), or when it has too few channels to
- * share among the nt threads of its team (C = 1 or 3 on two cores); otherwise
- * channel by channel. Training forward and backward take two passes when
- * walking planes. */
-static inline int walk_planes(int64_t N, int64_t C, int64_t S, int nt)
+ * (S == 1, channels-last, always; S <= SHORT_SLICE while the `arrays` tensors
+ * of value_bytes per value that the job reads fit PLANES_CACHE_BYTES), or when
+ * it has too few channels to share among the nt threads of its team (C = 1 or
+ * 3 on two cores); otherwise channel group by channel group. Training forward
+ * and backward take two passes when walking planes. */
+static inline int walk_planes(int64_t N, int64_t C, int64_t S, int nt, int64_t value_bytes,
+                              int arrays)
 {
-    return S <= SHORT_SLICE || (C < 4 * (int64_t)nt && N >= nt);
+    int short_in_cache = S <= SHORT_SLICE && arrays * N * C * S * value_bytes <= PLANES_CACHE_BYTES;
+    return S == 1 || short_in_cache || (C < 4 * (int64_t)nt && N >= nt);
 }
 
 /* invstd = 1 / sqrt(var + eps) */

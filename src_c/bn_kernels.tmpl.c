@@ -19,7 +19,8 @@
  *              parallel over rows, vectorised over C, per-thread partial sums
  *              of size 2C; rows four at a time once the per-channel arrays
  *              outgrow L1 (rows_by_four)
- *     planes   walk_planes(): short slices (S <= SHORT_SLICE) or too few
+ *     planes   walk_planes(): short slices (S <= SHORT_SLICE) in a block that
+ *              fits PLANES_CACHE_BYTES, or too few
  *              channels to share among the threads: (C, S) planes in memory
  *              order, parallel over n, per-thread partial sums
  *     groups   otherwise: groups of adjacent channels (channels_per_group),
@@ -289,7 +290,7 @@ static int FN(moments)(double *mean, double *m2, const real *x,
         return 0;
     }
     if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, nt);
-    if (walk_planes(N, C, S, nt)) {
+    if (walk_planes(N, C, S, nt, sizeof(real), 1)) {
         return FN(collect_stats_planes)(mean, m2, x, N, C, S, nt, exact);
     }
     FN(collect_stats_cf)(mean, m2, x, N, C, S, nt, exact);
@@ -584,7 +585,7 @@ int FN(bn_forward_train)(real *y, real *save_mean, real *save_invstd,
     double *batch_var = batch_mean + C;
 
     int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_TRAIN);
-    if (walk_planes(N, C, S, nt)) {
+    if (walk_planes(N, C, S, nt, sizeof(real), 1)) {
         if (FN(forward_train_two_pass)(y, save_mean, save_invstd, batch_mean, batch_var, x,
                                        weight, bias, N, C, S, eps, nt) != 0) {
             free(batch_mean);
@@ -870,7 +871,7 @@ static int FN(backward_reduce_on)(double *sum_dy, double *sum_dy_xhat,
     if (S == 1) {
         return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, nt);
     }
-    if (walk_planes(N, C, S, nt)) {
+    if (walk_planes(N, C, S, nt, sizeof(real), 2)) {
         return FN(backward_reduce_planes)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
                                           nt);
     }
@@ -1029,7 +1030,7 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
     }
 
     int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_BACKWARD);
-    if (walk_planes(N, C, S, nt)) {
+    if (walk_planes(N, C, S, nt, sizeof(real), 2)) {
         /* channels-last, short slices or few channels: the two reductions,
          * then one pass for dx */
         if (FN(backward_reduce_on)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
