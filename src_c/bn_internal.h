@@ -17,8 +17,33 @@
 #define THREAD_ID() 0
 #endif
 
-/* Below this many elements per thread a thread team costs more than it saves. */
-#define MIN_ELEMENTS_PER_THREAD 32768
+/* Thread teams. Starting and joining a team costs a few microseconds (about
+ * 3 us for two threads on the 2-core Xeon the figures below come from), which
+ * a call gains back only once each thread's share of the work takes longer
+ * than that. Each public kernel therefore picks its team from the bytes of its
+ * tensor x against its own threshold. Measured per kernel (float32,
+ * channels-first S = 49 and (N, 256) rows, a build that always starts a team,
+ * 1 vs 2 threads timed in interleaved rounds, min over 25; see
+ * docs/performance-notes.md), the size of x from which two threads beat one:
+ *   inference (read x, write y)                           ~150 KB (S = 49) to 250 KB (rows)
+ *   training forward (statistics, then read x, write y)   ~120 KB
+ *   backward (reductions, then read x, dy, write dx)      ~110 KB
+ * The thresholds sit where two threads gain a clear 10 % or more (a team that
+ * barely breaks even loses whenever the machine is busy); the step-wise
+ * kernels (statistics alone, reductions alone, dx pass alone) do about half
+ * the work per byte of the fused ones and take the inference threshold. A team
+ * of nt threads is used from nt halves of the threshold on, so each thread
+ * gets at least half of it. BNFAST_TEAM_SCALE (a build-time define, default 1)
+ * scales them all: 0 starts a team for any size, for such sweeps. */
+#ifndef BNFAST_TEAM_SCALE
+#define BNFAST_TEAM_SCALE 1
+#endif
+#define TEAM_BYTES_APPLY    (BNFAST_TEAM_SCALE * 224 * 1024)
+#define TEAM_BYTES_STATS    (BNFAST_TEAM_SCALE * 224 * 1024)
+#define TEAM_BYTES_REDUCE   (BNFAST_TEAM_SCALE * 224 * 1024)
+#define TEAM_BYTES_DX       (BNFAST_TEAM_SCALE * 224 * 1024)
+#define TEAM_BYTES_TRAIN    (BNFAST_TEAM_SCALE * 160 * 1024)
+#define TEAM_BYTES_BACKWARD (BNFAST_TEAM_SCALE * 144 * 1024)
 
 /* Run `call`, a function whose loops are orphaned `omp for` constructs, on a
  * team of nt threads, or straight on the calling thread when nt == 1: even an
@@ -94,27 +119,44 @@ static inline int64_t channels_per_group(int64_t N, int64_t C, int64_t S, int64_
     return g < 1 ? 1 : g;
 }
 
-/* Channels-first slices up to this long (S = H * W) are walked plane by plane
- * in memory order with per-thread partial sums, as channels-last rows are;
- * longer ones channel by channel, each channel kept in cache between passes. */
-#define SHORT_SLICE 256
+/* Channels-first sums are carried in the tensor's own type over this many
+ * values of a slice, then added in double (add_slice_sums and the backward
+ * sums): 256 floats are 32 additions per AVX2 lane, a few roundings of 6e-8. */
+#define SUM_CHUNK 256
 
-/* Threads worth starting for n_elements of streaming work: tiny tensors run on one. */
-static inline int team_size(int n_threads, int64_t n_elements)
+/* Channels-first slices up to this long (S = H * W) are walked plane by plane
+ * in memory order with per-thread partial sums, as channels-last rows are,
+ * while the arrays a job reads (x; x and dy for backward) total at most
+ * PLANES_CACHE_BYTES: their second pass then mostly hits cache. Larger blocks
+ * of short slices, and longer slices, are walked channel group by channel
+ * group, each group kept in cache between its passes. Measured (1 thread, CPU
+ * time, planes vs groups): planes faster by 16-20 % on (64, 128, 100) (3.3 MB
+ * forward, 6.6 MB backward), groups faster by 10-20 % on (32, 2048, 7, 7)
+ * (12.8 MB forward, 25.7 MB backward). */
+#define SHORT_SLICE 256
+#define PLANES_CACHE_BYTES (8 * 1024 * 1024)
+
+/* Threads worth starting for a kernel whose tensor x has `bytes` bytes, given
+ * its break-even (TEAM_BYTES_*): at most n_threads, each thread with at least
+ * half the break-even; tiny tensors run on the calling thread alone. */
+static inline int team_size(int n_threads, int64_t bytes, int64_t break_even)
 {
-    int64_t useful = n_elements / MIN_ELEMENTS_PER_THREAD;
-    if (useful < 1 || n_threads < 1) return 1;
+    int64_t useful = bytes / (break_even / 2 > 0 ? break_even / 2 : 1);
+    if (useful < 2 || n_threads < 2) return 1;
     return useful < n_threads ? (int)useful : n_threads;
 }
 
 /* A block is walked plane by plane, parallel over n, when its slices are short
- * (S == 1, channels-last, counts as short), or when it has too few channels to
- * share among the threads (C = 1 or 3 on two cores); otherwise channel by
- * channel. Training forward and backward take two passes when walking planes. */
-static inline int walk_planes(int64_t N, int64_t C, int64_t S, int n_threads)
+ * (S == 1, channels-last, always; S <= SHORT_SLICE while the `arrays` tensors
+ * of value_bytes per value that the job reads fit PLANES_CACHE_BYTES), or when
+ * it has too few channels to share among the nt threads of its team (C = 1 or
+ * 3 on two cores); otherwise channel group by channel group. Training forward
+ * and backward take two passes when walking planes. */
+static inline int walk_planes(int64_t N, int64_t C, int64_t S, int nt, int64_t value_bytes,
+                              int arrays)
 {
-    int nt = team_size(n_threads, N * C * S);
-    return S <= SHORT_SLICE || (C < 4 * (int64_t)nt && N >= nt);
+    int short_in_cache = S <= SHORT_SLICE && arrays * N * C * S * value_bytes <= PLANES_CACHE_BYTES;
+    return S == 1 || short_in_cache || (C < 4 * (int64_t)nt && N >= nt);
 }
 
 /* invstd = 1 / sqrt(var + eps) */

@@ -19,7 +19,8 @@
  *              parallel over rows, vectorised over C, per-thread partial sums
  *              of size 2C; rows four at a time once the per-channel arrays
  *              outgrow L1 (rows_by_four)
- *     planes   walk_planes(): short slices (S <= SHORT_SLICE) or too few
+ *     planes   walk_planes(): short slices (S <= SHORT_SLICE) in a block that
+ *              fits PLANES_CACHE_BYTES, or too few
  *              channels to share among the threads: (C, S) planes in memory
  *              order, parallel over n, per-thread partial sums
  *     groups   otherwise: groups of adjacent channels (channels_per_group),
@@ -41,9 +42,10 @@
 /* statistics                                                          */
 /* ------------------------------------------------------------------ */
 
-/* Shifted sums of one slice of S values: s1 += sum(x - k), s2 += sum((x - k)^2). */
-static inline void FN(add_slice_sums)(double *s1, double *s2, const real *x_nc, double k,
-                                      int64_t S)
+/* Shifted sums of one slice of S values in double: s1 += sum(x - k),
+ * s2 += sum((x - k)^2). The exact fallback of add_slice_sums. */
+static inline void FN(add_slice_sums_double)(double *s1, double *s2, const real *x_nc, double k,
+                                             int64_t S)
 {
     double sum = 0.0, sum_sq = 0.0;
     #pragma omp simd reduction(+:sum, sum_sq)
@@ -56,45 +58,97 @@ static inline void FN(add_slice_sums)(double *s1, double *s2, const real *x_nc, 
     *s2 += sum_sq;
 }
 
+/* The same sums with the arithmetic in the tensor's own type, for the full SIMD
+ * width: s1 += sum(x - k), s2 += sum((x - k)^2), k a value of the channel.
+ * x - k is exact for data far from zero (both within a factor 2), and the
+ * sums are carried in `real` over SUM_CHUNK values only (SUM_CHUNK / lanes
+ * additions per SIMD lane), each chunk's sums then added in double: a few
+ * roundings of 6e-8 (float) per chunk, independent from chunk to chunk. In
+ * float, squares beyond ~1e19 overflow where double would not: callers check
+ * that the sums came out finite and redo the channel with add_slice_sums_double. */
+static inline void FN(add_slice_sums)(double *s1, double *s2, const real *x_nc, real k,
+                                      int64_t S)
+{
+    double sum = 0.0, sum_sq = 0.0;
+    for (int64_t s0 = 0; s0 < S; s0 += SUM_CHUNK) {
+        const int64_t end = s0 + SUM_CHUNK < S ? s0 + SUM_CHUNK : S;
+        real part = 0, part_sq = 0;
+        #pragma omp simd reduction(+:part, part_sq)
+        for (int64_t s = s0; s < end; s++) {
+            real d = x_nc[s] - k;
+            part += d;
+            part_sq += d * d;
+        }
+        sum += (double)part;
+        sum_sq += (double)part_sq;
+    }
+    *s1 += sum;
+    *s2 += sum_sq;
+}
+
+/* A channel's shift for its sums: the mean of one of its slices (in double),
+ * rounded to `real`. Close to the channel's mean, so the shifted values are
+ * centred: their sums in `real` grow like sqrt(count), not like count, and
+ * M2 = s2 - s1^2 / M cancels nothing. Like a single value of the channel, it
+ * lies within the data, so (mean - shift)^2 <= M2 / S. */
+static inline real FN(slice_mean)(const real *x_nc, int64_t S)
+{
+    double sum = 0.0;
+    #pragma omp simd reduction(+:sum)
+    for (int64_t s = 0; s < S; s++) sum += (double)x_nc[s];
+    return (real)(sum / (double)S);
+}
+
 /* Mean and M2 of channels c0 .. c0 + g - 1 (g <= MAX_GROUP) of an (N, C, S)
  * block, read in memory order (N runs of g * S values), each channel's sums
- * shifted by its first value. */
+ * shifted by the mean of its first slice (slice_mean). `exact`: sums in double (the statistics a caller
+ * receives in double, bn_collect_stats); otherwise in `real` chunks
+ * (add_slice_sums, for the training forward, whose statistics leave as `real`),
+ * a channel whose sums came out non-finite summed again in double. */
 static void FN(group_moments_cf)(double *mean, double *m2, const real *x,
-                                 int64_t N, int64_t C, int64_t S, int64_t c0, int64_t g)
+                                 int64_t N, int64_t C, int64_t S, int64_t c0, int64_t g,
+                                 int exact)
 {
-    double shift[MAX_GROUP], s1[MAX_GROUP], s2[MAX_GROUP];
+    real shift[MAX_GROUP];
+    double s1[MAX_GROUP], s2[MAX_GROUP];
     for (int64_t j = 0; j < g; j++) {
-        shift[j] = (double)x[(c0 + j) * S];
+        shift[j] = FN(slice_mean)(x + (c0 + j) * S, S);
         s1[j] = s2[j] = 0.0;
     }
-    for (int64_t n = 0; n < N; n++) {
+    for (int64_t n = 0; n < N && !exact; n++) {
         for (int64_t j = 0; j < g; j++) {
             FN(add_slice_sums)(&s1[j], &s2[j], x + (n * C + c0 + j) * S, shift[j], S);
         }
     }
     for (int64_t j = 0; j < g; j++) {
-        shifted_moments(&mean[c0 + j], &m2[c0 + j], shift[j], s1[j], s2[j], N * S);
+        if (exact || (sizeof(real) < sizeof(double) && !(isfinite(s1[j]) && isfinite(s2[j])))) {
+            s1[j] = s2[j] = 0.0;
+            for (int64_t n = 0; n < N; n++) {
+                FN(add_slice_sums_double)(&s1[j], &s2[j], x + (n * C + c0 + j) * S,
+                                          (double)shift[j], S);
+            }
+        }
+        shifted_moments(&mean[c0 + j], &m2[c0 + j], (double)shift[j], s1[j], s2[j], N * S);
     }
 }
 
 /* One thread's share of collect_stats_cf: its channel groups. */
 static void FN(collect_stats_cf_share)(double *mean, double *m2, const real *x,
-                                       int64_t N, int64_t C, int64_t S, int64_t g)
+                                       int64_t N, int64_t C, int64_t S, int64_t g, int exact)
 {
     #pragma omp for schedule(static)
     for (int64_t c0 = 0; c0 < C; c0 += g) {
-        FN(group_moments_cf)(mean, m2, x, N, C, S, c0, c0 + g <= C ? g : C - c0);
+        FN(group_moments_cf)(mean, m2, x, N, C, S, c0, c0 + g <= C ? g : C - c0, exact);
     }
 }
 
 /* Per-channel mean and M2 of a channels-first block, parallel over channel groups.
- * mean, m2: (C,); x: (N, C, S). */
+ * mean, m2: (C,); x: (N, C, S); `exact` as in group_moments_cf. */
 static void FN(collect_stats_cf)(double *mean, double *m2, const real *x,
-                                 int64_t N, int64_t C, int64_t S, int n_threads)
+                                 int64_t N, int64_t C, int64_t S, int nt, int exact)
 {
-    int nt = team_size(n_threads, N * C * S);
     int64_t g = channels_per_group(N, C, S, sizeof(real), 1, nt);
-    ON_THREADS(nt, FN(collect_stats_cf_share)(mean, m2, x, N, C, S, g));
+    ON_THREADS(nt, FN(collect_stats_cf_share)(mean, m2, x, N, C, S, g, exact));
 }
 
 /* One thread's share of collect_stats_cl: its rows, summed into its own
@@ -143,9 +197,8 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const re
  * Each thread sums its rows into private partials of size 2C, shifted by row 0,
  * then the partials are added over threads. Returns -1 if scratch fails. */
 static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
-                                int64_t R, int64_t C, int n_threads)
+                                int64_t R, int64_t C, int nt)
 {
-    int nt = team_size(n_threads, R * C);
     int64_t stride;
     double *partial = alloc_partials(nt, 2 * C, &stride);
     if (!partial) return -1;
@@ -173,17 +226,23 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
 }
 
 /* One thread's share of collect_stats_planes: its planes, summed into its own
- * partials s1, s2 (2C values at partial + stride * thread). */
+ * partials s1, s2 (2C values at partial + stride * thread), in `real` chunks
+ * (add_slice_sums) or, with `in_double`, in double. */
 static void FN(collect_stats_planes_share)(double *partial, int64_t stride,
-                                           const double *shift, const real *x,
-                                           int64_t N, int64_t C, int64_t S)
+                                           const real *shift, const real *x,
+                                           int64_t N, int64_t C, int64_t S, int in_double)
 {
     double *restrict s1 = partial + stride * THREAD_ID();
     double *restrict s2 = s1 + C;
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t c = 0; c < C; c++) {
-            FN(add_slice_sums)(&s1[c], &s2[c], x + (n * C + c) * S, shift[c], S);
+            const real *x_nc = x + (n * C + c) * S;
+            if (in_double) {
+                FN(add_slice_sums_double)(&s1[c], &s2[c], x_nc, (double)shift[c], S);
+            } else {
+                FN(add_slice_sums)(&s1[c], &s2[c], x_nc, shift[c], S);
+            }
         }
     }
 }
@@ -192,44 +251,60 @@ static void FN(collect_stats_planes_share)(double *partial, int64_t stride,
  * (S <= SHORT_SLICE, e.g. a 7x7 map). Visiting one channel at a time would stride
  * through N slices far apart and starve the prefetcher, so this walks memory in
  * order instead: parallel over n, each thread adds its (C, S) planes into
- * private per-channel partials (shifted by x[0, c, 0]), then the partials are
- * added over threads. Returns -1 if scratch fails. */
+ * private per-channel partials (shifted by the mean of x[0, c, :]), then the partials are
+ * added over threads; `exact` as in group_moments_cf. Returns -1 if scratch fails. */
 static int FN(collect_stats_planes)(double *mean, double *m2, const real *x,
-                                    int64_t N, int64_t C, int64_t S, int n_threads)
+                                    int64_t N, int64_t C, int64_t S, int nt, int exact)
 {
-    int nt = team_size(n_threads, N * C * S);
     int64_t stride;   /* each thread's 2C partials, then the C shifts */
     double *partial = alloc_partials(nt + 1, 2 * C, &stride);
     if (!partial) return -1;
-    double *shift = partial + stride * nt;
-    for (int64_t c = 0; c < C; c++) shift[c] = (double)x[c * S];
+    real *shift = (real *)(partial + stride * nt);
+    for (int64_t c = 0; c < C; c++) shift[c] = FN(slice_mean)(x + c * S, S);
 
-    ON_THREADS(nt, FN(collect_stats_planes_share)(partial, stride, shift, x, N, C, S));
-
-    /* add the partials over threads (into mean, m2), then centre them */
+    ON_THREADS(nt, FN(collect_stats_planes_share)(partial, stride, shift, x, N, C, S, exact));
     sum_partials(mean, m2, partial, stride, nt, C);
+
+    /* as in group_moments_cf: sums in `real` that overflowed are redone in double */
+    if (!exact && sizeof(real) < sizeof(double) && !all_finite(mean, m2, C)) {
+        memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
+        ON_THREADS(nt, FN(collect_stats_planes_share)(partial, stride, shift, x, N, C, S, 1));
+        sum_partials(mean, m2, partial, stride, nt, C);
+    }
+
+    /* centre the sums on the shifts */
     for (int64_t c = 0; c < C; c++) {
-        shifted_moments(&mean[c], &m2[c], shift[c], mean[c], m2[c], N * S);
+        shifted_moments(&mean[c], &m2[c], (double)shift[c], mean[c], m2[c], N * S);
     }
     free(partial);
     return 0;
 }
 
-/* Per-channel mean and M2 = sum((x - mean)^2) over N and S.
- * mean, m2: (C,) double; x: (N, C, S). */
-int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
-                         int64_t N, int64_t C, int64_t S, int n_threads)
+/* Per-channel mean and M2 over N and S, channels-first sums in double when
+ * `exact`, else in `real` chunks (group_moments_cf). */
+static int FN(moments)(double *mean, double *m2, const real *x,
+                       int64_t N, int64_t C, int64_t S, int nt, int exact)
 {
     if (N * S == 0) {
         for (int64_t c = 0; c < C; c++) mean[c] = m2[c] = 0.0;
         return 0;
     }
-    if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, n_threads);
-    if (walk_planes(N, C, S, n_threads)) {
-        return FN(collect_stats_planes)(mean, m2, x, N, C, S, n_threads);
+    if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, nt);
+    if (walk_planes(N, C, S, nt, sizeof(real), 1)) {
+        return FN(collect_stats_planes)(mean, m2, x, N, C, S, nt, exact);
     }
-    FN(collect_stats_cf)(mean, m2, x, N, C, S, n_threads);
+    FN(collect_stats_cf)(mean, m2, x, N, C, S, nt, exact);
     return 0;
+}
+
+/* Per-channel mean and M2 = sum((x - mean)^2) over N and S, summed in double
+ * (the statistics of the step-wise API, merged over processes).
+ * mean, m2: (C,) double; x: (N, C, S). */
+int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
+                         int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_STATS);
+    return FN(moments)(mean, m2, x, N, C, S, nt, 1);
 }
 
 /* ------------------------------------------------------------------ */
@@ -317,15 +392,13 @@ static void FN(apply_cl_share)(real *y, const real *x, const real *restrict pivo
     }
 }
 
-/* Per-channel affine map y = x * alpha[c] + beta[c], in the pivot form.
- * y, x: (N, C, S); alpha, beta: (C,). y may be x. Returns -1 if scratch fails. */
-int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
-                 int64_t N, int64_t C, int64_t S, int n_threads)
+/* bn_apply on a team of nt threads. */
+static int FN(apply_on)(real *y, const real *x, const double *alpha, const double *beta,
+                        int64_t N, int64_t C, int64_t S, int nt)
 {
     real *params = FN(pivot_forms)(alpha, beta, C);
     if (!params) return -1;
     const real *pivot = params, *scale = params + C, *offset = params + 2 * C;
-    int nt = team_size(n_threads, N * C * S);
     if (S == 1) {
         ON_THREADS(nt, FN(apply_cl_share)(y, x, pivot, scale, offset, N, C));
     } else {
@@ -333,6 +406,15 @@ int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta
     }
     free(params);
     return 0;
+}
+
+/* Per-channel affine map y = x * alpha[c] + beta[c], in the pivot form.
+ * y, x: (N, C, S); alpha, beta: (C,). y may be x. Returns -1 if scratch fails. */
+int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta,
+                 int64_t N, int64_t C, int64_t S, int n_threads)
+{
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_APPLY);
+    return FN(apply_on)(y, x, alpha, beta, N, C, S, nt);
 }
 
 /* ------------------------------------------------------------------ */
@@ -367,7 +449,8 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
                             invstd_of((double)running_var[c], eps));
     }
 
-    int status = FN(bn_apply)(y, x, alpha, beta, N, C, S, n_threads);
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_APPLY);
+    int status = FN(apply_on)(y, x, alpha, beta, N, C, S, nt);
     free(alpha);
     return status;
 }
@@ -416,7 +499,7 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
         const int64_t c1 = c0 + g <= C ? c0 + g : C;
 
         /* mean and biased variance over N and S (batch_var holds M2 until divided) */
-        FN(group_moments_cf)(batch_mean, batch_var, x, N, C, S, c0, c1 - c0);
+        FN(group_moments_cf)(batch_mean, batch_var, x, N, C, S, c0, c1 - c0, 0);
 
         /* save for backward, fold into scale and shift, in the pivot form */
         real pivot[MAX_GROUP], scale[MAX_GROUP], offset[MAX_GROUP];
@@ -445,9 +528,8 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
 static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
                                  double *batch_mean, double *batch_var,
                                  const real *x, const real *weight, const real *bias,
-                                 int64_t N, int64_t C, int64_t S, double eps, int n_threads)
+                                 int64_t N, int64_t C, int64_t S, double eps, int nt)
 {
-    int nt = team_size(n_threads, N * C * S);
     int64_t g = channels_per_group(N, C, S, sizeof(real), 1, nt);
     ON_THREADS(nt, FN(forward_train_cf_share)(y, save_mean, save_invstd, batch_mean, batch_var,
                                               x, weight, bias, N, C, S, g, eps));
@@ -459,14 +541,14 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
                                       double *batch_mean, double *batch_var,
                                       const real *x, const real *weight, const real *bias,
                                       int64_t N, int64_t C, int64_t S, double eps,
-                                      int n_threads)
+                                      int nt)
 {
     double *alpha = malloc((size_t)(2 * C) * sizeof(double));
     if (!alpha) return -1;
     double *beta = alpha + C;
 
     /* mean and biased variance over N and S */
-    if (FN(bn_collect_stats)(batch_mean, batch_var, x, N, C, S, n_threads) != 0) {
+    if (FN(moments)(batch_mean, batch_var, x, N, C, S, nt, 0) != 0) {
         free(alpha);
         return -1;
     }
@@ -480,7 +562,7 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
     }
 
     /* normalise */
-    int status = FN(bn_apply)(y, x, alpha, beta, N, C, S, n_threads);
+    int status = FN(apply_on)(y, x, alpha, beta, N, C, S, nt);
     free(alpha);
     return status;
 }
@@ -502,15 +584,16 @@ int FN(bn_forward_train)(real *y, real *save_mean, real *save_invstd,
     if (!batch_mean) return -1;
     double *batch_var = batch_mean + C;
 
-    if (walk_planes(N, C, S, n_threads)) {
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_TRAIN);
+    if (walk_planes(N, C, S, nt, sizeof(real), 1)) {
         if (FN(forward_train_two_pass)(y, save_mean, save_invstd, batch_mean, batch_var, x,
-                                       weight, bias, N, C, S, eps, n_threads) != 0) {
+                                       weight, bias, N, C, S, eps, nt) != 0) {
             free(batch_mean);
             return -1;
         }
     } else {
         FN(forward_train_cf)(y, save_mean, save_invstd, batch_mean, batch_var, x,
-                             weight, bias, N, C, S, eps, n_threads);
+                             weight, bias, N, C, S, eps, nt);
     }
 
     int n_bad = FN(update_running_stats)(running_mean, running_var, batch_mean, batch_var,
@@ -523,48 +606,110 @@ int FN(bn_forward_train)(real *y, real *save_mean, real *save_invstd,
 /* backward                                                            */
 /* ------------------------------------------------------------------ */
 
-/* The two reductions over one slice of S values: a += sum(dy), b += sum(dy * (x - mean)). */
-static inline void FN(add_slice_backward_sums)(double *a, double *b, const real *dy_nc,
-                                               const real *x_nc, double mean, int64_t S)
+/* The two reductions over one slice of S values in double:
+ * a += sum(dy), b += sum(dy * (x - pivot)). The exact fallback of
+ * add_slice_backward_sums. */
+static inline void FN(add_slice_backward_sums_double)(double *a, double *b, const real *dy_nc,
+                                                      const real *x_nc, double pivot, int64_t S)
 {
     double sum_dy = 0.0, sum_dy_xc = 0.0;
     #pragma omp simd reduction(+:sum_dy, sum_dy_xc)
     for (int64_t s = 0; s < S; s++) {
         sum_dy += (double)dy_nc[s];
-        sum_dy_xc += (double)dy_nc[s] * ((double)x_nc[s] - mean);
+        sum_dy_xc += (double)dy_nc[s] * ((double)x_nc[s] - pivot);
     }
     *a += sum_dy;
     *b += sum_dy_xc;
 }
 
-/* The two reductions of channels c0 .. c0 + g - 1 of an (N, C, S) block, read in
- * memory order: sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean) * invstd). */
+/* The same reductions with the arithmetic in the tensor's own type, carried
+ * over SUM_CHUNK values and then added in double (as add_slice_sums):
+ * a += sum(dy), b += sum(dy * (x - pivot)), pivot = the mean rounded to `real`,
+ * so x - pivot is exact for data far from zero. Products that overflow `real`
+ * leave non-finite sums; callers redo such a channel in double. */
+static inline void FN(add_slice_backward_sums)(double *a, double *b, const real *dy_nc,
+                                               const real *x_nc, real pivot, int64_t S)
+{
+    double sum_dy = 0.0, sum_dy_xc = 0.0;
+    for (int64_t s0 = 0; s0 < S; s0 += SUM_CHUNK) {
+        const int64_t end = s0 + SUM_CHUNK < S ? s0 + SUM_CHUNK : S;
+        real part = 0, part_xc = 0;
+        #pragma omp simd reduction(+:part, part_xc)
+        for (int64_t s = s0; s < end; s++) {
+            part += dy_nc[s];
+            part_xc += dy_nc[s] * (x_nc[s] - pivot);
+        }
+        sum_dy += (double)part;
+        sum_dy_xc += (double)part_xc;
+    }
+    *a += sum_dy;
+    *b += sum_dy_xc;
+}
+
+/* The two reductions of channels c0 .. c0 + g - 1 (g <= MAX_GROUP) of an
+ * (N, C, S) block, read in memory order:
+ *   sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean) * invstd)
+ * The products are centred on pivot = mean rounded to `real`, then moved to the
+ * mean: sum(dy * (x - mean)) = sum(dy * (x - pivot)) + (pivot - mean) * sum(dy). */
 static void FN(group_backward_sums_cf)(double *sum_dy, double *sum_dy_xhat,
                                        const real *dy, const real *x, const double *mean,
                                        const double *invstd, int64_t N, int64_t C, int64_t S,
                                        int64_t c0, int64_t g)
 {
-    for (int64_t c = c0; c < c0 + g; c++) sum_dy[c] = sum_dy_xhat[c] = 0.0;
+    real pivot[MAX_GROUP];
+    for (int64_t c = c0; c < c0 + g; c++) {
+        sum_dy[c] = sum_dy_xhat[c] = 0.0;
+        pivot[c - c0] = (real)mean[c];
+    }
     for (int64_t n = 0; n < N; n++) {
         for (int64_t c = c0; c < c0 + g; c++) {
             int64_t offset = (n * C + c) * S;
             FN(add_slice_backward_sums)(&sum_dy[c], &sum_dy_xhat[c], dy + offset, x + offset,
-                                        mean[c], S);
+                                        pivot[c - c0], S);
         }
     }
-    for (int64_t c = c0; c < c0 + g; c++) sum_dy_xhat[c] *= invstd[c];
+    for (int64_t c = c0; c < c0 + g; c++) {
+        /* products that overflowed `real`: this channel again, in double */
+        if (sizeof(real) < sizeof(double) && !(isfinite(sum_dy[c]) && isfinite(sum_dy_xhat[c]))) {
+            sum_dy[c] = sum_dy_xhat[c] = 0.0;
+            for (int64_t n = 0; n < N; n++) {
+                int64_t offset = (n * C + c) * S;
+                FN(add_slice_backward_sums_double)(&sum_dy[c], &sum_dy_xhat[c], dy + offset,
+                                                   x + offset, (double)pivot[c - c0], S);
+            }
+        }
+        sum_dy_xhat[c] = (sum_dy_xhat[c] + ((double)pivot[c - c0] - mean[c]) * sum_dy[c])
+                         * invstd[c];
+    }
 }
 
-/* dx of one channel in one slice of S values, from its coefficients (dx_coefficients):
- *   dx = dy * k - k_mean_dy - (x - mean) * k_invstd_mean_dy_xhat */
+/* The dx pass's coefficients of one channel in the tensor's own type, so the
+ * pass runs at the full SIMD width:
+ *   dx = dy * k - (x - pivot) * q - offset
+ * with k and q = k_invstd_mean_dy_xhat from dx_coefficients, pivot = mean
+ * rounded to `real`, and offset = k_mean_dy + (pivot - mean) * q in double.
+ * This is dy * k - k_mean_dy - (x - mean) * q rearranged so that x - pivot is
+ * exact for data far from zero, where x - mean in float would round away the
+ * digits that matter. */
+static inline void FN(dx_pivot_form)(real *k, real *pivot, real *q, real *offset,
+                                     double weight, double mean, double invstd,
+                                     double sum_dy, double sum_dy_xhat, double count)
+{
+    double k_c, k_mean_dy, q_c;
+    dx_coefficients(&k_c, &k_mean_dy, &q_c, weight, invstd, sum_dy, sum_dy_xhat, count);
+    *k = (real)k_c;
+    *pivot = (real)mean;
+    *q = (real)q_c;
+    *offset = (real)(k_mean_dy + ((double)*pivot - mean) * q_c);
+}
+
+/* dx of one channel in one slice of S values, in its pivot form (dx_pivot_form). */
 static inline void FN(backward_apply_slice)(real *dx_nc, const real *dy_nc, const real *x_nc,
-                                            double mean, double k, double k_mean_dy,
-                                            double k_invstd_mean_dy_xhat, int64_t S)
+                                            real k, real pivot, real q, real offset, int64_t S)
 {
     #pragma omp simd
     for (int64_t s = 0; s < S; s++) {
-        dx_nc[s] = (real)((double)dy_nc[s] * k - k_mean_dy
-                          - ((double)x_nc[s] - mean) * k_invstd_mean_dy_xhat);
+        dx_nc[s] = dy_nc[s] * k - (x_nc[s] - pivot) * q - offset;
     }
 }
 
@@ -613,9 +758,8 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
 static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   const real *dy, const real *x,
                                   const double *mean, const double *invstd,
-                                  int64_t R, int64_t C, int n_threads)
+                                  int64_t R, int64_t C, int nt)
 {
-    int nt = team_size(n_threads, R * C);
     int64_t stride;
     double *partial = alloc_partials(nt, 2 * C, &stride);
     real *pivot = malloc((size_t)C * sizeof(real));
@@ -648,11 +792,12 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
 }
 
 /* One thread's share of backward_reduce_planes: its planes, summed into its own
- * partials a, b (2C values at partial + stride * thread). */
+ * partials a, b (2C values at partial + stride * thread), in `real` chunks
+ * (add_slice_backward_sums) or, with `in_double`, in double. */
 static void FN(backward_reduce_planes_share)(double *partial, int64_t stride,
                                              const real *dy, const real *x,
-                                             const double *mean, int64_t N, int64_t C,
-                                             int64_t S)
+                                             const real *pivot, int64_t N, int64_t C,
+                                             int64_t S, int in_double)
 {
     double *restrict a = partial + stride * THREAD_ID();
     double *restrict b = a + C;
@@ -660,27 +805,46 @@ static void FN(backward_reduce_planes_share)(double *partial, int64_t stride,
     for (int64_t n = 0; n < N; n++) {
         for (int64_t c = 0; c < C; c++) {
             int64_t offset = (n * C + c) * S;
-            FN(add_slice_backward_sums)(&a[c], &b[c], dy + offset, x + offset, mean[c], S);
+            if (in_double) {
+                FN(add_slice_backward_sums_double)(&a[c], &b[c], dy + offset, x + offset,
+                                                   (double)pivot[c], S);
+            } else {
+                FN(add_slice_backward_sums)(&a[c], &b[c], dy + offset, x + offset, pivot[c], S);
+            }
         }
     }
 }
 
 /* The two reductions of a channels-first block with short slices, walking
- * memory in order with per-thread partials (see collect_stats_planes). */
+ * memory in order with per-thread partials (see collect_stats_planes), the
+ * products centred on pivot = mean rounded to `real`, then moved to the mean
+ * (as group_backward_sums_cf). */
 static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
                                       const real *dy, const real *x,
                                       const double *mean, const double *invstd,
-                                      int64_t N, int64_t C, int64_t S, int n_threads)
+                                      int64_t N, int64_t C, int64_t S, int nt)
 {
-    int nt = team_size(n_threads, N * C * S);
-    int64_t stride;
-    double *partial = alloc_partials(nt, 2 * C, &stride);
+    int64_t stride;   /* each thread's 2C partials, then the C pivots */
+    double *partial = alloc_partials(nt + 1, 2 * C, &stride);
     if (!partial) return -1;
-    ON_THREADS(nt, FN(backward_reduce_planes_share)(partial, stride, dy, x, mean, N, C, S));
+    real *pivot = (real *)(partial + stride * nt);
+    for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
 
-    /* add the partials over threads */
+    ON_THREADS(nt, FN(backward_reduce_planes_share)(partial, stride, dy, x, pivot, N, C, S, 0));
     sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
-    for (int64_t c = 0; c < C; c++) sum_dy_xhat[c] *= invstd[c];
+
+    /* products that overflowed `real`: all of them again, in double */
+    if (sizeof(real) < sizeof(double) && !all_finite(sum_dy, sum_dy_xhat, C)) {
+        memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
+        ON_THREADS(nt, FN(backward_reduce_planes_share)(partial, stride, dy, x, pivot,
+                                                        N, C, S, 1));
+        sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
+    }
+
+    /* move the products from the pivot to the mean */
+    for (int64_t c = 0; c < C; c++) {
+        sum_dy_xhat[c] = (sum_dy_xhat[c] + ((double)pivot[c] - mean[c]) * sum_dy[c]) * invstd[c];
+    }
     free(partial);
     return 0;
 }
@@ -698,6 +862,25 @@ static void FN(backward_reduce_cf_share)(double *sum_dy, double *sum_dy_xhat,
     }
 }
 
+/* bn_backward_reduce on a team of nt threads. */
+static int FN(backward_reduce_on)(double *sum_dy, double *sum_dy_xhat,
+                                  const real *dy, const real *x,
+                                  const double *mean, const double *invstd,
+                                  int64_t N, int64_t C, int64_t S, int nt)
+{
+    if (S == 1) {
+        return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, nt);
+    }
+    if (walk_planes(N, C, S, nt, sizeof(real), 2)) {
+        return FN(backward_reduce_planes)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
+                                          nt);
+    }
+    int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
+    ON_THREADS(nt, FN(backward_reduce_cf_share)(sum_dy, sum_dy_xhat, dy, x, mean, invstd,
+                                                N, C, S, g));
+    return 0;
+}
+
 /* The two reductions of backward, per channel over N and S:
  *   sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean) * invstd)
  * They are dbias and dweight. dy, x: (N, C, S); the rest (C,) double. */
@@ -706,19 +889,8 @@ int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
                            const double *mean, const double *invstd,
                            int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    if (S == 1) {
-        return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C,
-                                      n_threads);
-    }
-    if (walk_planes(N, C, S, n_threads)) {
-        return FN(backward_reduce_planes)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
-                                          n_threads);
-    }
-    int nt = team_size(n_threads, N * C * S);
-    int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
-    ON_THREADS(nt, FN(backward_reduce_cf_share)(sum_dy, sum_dy_xhat, dy, x, mean, invstd,
-                                                N, C, S, g));
-    return 0;
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_REDUCE);
+    return FN(backward_reduce_on)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, nt);
 }
 
 /* One thread's share of backward_apply_cl: its rows of
@@ -756,74 +928,56 @@ static void FN(backward_apply_cl_share)(real *dx, const real *dy, const real *x,
     }
 }
 
-/* The channels-last dx pass over R rows of C values, computed in the tensor's
- * own type for the full SIMD width (as apply_cl):
- *   dx = dy * k - (x - pivot) * q - offset
- * with k and q = k_invstd_mean_dy_xhat from dx_coefficients, pivot = mean
- * rounded to `real`, and offset = k_mean_dy + (pivot - mean) * q in double.
- * This is dy * k - k_mean_dy - (x - mean) * q rearranged so that x - pivot is
- * exact for data far from zero, where x - mean in float would round away
- * the digits that matter. Returns -1 if C-sized scratch cannot be allocated. */
-static int FN(backward_apply_cl)(real *dx, const real *dy, const real *x,
+/* One thread's share of the channels-first dx pass: its (n, c) slices. */
+static void FN(backward_apply_cf_share)(real *dx, const real *dy, const real *x,
+                                        const real *k, const real *pivot, const real *q,
+                                        const real *offset, int64_t N, int64_t C, int64_t S)
+{
+    #pragma omp for schedule(static)
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        int64_t c = nc % C;
+        FN(backward_apply_slice)(dx + nc * S, dy + nc * S, x + nc * S, k[c], pivot[c], q[c],
+                                 offset[c], S);
+    }
+}
+
+/* bn_backward_apply on a team of nt threads. */
+static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
                                  const double *mean, const double *invstd, const real *weight,
                                  const double *sum_dy, const double *sum_dy_xhat, double count,
-                                 int64_t R, int64_t C, int n_threads)
+                                 int64_t N, int64_t C, int64_t S, int nt)
 {
     real *coefficients = malloc((size_t)(4 * C) * sizeof(real));
     if (!coefficients) return -1;
     real *k = coefficients, *pivot = k + C, *q = k + 2 * C, *offset = k + 3 * C;
     for (int64_t c = 0; c < C; c++) {
-        double k_c, k_mean_dy, q_c;
-        dx_coefficients(&k_c, &k_mean_dy, &q_c, weight ? (double)weight[c] : 1.0, invstd[c],
-                        sum_dy[c], sum_dy_xhat[c], count);
-        k[c] = (real)k_c;
-        pivot[c] = (real)mean[c];
-        q[c] = (real)q_c;
-        offset[c] = (real)(k_mean_dy + ((double)pivot[c] - mean[c]) * q_c);
+        FN(dx_pivot_form)(&k[c], &pivot[c], &q[c], &offset[c],
+                          weight ? (double)weight[c] : 1.0, mean[c], invstd[c],
+                          sum_dy[c], sum_dy_xhat[c], count);
     }
-    int nt = team_size(n_threads, R * C);
-    ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, k, pivot, q, offset, R, C));
+    if (S == 1) {
+        ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, k, pivot, q, offset, N, C));
+    } else {
+        ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, k, pivot, q, offset, N, C, S));
+    }
     free(coefficients);
     return 0;
-}
-
-/* One thread's share of the channels-first dx pass: its (n, c) slices. */
-static void FN(backward_apply_cf_share)(real *dx, const real *dy, const real *x,
-                                        const double *mean, const double *invstd,
-                                        const real *weight, const double *sum_dy,
-                                        const double *sum_dy_xhat, double count,
-                                        int64_t N, int64_t C, int64_t S)
-{
-    #pragma omp for schedule(static)
-    for (int64_t nc = 0; nc < N * C; nc++) {
-        int64_t c = nc % C;
-        double k, k_mean_dy, k_invstd_mean_dy_xhat;
-        dx_coefficients(&k, &k_mean_dy, &k_invstd_mean_dy_xhat,
-                        weight ? (double)weight[c] : 1.0, invstd[c], sum_dy[c],
-                        sum_dy_xhat[c], count);
-        FN(backward_apply_slice)(dx + nc * S, dy + nc * S, x + nc * S, mean[c], k, k_mean_dy,
-                                 k_invstd_mean_dy_xhat, S);
-    }
 }
 
 /* The pass that writes dx, given the two reductions over `count` values per
  * channel (count may exceed N * S when the sums come from several processes):
  *   dx = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
- * dx, dy, x: (N, C, S); weight: (C,) or NULL; the rest (C,) double. dx may be dy or x.
- * Returns -1 if C-sized scratch cannot be allocated. */
+ * computed in the tensor's own type in the pivot form of each channel
+ * (dx_pivot_form). dx, dy, x: (N, C, S); weight: (C,) or NULL; the rest (C,)
+ * double. dx may be dy or x. Returns -1 if C-sized scratch cannot be allocated. */
 int FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
                           const double *mean, const double *invstd, const real *weight,
                           const double *sum_dy, const double *sum_dy_xhat, double count,
                           int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    if (S == 1) {
-        return FN(backward_apply_cl)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
-                                     count, N, C, n_threads);
-    }
-    int nt = team_size(n_threads, N * C * S);
-    ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, mean, invstd, weight, sum_dy,
-                                               sum_dy_xhat, count, N, C, S));
-    return 0;
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_DX);
+    return FN(backward_apply_on)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
+                                 N, C, S, nt);
 }
 
 /* One thread's share of the channels-first backward with long slices: its
@@ -839,18 +993,17 @@ static void FN(backward_cf_share)(real *dx, double *sum_dy, double *sum_dy_xhat,
         const int64_t c1 = c0 + g <= C ? c0 + g : C;
         FN(group_backward_sums_cf)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, c0,
                                    c1 - c0);
-        double k[MAX_GROUP], k_mean_dy[MAX_GROUP], k_invstd_mean_dy_xhat[MAX_GROUP];
+        real k[MAX_GROUP], pivot[MAX_GROUP], q[MAX_GROUP], offset[MAX_GROUP];
         for (int64_t c = c0; c < c1; c++) {
-            dx_coefficients(&k[c - c0], &k_mean_dy[c - c0], &k_invstd_mean_dy_xhat[c - c0],
-                            weight ? (double)weight[c] : 1.0, invstd[c], sum_dy[c],
-                            sum_dy_xhat[c], M);
+            FN(dx_pivot_form)(&k[c - c0], &pivot[c - c0], &q[c - c0], &offset[c - c0],
+                              weight ? (double)weight[c] : 1.0, mean[c], invstd[c],
+                              sum_dy[c], sum_dy_xhat[c], M);
         }
         for (int64_t n = 0; n < N; n++) {
             for (int64_t c = c0; c < c1; c++) {
-                int64_t offset = (n * C + c) * S;
-                FN(backward_apply_slice)(dx + offset, dy + offset, x + offset, mean[c],
-                                         k[c - c0], k_mean_dy[c - c0],
-                                         k_invstd_mean_dy_xhat[c - c0], S);
+                int64_t at = (n * C + c) * S;
+                FN(backward_apply_slice)(dx + at, dy + at, x + at, k[c - c0], pivot[c - c0],
+                                         q[c - c0], offset[c - c0], S);
             }
         }
     }
@@ -876,23 +1029,23 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
         invstd[c] = (double)save_invstd[c];
     }
 
-    if (walk_planes(N, C, S, n_threads)) {
+    int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_BACKWARD);
+    if (walk_planes(N, C, S, nt, sizeof(real), 2)) {
         /* channels-last, short slices or few channels: the two reductions,
          * then one pass for dx */
-        if (FN(bn_backward_reduce)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
-                                   n_threads) != 0) {
+        if (FN(backward_reduce_on)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
+                                   nt) != 0) {
             free(scratch);
             return -1;
         }
-        if (FN(bn_backward_apply)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
-                                  (double)M, N, C, S, n_threads) != 0) {
+        if (FN(backward_apply_on)(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                  (double)M, N, C, S, nt) != 0) {
             free(scratch);
             return -1;
         }
     } else {
         /* channels-first, long slices: each channel group reduced and written
          * while in cache */
-        int nt = team_size(n_threads, N * C * S);
         int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
         ON_THREADS(nt, FN(backward_cf_share)(dx, sum_dy, sum_dy_xhat, dy, x, weight, mean,
                                              invstd, N, C, S, g));
