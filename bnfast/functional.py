@@ -129,6 +129,7 @@ def train_arguments(x, weight, bias, axis, eps, momentum, running_mean, running_
         running_var = V.as_running_stat(running_var, "running_var", C, x.dtype)
         V.check_disjoint([("running_mean", running_mean), ("running_var", running_var)],
                          [("x", x), ("weight", weight), ("bias", bias), ("out", out)])
+    V.check_disjoint([("out", out)], [("weight", weight), ("bias", bias)])
     eps = V.real(eps, "eps", 0.0, math.inf)
     momentum = V.real(momentum, "momentum", 0.0, 1.0)
     return x, axis, weight, bias, eps, momentum, running_mean, running_var
@@ -183,7 +184,6 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
 
     block = _Block(x, axis)
     y, y_stored, copy_to = block.output(out, [block.x])
-    V.check_disjoint([("out", out)], [("weight", weight), ("bias", bias)])
     save_mean = np.empty(C, dtype=x.dtype)
     save_invstd = np.empty(C, dtype=x.dtype)
     if C == 0:

@@ -149,8 +149,8 @@ def plot(runs, path, per_rank, size):
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
         ax_loss.plot(np.arange(window - 1, len(loss)), smooth, label=run["label"], **styles[key])
         epochs = np.arange(1, len(run["test_accuracy"]) + 1)
-        ax_acc.plot(epochs, 100 * np.asarray(run["test_accuracy"]), "o-", ms=4,
-                    label=run["label"], **styles[key])
+        ax_acc.plot(epochs, 100 * np.asarray(run["test_accuracy"]), marker="o", ms=4,
+                    label=run["label"], **{"ls": "-", **styles[key]})
     ax_loss.set(xlabel="step", ylabel=f"training loss (mean of {window} steps)", yscale="log",
                 title="Training loss of the global batch")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy (360 images)")

@@ -468,12 +468,26 @@ def test_cli_refuses_two_outputs_in_one_file(tmp_path, capsys, nothing_is_measur
     assert "--json and --markdown name the same file" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_path_below_a_regular_file(tmp_path, capsys, nothing_is_measured):
+    # a folder that cannot exist, whoever runs the test (root writes anywhere else)
+    (tmp_path / "f").write_text("not a folder\n")
+    assert main(["bench", "--json", str(tmp_path / "f" / "r.json")]) == 2
+    assert capsys.readouterr().err.startswith("bnfast bench: error: --json")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere; no unwritable path")
 def test_cli_refuses_a_read_only_directory(tmp_path, capsys, nothing_is_measured):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     assert main(["bench", "--json", str(locked / "r.json")]) == 2
     assert "cannot write in" in capsys.readouterr().err
+
+
+def test_cli_thread_count_beyond_a_c_int_is_a_usage_error(capsys, nothing_is_measured):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--threads", str(2**40)])
+    assert exit_.value.code == 2
+    assert "--threads: must be at most 2147483647" in capsys.readouterr().err
 
 
 def test_cli_repeat_below_one_is_a_usage_error(capsys, nothing_is_measured):

@@ -222,3 +222,12 @@ def test_export_of_a_net_with_huge_padding_exits_2(tmp_path, saved, capsys):
     code, _, err = run_cli(capsys, saved, "-o", tmp_path / "net.onnx")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "net.onnx").exists()
+
+
+@pytest.mark.parametrize("check", [[], ["--check"]], ids=["export", "check"])
+def test_export_refuses_an_input_shape_other_than_the_recorded_one(tmp_path, saved, capsys,
+                                                                  check):
+    out = tmp_path / "net.onnx"
+    code, _, err = run_cli(capsys, saved, "-o", out, "--input-shape", "1,4,4", *check)
+    assert_usage_error(code, err, "records its input shape as 1,8,8")
+    assert not out.exists()

@@ -11,9 +11,14 @@ import re
 import numpy as np
 import pytest
 
-nvrtc = pytest.importorskip(
-    "cuda.bindings.nvrtc",
-    reason="NVRTC is not installed: pip install cuda-bindings nvidia-cuda-nvrtc")
+import os
+
+if os.environ.get("CI"):   # CI installs the test extra, so a missing NVRTC is a failure there
+    from cuda.bindings import nvrtc
+else:
+    nvrtc = pytest.importorskip(
+        "cuda.bindings.nvrtc",
+        reason="NVRTC is not installed: pip install cuda-bindings nvidia-cuda-nvrtc")
 
 from bnfast.cuda import _source  # noqa: E402
 

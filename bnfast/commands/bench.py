@@ -17,6 +17,9 @@ HELP = ("time BatchNorm workloads as ratios to a plain copy, beside PyTorch, onn
         "and numpy, and judge them against the targets")
 
 
+_MOST = 2**31 - 1   # a C int: thread counts and repeats beyond it are no count
+
+
 def _at_least_one(text):
     try:
         value = int(text)
@@ -24,6 +27,8 @@ def _at_least_one(text):
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > _MOST:
+        raise argparse.ArgumentTypeError(f"must be at most {_MOST}, got {value}")
     return value
 
 

@@ -66,6 +66,10 @@ def run(args):
         raise UsageError(f"{args.net} does not record its input shape; pass "
                          f"--input-shape C,H,W (the shape of one sample)")
     _check_input_size(net, sample_shape, args.check)
+    if args.input_shape and net.input_shape and tuple(args.input_shape) != tuple(net.input_shape):
+        raise UsageError(f"--input-shape {','.join(map(str, args.input_shape))} does not "
+                         f"fit the network: {args.net} records its input shape as "
+                         f"{','.join(map(str, net.input_shape))}; leave --input-shape out")
     if os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a directory; give a file name such as "
                          f"{os.path.join(args.output, 'net.onnx')}")
@@ -139,6 +143,9 @@ def check(net, model, sample_shape, seed=0):
     modes = [layer.training for layer in net]
     try:
         expected = net.eval()(x)
+    except ValueError as err:   # the sample shape does not fit the network
+        raise UsageError(f"--check: the network refuses inputs of shape "
+                         f"{tuple(sample_shape)}: {err}") from None
     finally:
         for layer, mode in zip(net, modes):
             layer.train(mode)

@@ -364,8 +364,9 @@ def _print_summary(args, report):
         if c.get("sizes_tried"):
             lines.append(f"  check: onnxruntime could not run the original on inputs "
                          f"{'; '.join(c['sizes_tried'])}")
-        worst = f", worst tensor '{c['worst']['tensor']}' of {c['tensors_compared']}" \
-            if c.get("worst") else ""
+        worst = (f" over {c['tensors_compared']} tensors; closest to its tolerance: "
+                 f"'{c['worst']['tensor']}' (abs diff {c['worst']['max_abs_diff']:.3g})"
+                 if c.get("worst") else "")
         lines.append(f"  check (onnxruntime, optimizations off, inputs {shapes}): max abs diff "
                      f"{c['max_abs_diff']:.3g}, max rel diff {c['max_rel_diff']:.3g}{worst}: "
                      f"{'ok' if c['passed'] else 'ABOVE TOLERANCE'}")

@@ -271,6 +271,19 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm=None, axis=1, eps=1
     return y, mean, invstd
 
 
+def _channels_for_collective(save_mean, x, axis):
+    """C, the size of this rank's part of the backward collective: from save_mean
+    when it is (C,), else from x's channel axis, so that a rank with a bad
+    save_mean still joins (and every rank raises) instead of leaving the others
+    waiting; None when neither says."""
+    if np.ndim(save_mean) == 1:
+        return np.shape(save_mean)[0]
+    try:
+        return np.shape(x)[V.channel_axis(axis, np.ndim(x))]
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 def sync_batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, comm=None, axis=1,
                              out=None):
     """Backward of ``sync_batch_norm_train``, over the batch of every rank in ``comm``.
@@ -287,10 +300,12 @@ def sync_batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, comm=None
     if comm.Get_size() == 1:
         return F.batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=axis,
                                      out=out)
-    C = np.shape(save_mean)[0] if np.ndim(save_mean) == 1 else None
+    C = _channels_for_collective(save_mean, x, axis)
     if C is None:   # without C this rank cannot size its part of the collective
         raise TypeError(f"save_mean must be the (C,) array sync_batch_norm_train returned, "
-                        f"got {type(save_mean).__name__} of shape {np.shape(save_mean)}")
+                        f"got {type(save_mean).__name__} of shape {np.shape(save_mean)}, "
+                        f"and x has no channel axis {axis}; this rank cannot join the "
+                        f"collective (under python -m mpi4py the job aborts)")
 
     rejected = None
     try:

@@ -174,3 +174,39 @@ def test_backward_after_a_failed_forward_belongs_to_the_last_good_forward():
     assert result[0] == "FloatingPointError"
     if RANK == 0:
         assert dx.shape == x.shape and np.isfinite(dx).all()
+
+
+def test_out_overlapping_weight_on_one_rank_changes_no_running_statistics():
+    # the last rank writes y into its own weight: refused there before any collective
+    weight, bias = np.ones(C), np.zeros(C)
+    running_mean, running_var = np.zeros(C), np.ones(C)
+    x = local_batch()
+    out = None
+    if RANK == LAST:
+        weight = np.ones(x.size)
+        out = weight.reshape(x.shape)
+        weight = weight[:C]
+    result = outcome(lambda: sync_batch_norm_train(
+        x, weight, bias, running_mean=running_mean, running_var=running_var, out=out))
+
+    assert result is not None and result[0] == "ValueError"
+    if RANK == LAST:
+        assert "out and weight share memory" in result[1]
+    else:
+        assert f"rank(s) {LAST} of {SIZE} rejected their input" in result[1]
+    np.testing.assert_array_equal(running_mean, np.zeros(C))
+    np.testing.assert_array_equal(running_var, np.ones(C))
+
+
+def test_backward_with_a_malformed_save_mean_on_one_rank_makes_every_rank_raise():
+    from bnfast.distributed import sync_batch_norm_backward
+    x = local_batch()
+    y, mean, invstd = sync_batch_norm_train(x)
+    bad_mean = mean.reshape(1, C) if RANK == LAST else mean
+    result = outcome(lambda: sync_batch_norm_backward(np.ones_like(x), x, None, bad_mean,
+                                                      invstd))
+    assert result is not None
+    if RANK == LAST:
+        assert result[0] in ("TypeError", "ValueError") and "save_mean" in result[1]
+    else:
+        assert result[0] == "ValueError" and "rejected their input" in result[1]
