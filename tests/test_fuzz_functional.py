@@ -20,8 +20,9 @@ the reference result), *invalid* (must raise) or *either* (a result equal to the
 reference or a clean error: e.g. float64 weights for float32 x, which bnfast may
 refuse or cast).
 
-Known defects (issue 11) are pinned by explicit ``xfail(strict=True)`` tests at
-the end of this file; where the general fuzzing would hit one of them, the
+Each defect issue 11 listed, and each one this fuzzing found, is pinned by an
+explicit test at the end of this file (its minimal case). Defects not fixed yet
+are ``xfail(strict=True)``; where the general fuzzing would hit one of them, the
 drawing leaves out exactly that combination, with a comment saying so.
 
 The number of inputs drawn and how they were answered is printed at the end of
@@ -341,11 +342,11 @@ def channel_vectors(draw, C, dtype, name, optional=True, positive=False):
 EPS_VALUES = [(1e-5, VALID), (1e-3, VALID), (0.1, VALID), (1, VALID),
               (np.float32(1e-3), VALID), (0.0, VALID),
               (-1e-5, INVALID), (math.nan, INVALID), (math.inf, INVALID),
-              (True, INVALID), ("1e-5", INVALID), (None, INVALID), (1j, INVALID)]
-# eps=10**400 raises OverflowError today (known defect, explicit test below): not drawn.
+              (True, INVALID), ("1e-5", INVALID), (None, INVALID), (1j, INVALID),
+              (10 ** 400, INVALID)]       # a Python int no float can hold
 MOMENTUM_VALUES = [(0.1, VALID), (0.0, VALID), (1.0, VALID), (0.5, VALID),
                    (-0.1, INVALID), (1.5, INVALID), (math.nan, INVALID), (None, INVALID),
-                   ("0.1", INVALID)]
+                   ("0.1", INVALID), (10 ** 400, INVALID)]
 
 
 @st.composite
@@ -765,7 +766,7 @@ def merge_cases(draw):
     counts = [s[0] for s in stats]
     means = np.array([s[1] for s in stats]).reshape(len(parts), shape[axis])
     m2s = np.array([s[2] for s in stats]).reshape(len(parts), shape[axis])
-    form = draw(st.sampled_from(["list", "int32", "int64", "uint32", "per_channel",
+    form = draw(st.sampled_from(["list", "int32", "int64", "uint32", "uint64", "per_channel",
                                  "negative", "float", "wrong_len", "bad_means", "nan_empty"]))
     level = VALID
     if form == "int32":
@@ -773,8 +774,9 @@ def merge_cases(draw):
     elif form == "int64":
         counts = np.array(counts, np.int64)
     elif form == "uint32":
-        # uint64 counts wrap today (known defect, explicit test below): uint32 is drawn
         counts = np.array(counts, np.uint32)
+    elif form == "uint64":
+        counts = np.array(counts, np.uint64)
     elif form == "per_channel":
         counts = np.repeat(np.array(counts)[:, None], shape[axis], axis=1)
     elif form == "negative":
@@ -958,10 +960,10 @@ def test_backward_apply_matches_reference_or_fails_cleanly(case, count_case):
 # out aliasing every argument
 # --------------------------------------------------------------------------
 
-# (function, argument) pairs where out overlapping the argument is silently wrong
-# today (issue 11, defect 1). Not drawn in the fuzz; pinned by the explicit xfail
-# tests at the end. Remove a pair here when its fix lands.
-KNOWN_OVERLAP_DEFECTS = {     # pair: a minimal failing case (dtype, shape, axis, offset, seed)
+# (function, argument) pairs where out overlapping the argument was silently wrong
+# (issue 11, defect 1), with the minimal case that showed it; the explicit test at
+# the end runs each of them, the fuzz draws every pair.
+OVERLAP_REGRESSION_CASES = {     # pair: a minimal failing case (dtype, shape, axis, offset, seed)
     ("train", "weight"): (np.float64, (2, 8, 300), 1, 0, 1),
     ("train", "bias"): (np.float64, (2, 8, 300), 1, 0, 1),
     ("train", "running_mean"): (np.float64, (2, 1), 1, 30, 310),
@@ -1082,8 +1084,7 @@ def run_alias_case(function, target, dtype, shape, axis, offset, seed):
 @st.composite
 def alias_cases(draw):
     function = draw(st.sampled_from(sorted(ALIAS_TARGETS)))
-    target = draw(st.sampled_from([t for t in ALIAS_TARGETS[function]
-                                   if (function, t) not in KNOWN_OVERLAP_DEFECTS]))
+    target = draw(st.sampled_from(ALIAS_TARGETS[function]))
     ndim = draw(st.integers(2, 4))
     shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
     if draw(st.integers(0, 4)) == 0:     # sizes where the kernels take other paths
@@ -1369,24 +1370,20 @@ def test_layers_follow_the_reference_through_training_eval_and_state_dict(case):
 
 
 # --------------------------------------------------------------------------
-# known defects (issue 11): minimal cases, expected to fail until fixed
+# the defects of issue 11: their minimal cases
 # --------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 11: out overlapping weight/bias/running "
-                                       "stats/save stats is silently wrong")
-@pytest.mark.parametrize("function,target", sorted(KNOWN_OVERLAP_DEFECTS))
-def test_known_defect_out_overlapping_a_parameter(function, target):
-    run_alias_case(function, target, *KNOWN_OVERLAP_DEFECTS[function, target])
+@pytest.mark.parametrize("function,target", sorted(OVERLAP_REGRESSION_CASES))
+def test_out_overlapping_a_parameter_is_refused_or_computed_as_if_copied(function, target):
+    run_alias_case(function, target, *OVERLAP_REGRESSION_CASES[function, target])
 
 
 _X = np.arange(8.0).reshape(4, 2)
 _HUGE = 10 ** 400      # a Python int no float can hold
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: running statistics overlapping x or "
-                                       "weight are accepted, and the update changes them")
 @pytest.mark.parametrize("victim", ["x", "weight", "bias"])
-def test_known_defect_running_stats_overlapping_an_input_are_refused(victim):
+def test_running_stats_overlapping_an_input_are_refused(victim):
     x = np.random.default_rng(0).standard_normal((6, 3))
     weight, bias = np.full(3, 2.0), np.full(3, 0.5)
     inputs = {"x": x, "weight": weight, "bias": bias}
@@ -1401,8 +1398,6 @@ def test_known_defect_running_stats_overlapping_an_input_are_refused(victim):
         np.testing.assert_array_equal(v, before[k], err_msg=f"{k} was modified")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: eps=10**400 raises OverflowError (the "
-                                       "same for momentum, count, the layers and folds)")
 @pytest.mark.parametrize("name,call", [
     ("eps", lambda: bnfast.batch_norm_train(_X, eps=_HUGE)),
     ("eps", lambda: bnfast.batch_norm_infer(_X, None, None, np.zeros(2), np.ones(2),
@@ -1416,14 +1411,12 @@ def test_known_defect_running_stats_overlapping_an_input_are_refused(victim):
                                           np.ones(2), _HUGE)),
 ], ids=["train-eps", "infer-eps", "train-momentum", "backward_apply-count", "layer-eps",
         "layer-momentum", "fold-eps"])
-def test_known_defect_numbers_too_large_for_a_float_are_a_value_error(name, call):
+def test_numbers_too_large_for_a_float_are_a_value_error(name, call):
     with pytest.raises(ValueError, match=name):
         call()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: set_num_threads(2**40) is accepted, "
-                                       "then every kernel call raises OverflowError")
-def test_known_defect_set_num_threads_refuses_absurd_counts():
+def test_set_num_threads_refuses_or_caps_absurd_counts():
     try:
         bnfast.set_num_threads(2 ** 40)
     except ValueError:
@@ -1434,8 +1427,7 @@ def test_known_defect_set_num_threads_refuses_absurd_counts():
         bnfast.set_num_threads(None)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: merge_stats with uint64 counts wraps")
-def test_known_defect_merge_stats_uint64_counts_do_not_wrap():
+def test_merge_stats_uint64_counts_do_not_wrap():
     counts = np.array([2 ** 63, 2 ** 63], np.uint64)
     try:
         count, _, _ = F.merge_stats(counts, np.zeros((2, 1)), np.zeros((2, 1)))
@@ -1444,16 +1436,13 @@ def test_known_defect_merge_stats_uint64_counts_do_not_wrap():
     assert count == 2 ** 64
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: MaskedArray accepted, mask ignored")
-def test_known_defect_masked_array_is_refused():
+def test_masked_array_is_refused_naming_the_mask():
     x = np.ma.masked_array(np.arange(8.0).reshape(4, 2), mask=[[1, 0]] * 4)
     with pytest.raises((TypeError, ValueError), match="mask"):
         bnfast.batch_norm_train(x)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: big-endian input is told to cast to "
-                                       "float64")
-def test_known_defect_big_endian_message_names_native_float32():
+def test_big_endian_input_is_converted_or_told_the_native_cast():
     x = np.ones((4, 2), ">f4")
     try:
         y, _, _ = bnfast.batch_norm_train(x)
@@ -1463,18 +1452,14 @@ def test_known_defect_big_endian_message_names_native_float32():
         np.testing.assert_array_equal(y, np.zeros((4, 2), np.float32))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: float32 channels-last, values ~1.5e19: "
-                                       "C = 683 raises FloatingPointError, C = 682 trains")
-def test_known_defect_channels_last_outcome_does_not_depend_on_channel_count():
+def test_channels_last_outcome_does_not_depend_on_channel_count():
     rng = np.random.default_rng(0)
     for C in (682, 683):
         x = (1.5e19 * rng.standard_normal((64, C))).astype(np.float32)
         bnfast.batch_norm_train(x, axis=-1)     # finite statistics: must train
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: num_batches_tracked=-1 loads, then "
-                                       "momentum=None training raises ZeroDivisionError")
-def test_known_defect_negative_num_batches_tracked_is_refused_or_harmless():
+def test_negative_num_batches_tracked_is_refused_or_harmless():
     bn = bnfast.BatchNorm1d(2, momentum=None)
     state = bn.state_dict()
     state["num_batches_tracked"] = np.array(-1)
@@ -1528,10 +1513,7 @@ def test_new_defect_channels_last_backward_of_large_float32_data():
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="new: merge_stats with int64 counts whose sum "
-                                       "exceeds 2**63 wraps to a negative count (the uint64 "
-                                       "defect of issue 11, with signed counts)")
-def test_new_defect_merge_stats_int64_counts_do_not_wrap():
+def test_merge_stats_int64_counts_do_not_wrap():
     counts = np.array([2 ** 62, 2 ** 62], np.int64)
     try:
         count, _, _ = F.merge_stats(counts, np.zeros((2, 1)), np.zeros((2, 1)))
