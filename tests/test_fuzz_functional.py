@@ -1522,14 +1522,10 @@ def test_merge_stats_int64_counts_do_not_wrap():
     assert count == 2 ** 63
 
 
-@pytest.mark.xfail(strict=True, reason="new: fold_* return inf weights (with only a numpy "
-                                       "RuntimeWarning) when the float64 fold overflows; "
-                                       "the docstring promises ValueError for a fold that "
-                                       "would give non-finite weights")
 @pytest.mark.parametrize("fold", ["W", "b", "bn_conv"])
-def test_new_defect_fold_that_overflows_float64_is_refused(fold):
+def test_fold_that_overflows_float64_is_refused_without_a_warning(fold):
     tiny_var = np.full(3, 1e-300)
-    with np.errstate(over="ignore", invalid="ignore"), pytest.raises(ValueError):
+    with np.errstate(all="raise"), pytest.raises(ValueError, match="overflow float64"):
         if fold == "W":            # alpha = 1e150, W * alpha = inf
             bnfast.fold_linear_bn(np.full((3, 2), 1e300), None, None, None, np.zeros(3),
                                   tiny_var, 0.0)
