@@ -91,22 +91,6 @@ def write_npz(path, description, arrays):
         np.savez(f, **entries)
 
 
-# New defect (explicit xfail tests below): zipfile raises NotImplementedError for an
-# unsupported compression method, zip version or flag bits 5/6, and RuntimeError
-# for an encrypted entry, and nn.load lets them through. Until that is fixed these
-# two, raised by zipfile itself, are counted as "known defect" instead of failing
-# the fuzz; set this to False when the fix lands.
-ZIPFILE_ESCAPES_KNOWN = True
-
-
-def raised_by_zipfile(err):
-    tb = err.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_code.co_filename.endswith("zipfile.py") or \
-        "zipfile" in tb.tb_frame.f_globals.get("__name__", "")
-
-
 def try_load(path):
     """The loaded net, or None after a LoadError; any other exception fails."""
     COUNTS["drawn"] += 1
@@ -115,11 +99,6 @@ def try_load(path):
     except nn.LoadError as err:
         assert str(err).strip()
         COUNTS["LoadError"] += 1
-        return None
-    except (NotImplementedError, RuntimeError) as err:
-        if not (ZIPFILE_ESCAPES_KNOWN and raised_by_zipfile(err)):
-            raise
-        COUNTS["known defect (zipfile exception escapes)"] += 1
         return None
     COUNTS["result"] += 1
     return net
@@ -395,10 +374,6 @@ def _with_central_field(blob, index, value):
     return blob[:start] + value.to_bytes(2, "little") + blob[start + 2:]
 
 
-@pytest.mark.xfail(strict=True, reason="new: nn.load lets zipfile's NotImplementedError "
-                                       "(compression method, zip version, flag bits 5/6) "
-                                       "and RuntimeError (encrypted entry) escape instead "
-                                       "of LoadError")
 @pytest.mark.parametrize("index,value,escaping", [
     (1, 0xFFFF, "NotImplementedError: zip file version"),
     (2, 0x0001, "RuntimeError: File is encrypted, password required"),
@@ -406,11 +381,10 @@ def _with_central_field(blob, index, value):
     (2, 0x0040, "NotImplementedError: strong encryption"),
     (3, 0x0001, "NotImplementedError: That compression method is not supported"),
 ])
-def test_new_defect_unsupported_zip_features_raise_load_error(saved, tmp_path, index, value,
-                                                              escaping):
+def test_unsupported_zip_features_raise_load_error(saved, tmp_path, index, value, escaping):
     path = tmp_path / "net.npz"
     path.write_bytes(_with_central_field(saved[0], index, value))
-    with pytest.raises(nn.LoadError):
+    with pytest.raises(nn.LoadError, match="zip feature"):
         nn.load(path)
 
 
@@ -426,11 +400,7 @@ def test_new_defect_load_refuses_arrays_that_overflow_the_layer_dtype(saved, tmp
         nn.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason="new: bnfast export of a net file using an "
-                                       "unsupported zip compression method prints a "
-                                       "NotImplementedError traceback and exits 1")
-def test_new_defect_export_of_unsupported_zip_exits_2_without_traceback(saved, tmp_path,
-                                                                         capsys):
+def test_export_of_unsupported_zip_exits_2_without_traceback(saved, tmp_path, capsys):
     from bnfast.cli import main
     path = tmp_path / "net.npz"
     path.write_bytes(_with_central_field(saved[0], 3, 0x0001))
