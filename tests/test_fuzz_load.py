@@ -341,7 +341,7 @@ def test_edited_arrays_and_npy_headers_load_the_described_net_or_raise_load_erro
     else:
         replacement = data.draw(st.sampled_from(["int", "float16", "float64", "complex",
                                                  "bool", "scalar", "nan", "huge",
-                                                 "negative_var", "empty"]))
+                                                 "overflow", "negative_var", "empty"]))
         v = np.asarray(value)
         if v.dtype.kind != "f":
             v = np.zeros(3)
@@ -349,8 +349,7 @@ def test_edited_arrays_and_npy_headers_load_the_described_net_or_raise_load_erro
                "float64": lambda: v.astype(np.float64), "complex": lambda: v + 1j,
                "bool": lambda: v > 0, "scalar": lambda: np.float32(1.0),
                "nan": lambda: np.full_like(v, np.nan), "huge": lambda: np.full_like(v, 1e30),
-               # (float64 values beyond float32's range load as inf today: new defect,
-               # explicit test below; 1e30 fits)
+               "overflow": lambda: np.full(v.shape, 1e300),   # beyond float32's range
                "negative_var": lambda: -np.abs(v) - 1, "empty": lambda: v[:0]}[replacement]()
         with np.errstate(all="ignore"):
             entry = npy_bytes(np.asarray(new))
@@ -388,16 +387,26 @@ def test_unsupported_zip_features_raise_load_error(saved, tmp_path, index, value
         nn.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason="new: nn.load checks arrays for NaN/inf before "
-                                       "casting them to the layer's dtype, so a float64 "
-                                       "1e300 loads into a float32 layer as inf")
-def test_new_defect_load_refuses_arrays_that_overflow_the_layer_dtype(saved, tmp_path):
+def test_load_refuses_arrays_that_overflow_the_layer_dtype(saved, tmp_path):
     arrays = dict(saved[2])
     arrays["0.weight"] = np.full(arrays["0.weight"].shape, 1e300)    # layer 0 is float32
     path = tmp_path / "net.npz"
     write_npz(path, saved[1], arrays)
-    with pytest.raises(nn.LoadError):
+    with pytest.raises(nn.LoadError, match="weight holds 1e\\+300, beyond the range"):
         nn.load(path)
+
+
+def test_load_state_dict_refuses_arrays_that_overflow_the_layer_dtype():
+    import bnfast
+    bn = bnfast.BatchNorm1d(3)                      # float32
+    state = bn.state_dict()
+    state["running_var"] = np.array([1.0, 1e300, 2.0])
+    with np.errstate(all="raise"), pytest.raises(ValueError, match="running_var holds 1e"):
+        bn.load_state_dict(state)
+    np.testing.assert_array_equal(bn.running_var, np.ones(3, np.float32))   # nothing set
+    state["running_var"] = np.array([1.0, 3e38, 2.0])                   # fits float32
+    bn.load_state_dict(state)
+    assert np.isfinite(bn.running_var).all()
 
 
 def test_export_of_unsupported_zip_exits_2_without_traceback(saved, tmp_path, capsys):
