@@ -486,19 +486,6 @@ def run_fold(capsys, path, out):
     return code, capsys.readouterr().err
 
 
-# New defects (explicit xfail tests below): a corrupt model whose op_type is not
-# UTF-8, or whose tensor has an unknown data type, ends `bnfast fold` with a
-# traceback. Counted as "known defect" in the fuzz until fixed.
-FOLD_ESCAPES_KNOWN = True
-
-
-def known_fold_escape(code):
-    return FOLD_ESCAPES_KNOWN and (
-        isinstance(code, UnicodeDecodeError)
-        or (type(code) is ValueError and "Invalid tensor data type" in str(code))
-        or (type(code) is KeyError and len(code.args) == 1 and type(code.args[0]) is int))
-
-
 @settings(max_examples=EXAMPLES["fold_cli"], **SETTINGS)
 @given(st.data())
 def test_damaged_onnx_models_fold_or_exit_2_with_one_line(tmp_path_factory, capsys, data):
@@ -519,9 +506,6 @@ def test_damaged_onnx_models_fold_or_exit_2_with_one_line(tmp_path_factory, caps
     path.write_bytes(bytes(blob))
     COUNTS["drawn"] += 1
     code, err = run_fold(capsys, path, out)
-    if known_fold_escape(code):
-        COUNTS["known defect (fold traceback on corrupt tensors/op types)"] += 1
-        return
     assert code in (0, 2), f"bnfast fold ended with {code!r}"
     if code == 2:
         COUNTS["exit 2"] += 1
@@ -532,13 +516,8 @@ def test_damaged_onnx_models_fold_or_exit_2_with_one_line(tmp_path_factory, caps
         onnx.checker.check_model(onnx.load(str(out)))
 
 
-@pytest.mark.xfail(strict=True, reason="new: bnfast fold on a model with an unknown tensor "
-                                       "data type ends with a traceback: ValueError "
-                                       "('Invalid tensor data type 88.') from onnx.checker, "
-                                       "or KeyError: 29 from numpy_helper.to_array when the "
-                                       "checker lets it pass")
 @pytest.mark.parametrize("case", ["checker", "to_array"])
-def test_new_defect_fold_of_unknown_tensor_data_type_exits_2(tmp_path, capsys, case):
+def test_fold_of_unknown_tensor_data_type_exits_2_in_one_line(tmp_path, capsys, case):
     import onnx
     model = onnx.load_from_string(conv_bn_onnx())
     if case == "checker":
@@ -550,15 +529,14 @@ def test_new_defect_fold_of_unknown_tensor_data_type_exits_2(tmp_path, capsys, c
     path.write_bytes(model.SerializeToString())
     code, err = run_fold(capsys, path, tmp_path / "out.onnx")
     assert code == 2 and err.count("\n") == 1, repr(code)
+    assert "data type" in err and not (tmp_path / "out.onnx").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="new: bnfast fold on a model whose op_type is not "
-                                       "UTF-8 ends with a UnicodeDecodeError traceback, "
-                                       "not exit 2")
-def test_new_defect_fold_of_non_utf8_op_type_exits_2(tmp_path, capsys):
+def test_fold_of_non_utf8_op_type_exits_2_in_one_line(tmp_path, capsys):
     blob = conv_bn_onnx()
     at = blob.find(b"Conv")
     path = tmp_path / "in.onnx"
     path.write_bytes(blob[:at] + b"\xf5" + blob[at + 1:])
     code, err = run_fold(capsys, path, tmp_path / "out.onnx")
     assert code == 2 and err.count("\n") == 1, repr(code)
+    assert "UTF-8" in err
