@@ -97,17 +97,20 @@ def _check_status(status):
         raise MemoryError("bnfast could not allocate per-channel scratch memory")
 
 
-def _nonfinite_channels(block, running):
-    """Channels whose batch statistics are not finite (the slow, rare path); with
-    `running`, also those whose unbiased variance overflows x's dtype."""
+def _nonfinite_channels(block, running, eps):
+    """Channels whose batch statistics are not finite (the slow, rare path), or
+    whose invstd is finite but overflows x's dtype (eps = 0, a tiny float32
+    variance); with `running`, also those whose unbiased variance overflows it."""
     mean = np.empty(block.C)
     m2 = np.empty(block.C)
     _check_status(_kernels.collect_stats(mean, m2, block.x, block.N, block.C, block.S,
                                          get_num_threads()))
     ok = np.isfinite(mean) & np.isfinite(m2)
-    if running:
-        count = block.N * block.S
-        with np.errstate(over="ignore", invalid="ignore"):
+    count = block.N * block.S
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        invstd = 1.0 / np.sqrt(m2 / count + eps)
+        ok &= ~(np.isfinite(invstd) & ~np.isfinite(invstd.astype(block.dtype)))
+        if running:
             ok &= np.isfinite((m2 / (count - 1)).astype(block.dtype))
     return np.flatnonzero(~ok)
 
@@ -193,15 +196,16 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
                                     get_num_threads())
     _check_status(status)
     if status > 0:
-        bad = _nonfinite_channels(block, running_mean is not None)
+        bad = _nonfinite_channels(block, running_mean is not None, eps)
         if len(bad) == status:
             shown = V.channel_list(bad)
         else:   # x was overwritten in place, its statistics are gone
             shown = "not listed: x was overwritten in place"
         raise FloatingPointError(
             f"batch statistics are not finite in {status} of {C} channels ({shown}): the "
-            f"batch holds NaN or inf, or values whose square overflows; running statistics "
-            f"were left unchanged")
+            f"batch holds NaN or inf, or values whose square overflows, or (eps=0) a "
+            f"variance too small for 1/sqrt(var) to fit {x.dtype}; running statistics were "
+            f"left unchanged")
     return _finish(y, copy_to), save_mean, save_invstd
 
 
