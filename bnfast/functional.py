@@ -251,6 +251,18 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
     return _finish(y, copy_to)
 
 
+def _xhat_term_underflows(dtype, weight, invstd):
+    """True when float32 backward could lose the xhat term: some kernel walks fold
+    weight * invstd**2 into one float32 coefficient, which underflows for data of
+    spread beyond ~1e9 (|x| ~ 1e25: invstd**2 ~ 1e-50). Checked per channel in
+    double; such calls are redone in float64."""
+    if dtype != np.float32:
+        return False
+    w = np.ones(1) if weight is None else np.abs(weight.astype(np.float64))
+    c = w * invstd.astype(np.float64) ** 2
+    return bool(((c > 0) & (c < 2.0 ** -60)).any())
+
+
 def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=None):
     """Backward of ``batch_norm_train``.
 
@@ -285,6 +297,14 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
     V.check_disjoint([("out", out)], [("weight", weight), ("save_mean", save_mean),
                                       ("save_invstd", save_invstd)])
+    if x.size and _xhat_term_underflows(x.dtype, weight, save_invstd):
+        # rare: redo in float64 (inputs are copied first, so out may be x or dy)
+        dx64, dweight64, dbias64 = batch_norm_backward(
+            dy.astype(np.float64), x.astype(np.float64),
+            None if weight is None else weight.astype(np.float64),
+            save_mean.astype(np.float64), save_invstd.astype(np.float64), axis=axis)
+        np.copyto(dx, dx64, casting="same_kind")
+        return _finish(dx, copy_to), dweight64.astype(x.dtype), dbias64.astype(x.dtype)
     dweight = np.zeros(C, dtype=x.dtype)
     dbias = np.zeros(C, dtype=x.dtype)
     if x.size:
@@ -468,6 +488,14 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
     V.check_disjoint([("out", out)], [("mean", mean), ("invstd", invstd), ("weight", weight),
                                       ("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat)])
+    if x.size and _xhat_term_underflows(x.dtype, weight, invstd):
+        # rare: redo in float64 (inputs are copied first, so out may be x or dy)
+        dx64 = batch_norm_backward_apply(
+            dy.astype(np.float64), x.astype(np.float64), mean, invstd,
+            None if weight is None else weight.astype(np.float64), sum_dy, sum_dy_xhat,
+            count, axis=axis)
+        np.copyto(dx, dx64, casting="same_kind")
+        return _finish(dx, copy_to)
     if x.size:
         _check_status(_kernels.backward_apply(dx_stored, dy_stored, block.x, mean, invstd, weight,
                                               sum_dy, sum_dy_xhat, count, block.N, C, block.S,

@@ -1503,17 +1503,38 @@ def test_eps_zero_with_a_float32_variance_too_small_to_invert_is_a_floating_poin
     np.testing.assert_allclose(y, ref.train(x, axis=1, eps=0.0)[0], rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="new: float32 backward with channels-last/(N, C) "
-                                       "layout and |x| ~ 1e25 drops the xhat term (its "
-                                       "coefficient invstd**2 underflows float32); the "
-                                       "channels-first path is right")
-def test_new_defect_channels_last_backward_of_large_float32_data():
-    x = (1e25 * np.array([[1.0], [-1.0], [2.0], [0.5]])).astype(np.float32)
-    dy = np.array([[1.0], [2.0], [-1.0], [0.5]], np.float32)
+@pytest.mark.parametrize("layout", ["N,C", "channels_last", "channels_first", "in_place"])
+def test_float32_backward_of_large_data_keeps_the_xhat_term(layout):
+    # |x| ~ 1e25: invstd**2 ~ 1e-50 underflows float32 (the (N, C) and channels-last
+    # walks used to drop the xhat term; channels-first was right)
+    rng = np.random.default_rng(0)
+    shape = (4, 1) if layout == "N,C" else (4, 3, 5)
+    x = (1e25 * rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    if layout == "channels_last":
+        x, dy = (np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1) for a in (x, dy))
+    weight = np.full(shape[1], 1.5, np.float32)
     _, mean, invstd = bnfast.batch_norm_train(x)
-    dx, _, _ = bnfast.batch_norm_backward(dy, x, None, mean, invstd)
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, weight, mean, invstd)
+    out = dy if layout == "in_place" else None
+    dx, dw, db = bnfast.batch_norm_backward(dy, x, weight, mean, invstd, out=out)
+    assert dx.dtype == dw.dtype == np.float32 and (out is None or dx is out)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4 * np.abs(dx_ref).max())
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4)
+    np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_float32_backward_apply_of_large_data_keeps_the_xhat_term():
+    rng = np.random.default_rng(1)
+    x = (1e25 * rng.standard_normal((6, 3))).astype(np.float32)
+    dy = rng.standard_normal((6, 3)).astype(np.float32)
+    _, mean, invstd = bnfast.batch_norm_train(x)
+    mean, invstd = mean.astype(np.float64), invstd.astype(np.float64)
+    sum_dy, sum_dy_xhat = F.batch_norm_backward_reduce(dy, x, mean, invstd)
+    dx = F.batch_norm_backward_apply(dy, x, mean, invstd, None, sum_dy, sum_dy_xhat, 6)
     dx_ref = ref.backward(dy, x, None, mean, invstd)[0]
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4)
+    assert dx.dtype == np.float32
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4 * np.abs(dx_ref).max())
 
 
 def test_merge_stats_int64_counts_do_not_wrap():
