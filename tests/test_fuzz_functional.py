@@ -1579,3 +1579,14 @@ def test_layer_constructor_accepts_an_axis_valid_for_some_accepted_rank(layer, a
 def test_layer_with_absurd_num_features_is_a_value_error_naming_the_size():
     with pytest.raises(ValueError, match="num_features=1000000000000: .* GiB"):
         bnfast.BatchNorm1d(10 ** 12)
+
+
+def test_reference_statistics_do_not_depend_on_the_layout():
+    # numpy reduces a strided layout one value at a time (~n eps); the oracle
+    # must be as exact for Fortran order as for C order (the fuzz tolerances
+    # assume so: a (2, 8, 4100) Fortran-order batch was misjudged)
+    x = np.random.default_rng(3).integers(-3, 4, (2, 8, 4100)).astype(np.float64)
+    _, mean_c, var_c = ref.batch_stats(x, 1)
+    _, mean_f, var_f = ref.batch_stats(np.asfortranarray(x), 1)
+    np.testing.assert_allclose(mean_f, mean_c, rtol=1e-15, atol=1e-17)
+    np.testing.assert_allclose(var_f, var_c, rtol=4e-16)
