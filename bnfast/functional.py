@@ -252,15 +252,29 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
 
 
 def _xhat_term_underflows(dtype, weight, invstd):
-    """True when float32 backward could lose the xhat term: some kernel walks fold
-    weight * invstd**2 into one float32 coefficient, which underflows for data of
-    spread beyond ~1e9 (|x| ~ 1e25: invstd**2 ~ 1e-50). Checked per channel in
-    double; such calls are redone in float64."""
-    if dtype != np.float32:
-        return False
+    """True when backward could lose the xhat term: the kernels fold
+    weight * invstd**2 * mean(dy * xhat) into one coefficient of x's dtype, which
+    underflows for data of huge spread (float32 |x| ~ 1e25: invstd**2 ~ 1e-50;
+    float64 |x| ~ 1e150). Checked per channel in double: float32 calls are then
+    redone in float64, float64 calls on data rescaled by powers of two."""
     w = np.ones(1) if weight is None else np.abs(weight.astype(np.float64))
     c = w * invstd.astype(np.float64) ** 2
-    return bool(((c > 0) & (c < 2.0 ** -60)).any())
+    limit = 2.0 ** -60 if dtype == np.float32 else 2.0 ** -900
+    return bool(((c > 0) & (c < limit)).any())
+
+
+def _backward_rescaled(dy, x, weight, save_mean, save_invstd, axis):
+    """float64 backward of data whose spread is huge: x, mean scaled per channel
+    by s = a power of two near invstd (exact), invstd by 1/s; xhat, dweight and
+    dbias are unchanged and dx = dx' * s."""
+    _, exponent = np.frexp(save_invstd)
+    s = np.ldexp(1.0, np.where(np.isfinite(save_invstd) & (save_invstd > 0), exponent - 1, 0))
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    dx, dweight, dbias = batch_norm_backward(dy, x * s.reshape(shape), weight,
+                                             save_mean * s, save_invstd / s, axis=axis)
+    dx *= s.reshape(shape)
+    return dx, dweight, dbias
 
 
 def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=None):
@@ -298,11 +312,16 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     V.check_disjoint([("out", out)], [("weight", weight), ("save_mean", save_mean),
                                       ("save_invstd", save_invstd)])
     if x.size and _xhat_term_underflows(x.dtype, weight, save_invstd):
-        # rare: redo in float64 (inputs are copied first, so out may be x or dy)
-        dx64, dweight64, dbias64 = batch_norm_backward(
-            dy.astype(np.float64), x.astype(np.float64),
-            None if weight is None else weight.astype(np.float64),
-            save_mean.astype(np.float64), save_invstd.astype(np.float64), axis=axis)
+        # rare: redo in float64, or rescaled (inputs are copied first, so out may be
+        # x or dy)
+        if x.dtype == np.float64:
+            dx64, dweight64, dbias64 = _backward_rescaled(dy.copy(), x, weight, save_mean,
+                                                          save_invstd, axis)
+        else:
+            dx64, dweight64, dbias64 = batch_norm_backward(
+                dy.astype(np.float64), x.astype(np.float64),
+                None if weight is None else weight.astype(np.float64),
+                save_mean.astype(np.float64), save_invstd.astype(np.float64), axis=axis)
         np.copyto(dx, dx64, casting="same_kind")
         return _finish(dx, copy_to), dweight64.astype(x.dtype), dbias64.astype(x.dtype)
     dweight = np.zeros(C, dtype=x.dtype)
@@ -488,7 +507,7 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
     V.check_disjoint([("out", out)], [("mean", mean), ("invstd", invstd), ("weight", weight),
                                       ("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat)])
-    if x.size and _xhat_term_underflows(x.dtype, weight, invstd):
+    if x.size and x.dtype == np.float32 and _xhat_term_underflows(x.dtype, weight, invstd):
         # rare: redo in float64 (inputs are copied first, so out may be x or dy)
         dx64 = batch_norm_backward_apply(
             dy.astype(np.float64), x.astype(np.float64), mean, invstd,

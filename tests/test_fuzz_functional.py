@@ -1524,6 +1524,23 @@ def test_float32_backward_of_large_data_keeps_the_xhat_term(layout):
     np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 2, 1), (6, 3), (4, 3, 5)])
+def test_float64_backward_of_data_with_huge_spread_keeps_the_xhat_term(shape):
+    # x ~ 1e149 and dy ~ 1e-151: weight * invstd**2 * mean(dy * xhat) ~ 1e-450
+    # underflows double (found by the fuzzing: dx was off by 2.6x its own size)
+    rng = np.random.default_rng(2)
+    x = 1e149 * rng.standard_normal(shape)
+    dy = 1e-151 * rng.standard_normal(shape)
+    weight = np.linspace(0.5, 1.5, shape[1])
+    _, mean, invstd = bnfast.batch_norm_train(x)
+    dx, dw, db = bnfast.batch_norm_backward(dy, x, weight, mean, invstd)
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, weight, mean, invstd)
+    scale = np.abs(weight).max() * invstd.max() * np.abs(dy).max()      # ~ 1e-300
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-10, atol=1e-10 * np.abs(dy).sum())
+    np.testing.assert_allclose(db, db_ref, rtol=1e-10, atol=1e-10 * np.abs(dy).sum())
+
+
 def test_float32_backward_apply_of_large_data_keeps_the_xhat_term():
     rng = np.random.default_rng(1)
     x = (1e25 * rng.standard_normal((6, 3))).astype(np.float32)
