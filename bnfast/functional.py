@@ -203,9 +203,10 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
             shown = "not listed: x was overwritten in place"
         raise FloatingPointError(
             f"batch statistics are not finite in {status} of {C} channels ({shown}): the "
-            f"batch holds NaN or inf, or values whose square overflows, or (eps=0) a "
-            f"variance too small for 1/sqrt(var) to fit {x.dtype}; running statistics were "
-            f"left unchanged")
+            f"batch holds NaN or inf, or values whose square overflows"
+            + (f", or (eps=0) a variance too small for 1/sqrt(var) to fit {x.dtype}"
+               if eps == 0 else "")
+            + "; running statistics were left unchanged")
     return _finish(y, copy_to), save_mean, save_invstd
 
 
