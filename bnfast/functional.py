@@ -191,6 +191,9 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     save_invstd = np.empty(C, dtype=x.dtype)
     if C == 0:
         return _finish(y, copy_to), save_mean, save_invstd
+    in_place = np.may_share_memory(y, x)
+    if in_place and running_mean is not None:
+        before = running_mean.copy(), running_var.copy()
     status = _kernels.forward_train(y_stored, save_mean, save_invstd, running_mean, running_var,
                                     block.x, weight, bias, block.N, C, block.S, eps, momentum,
                                     get_num_threads())
@@ -207,7 +210,46 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
             + (f", or (eps=0) a variance too small for 1/sqrt(var) to fit {x.dtype}"
                if eps == 0 else "")
             + "; running statistics were left unchanged")
+    if _may_span_the_range(x.dtype, save_mean, save_invstd, weight, bias, block.N * block.S):
+        # rare: x - pivot may have overflowed x's dtype in the kernel; normalise again
+        # from x, in float64 (impossible once x was overwritten)
+        if in_place:
+            if running_mean is not None:
+                running_mean[...], running_var[...] = before
+            raise FloatingPointError(
+                f"the batch spans more than {x.dtype}'s range (x - mean may overflow), and "
+                f"out is x, so x was overwritten; pass out=None or a separate out, or use "
+                f"float64; running statistics were left unchanged")
+        np.copyto(y, _normalised_in_double(x, axis, weight, bias, eps), casting="same_kind")
     return _finish(y, copy_to), save_mean, save_invstd
+
+
+def _may_span_the_range(dtype, mean, invstd, weight, bias, M):
+    """True if some channel's values may lie farther than half dtype's largest value
+    from the point the kernel subtracts (its mean, shifted by bias / (weight *
+    invstd)): |x - mean| <= sqrt(M) / invstd bounds the spread. Per channel, in
+    double; false alarms only cost a float64 recomputation."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = invstd.astype(np.float64)
+        reach = np.abs(mean.astype(np.float64)) + math.sqrt(M) / inv
+        if bias is not None:
+            w = np.ones(1) if weight is None else np.abs(weight.astype(np.float64))
+            reach += np.where(w > 0, np.abs(bias.astype(np.float64)) / (w * inv), 0.0)
+        return bool((reach > np.finfo(dtype).max / 2).any())
+
+
+def _normalised_in_double(x, axis, weight, bias, eps):
+    """y of batch_norm_train computed in float64 with numpy (the rare path above)."""
+    x64 = np.moveaxis(x.astype(np.float64), axis, -1)
+    rows = x64.reshape(-1, x64.shape[-1])
+    mean = rows.mean(axis=0)
+    invstd = 1.0 / np.sqrt(((rows - mean) ** 2).mean(axis=0) + eps)
+    y = (x64 - mean) * invstd
+    if weight is not None:
+        y = y * weight.astype(np.float64)
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    return np.moveaxis(y, -1, axis)
 
 
 def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=1e-5,

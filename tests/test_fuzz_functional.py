@@ -1475,17 +1475,23 @@ def test_negative_num_batches_tracked_is_refused_or_harmless():
 # new defects found by this fuzzing: minimal reproducers
 # --------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="new: float32 batch spanning more than float32's "
-                                       "range gives -inf in y (x - mean overflows float32) "
-                                       "instead of the finite value or an error")
-def test_new_defect_float32_values_near_the_limit_normalise_to_finite_values():
+@pytest.mark.parametrize("layout", ["N,C", "channels_first", "channels_last"])
+def test_float32_values_spanning_the_range_normalise_to_finite_values(layout):
+    # x - mean = -4.5e38 overflows float32: y held -inf, with no error
     x = np.array([[-3e38], [3e38], [3e38], [3e38]], np.float32)
-    try:
-        y, _, _ = bnfast.batch_norm_train(x)
-    except FloatingPointError:
-        return
-    y_ref = ref.train(x, axis=1)[0]
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5)
+    if layout != "N,C":
+        x = np.repeat(x[:, :, None], 3, axis=2) * np.float32(1)     # (4, 1, 3)
+    if layout == "channels_last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 1)).transpose(0, 2, 1)
+    weight, bias = np.full(1, 2.0, np.float32), np.full(1, 0.5, np.float32)
+    y, _, _ = bnfast.batch_norm_train(x, weight, bias)
+    np.testing.assert_allclose(y, ref.train(x, weight, bias, axis=1)[0], rtol=1e-5)
+
+
+def test_float32_values_spanning_the_range_in_place_are_a_floating_point_error():
+    x = np.array([[-3e38], [3e38], [3e38], [3e38]], np.float32)
+    with pytest.raises(FloatingPointError, match="spans more than float32's range"):
+        bnfast.batch_norm_train(x, out=x)
 
 
 def test_eps_zero_with_a_float32_variance_too_small_to_invert_is_a_floating_point_error():
