@@ -114,7 +114,16 @@ class Module:
             raise TypeError(f"{name} must be floating, got {value.dtype}")
         if value.shape != target.shape:
             raise ValueError(f"{name} must have shape {target.shape}, got {value.shape}")
-        return value
+        dtype = np.dtype(target.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = value.astype(dtype)
+            overflow = ~np.isfinite(cast) & np.isfinite(value)
+        if overflow.any():
+            first = float(value[overflow].reshape(-1)[0])
+            raise ValueError(f"{name} holds {first:g}, beyond the range of the layer's "
+                             f"{dtype} (largest {np.finfo(dtype).max:.6g}); "
+                             f"load it into a layer built with dtype=np.{value.dtype}")
+        return cast
 
     def config(self):
         """Constructor arguments as JSON values (what ``bnfast.nn.save`` stores)."""

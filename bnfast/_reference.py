@@ -28,9 +28,11 @@ def _reduce_axes(ndim, axis):
 def batch_stats(x, axis=1):
     """Per-channel count, mean and biased variance."""
     x = np.asarray(x, dtype=np.float64)
-    axes = _reduce_axes(x.ndim, axis)
     count = x.size // x.shape[axis] if x.shape[axis] else 0
-    return count, x.mean(axis=axes), x.var(axis=axes)
+    # one contiguous row per channel: numpy sums rows pairwise, in any input
+    # layout (a strided reduction would sum one by one, off by ~n eps)
+    rows = np.ascontiguousarray(np.moveaxis(x, axis, 0)).reshape(x.shape[axis], count)
+    return count, rows.mean(axis=1), rows.var(axis=1)
 
 
 def train(x, weight=None, bias=None, axis=1, eps=1e-5, momentum=0.1,

@@ -115,7 +115,10 @@ def _bias(b, C, channels):
 
 
 def _cast(W2, b2, W):
-    """Results in W's dtype; refuse a cast that overflows (e.g. to float16)."""
+    """Results in W's dtype; refuse a fold that overflows float64, or W's dtype."""
+    if not (np.isfinite(W2).all() and np.isfinite(b2).all()):
+        raise ValueError("cannot fold: the folded weights overflow float64 (the BN scale "
+                         "times W, or its shift, is too large); this BN cannot be folded")
     with np.errstate(over="ignore", invalid="ignore"):
         W_out = W2.astype(W.dtype)
         b_out = b2.astype(W.dtype)
@@ -198,16 +201,20 @@ def fold_conv_transpose_bn(W, b, bn_weight, bn_bias, running_mean, running_var, 
     # (groups, Cin/groups, Cout/groups, *k): output channel o = g * Cout/groups + j is [g, :, j]
     grouped = W.astype(np.float64).reshape(groups, Cin // groups, *W.shape[1:])
     scale = alpha.reshape(groups, 1, W.shape[1], *([1] * (W.ndim - 2)))
-    W2 = (grouped * scale).reshape(W.shape)
-    return _cast(W2, b64 * alpha + beta, W)
+    with np.errstate(over="ignore", invalid="ignore"):    # overflow: refused by _cast
+        W2 = (grouped * scale).reshape(W.shape)
+        b2 = b64 * alpha + beta
+    return _cast(W2, b2, W)
 
 
 def _fold_after(W, b, bn_weight, bn_bias, running_mean, running_var, eps, axis, channels):
     C = W.shape[axis]
     alpha, beta = _bn_map(bn_weight, bn_bias, running_mean, running_var, eps, C, channels)
     b64 = _bias(b, C, channels)
-    W2 = W.astype(np.float64) * _channels_first(alpha, axis, W.ndim)
-    return _cast(W2, b64 * alpha + beta, W)
+    with np.errstate(over="ignore", invalid="ignore"):    # overflow: refused by _cast
+        W2 = W.astype(np.float64) * _channels_first(alpha, axis, W.ndim)
+        b2 = b64 * alpha + beta
+    return _cast(W2, b2, W)
 
 
 # --------------------------------------------------------------------------
@@ -264,7 +271,8 @@ def fold_bn_conv(W, b, bn_weight, bn_bias, running_mean, running_var, eps, group
     # (groups, Cout/groups, Cin/groups, *k): input channel c of group g is alpha[g, c]
     grouped = W.astype(np.float64).reshape(groups, Cout // groups, *W.shape[1:])
     spatial = [1] * (W.ndim - 2)
-    W2 = grouped * alpha.reshape(groups, 1, W.shape[1], *spatial)
-    shift = grouped * beta.reshape(groups, 1, W.shape[1], *spatial)
-    b2 = b64 + shift.reshape(Cout, -1).sum(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):    # overflow: refused by _cast
+        W2 = grouped * alpha.reshape(groups, 1, W.shape[1], *spatial)
+        shift = grouped * beta.reshape(groups, 1, W.shape[1], *spatial)
+        b2 = b64 + shift.reshape(Cout, -1).sum(axis=1)
     return _cast(W2.reshape(W.shape), b2, W)

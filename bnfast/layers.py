@@ -30,6 +30,7 @@ Modes, as in PyTorch:
 ``forward`` keeps a reference to x for ``backward``: do not change x (nor, in
 eval mode, the running statistics) in between.
 """
+import os
 import sys
 
 import numpy as np
@@ -38,6 +39,14 @@ from bnfast import _validation as V
 from bnfast import cuda
 from bnfast import functional as F
 from bnfast._module import Module
+
+
+def _physical_memory():
+    """Bytes of physical memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 class _BatchNorm(Module):
@@ -58,6 +67,8 @@ class _BatchNorm(Module):
         self.affine = V.boolean(affine, "affine")
         self.track_running_stats = V.boolean(track_running_stats, "track_running_stats")
         self.axis = V.integer(axis, "axis")
+        self._check_axis()
+        self._check_size(num_features, dtype)
         self.dtype = dtype
         self.training = True
         self.weight = self.bias = None
@@ -71,6 +82,29 @@ class _BatchNorm(Module):
             self.running_mean = np.zeros(num_features, dtype=dtype)
             self.running_var = np.ones(num_features, dtype=dtype)
             self.num_batches_tracked = np.array(0, dtype=np.int64)
+
+    def _check_axis(self):
+        """An axis out of range for every input rank the class accepts is refused now."""
+        if not self._accepted_ndims:
+            return
+        ndim = max(self._accepted_ndims)
+        if not -ndim <= self.axis < ndim:
+            dims = " or ".join(f"{d}D" for d in self._accepted_ndims)
+            raise ValueError(f"axis {self.axis} is out of range for the {dims} input of "
+                             f"{type(self).__name__}; use 1 (channels first), -1 (channels "
+                             f"last) or another axis in [{-ndim}, {ndim - 1}]")
+
+    def _check_size(self, num_features, dtype):
+        """Refuse, before allocating, parameters larger than the machine's memory."""
+        arrays = 2 * self.affine + 2 * self.track_running_stats
+        nbytes = arrays * num_features * dtype.itemsize
+        memory = _physical_memory()
+        if memory is not None and nbytes > memory:
+            raise ValueError(f"num_features={num_features}: {type(self).__name__}'s {arrays} "
+                             f"per-channel arrays of {dtype} would take "
+                             f"{nbytes / 2 ** 30:.3g} GiB, more than this machine's "
+                             f"{memory / 2 ** 30:.3g} GiB of memory; num_features is the "
+                             f"number of channels, x.shape[axis]")
 
     def reset_running_stats(self):
         if self.track_running_stats:

@@ -463,16 +463,20 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
  * with the unbiased variance. Only when every channel's batch statistics are
  * finite: one bad batch must not corrupt them. When the running statistics are
  * given, a channel whose unbiased variance is finite in double but overflows
- * `real` (float32 values beyond ~1e19) is bad too: it would store inf.
+ * `real` (float32 values beyond ~1e19) is bad too: it would store inf. So is a
+ * channel whose invstd is finite in double but overflows `real` (eps = 0 and a
+ * float32 variance below ~1e-77): save_invstd and y would hold inf.
  * Returns the count of bad channels. */
 static int FN(update_running_stats)(real *running_mean, real *running_var,
                                     const double *batch_mean, const double *batch_var,
-                                    int64_t M, int64_t C, double momentum)
+                                    int64_t M, int64_t C, double momentum, double eps)
 {
     double unbias = M > 1 ? (double)M / (double)(M - 1) : 1.0;
     int n_bad = 0;
     for (int64_t c = 0; c < C; c++) {
-        int ok = isfinite(batch_mean[c]) && isfinite(batch_var[c]);
+        double invstd = invstd_of(batch_var[c], eps);
+        int ok = isfinite(batch_mean[c]) && isfinite(batch_var[c])
+                 && !(isfinite(invstd) && !isfinite((real)invstd));
         if (running_mean) ok = ok && isfinite((real)(unbias * batch_var[c]));
         n_bad += !ok;
     }
@@ -597,7 +601,7 @@ int FN(bn_forward_train)(real *y, real *save_mean, real *save_invstd,
     }
 
     int n_bad = FN(update_running_stats)(running_mean, running_var, batch_mean, batch_var,
-                                         N * S, C, momentum);
+                                         N * S, C, momentum, eps);
     free(batch_mean);
     return n_bad;
 }

@@ -91,22 +91,6 @@ def write_npz(path, description, arrays):
         np.savez(f, **entries)
 
 
-# New defect (explicit xfail tests below): zipfile raises NotImplementedError for an
-# unsupported compression method, zip version or flag bits 5/6, and RuntimeError
-# for an encrypted entry, and nn.load lets them through. Until that is fixed these
-# two, raised by zipfile itself, are counted as "known defect" instead of failing
-# the fuzz; set this to False when the fix lands.
-ZIPFILE_ESCAPES_KNOWN = True
-
-
-def raised_by_zipfile(err):
-    tb = err.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_code.co_filename.endswith("zipfile.py") or \
-        "zipfile" in tb.tb_frame.f_globals.get("__name__", "")
-
-
 def try_load(path):
     """The loaded net, or None after a LoadError; any other exception fails."""
     COUNTS["drawn"] += 1
@@ -115,11 +99,6 @@ def try_load(path):
     except nn.LoadError as err:
         assert str(err).strip()
         COUNTS["LoadError"] += 1
-        return None
-    except (NotImplementedError, RuntimeError) as err:
-        if not (ZIPFILE_ESCAPES_KNOWN and raised_by_zipfile(err)):
-            raise
-        COUNTS["known defect (zipfile exception escapes)"] += 1
         return None
     COUNTS["result"] += 1
     return net
@@ -164,6 +143,8 @@ def network_as_described(net, path):
                 continue
             if key == "stride" and value is None:     # MaxPool2d: stride = kernel_size
                 value = actual["kernel_size"]
+            if key == "axis" and key not in actual:   # config() leaves out the default
+                actual[key] = 1
             assert actual[key] == value or (key == "dtype"
                                             and np.dtype(actual[key]) == np.dtype(value)), \
                 f"{config['type']}.{key}: {actual[key]!r} loaded, {value!r} in the file"
@@ -360,7 +341,7 @@ def test_edited_arrays_and_npy_headers_load_the_described_net_or_raise_load_erro
     else:
         replacement = data.draw(st.sampled_from(["int", "float16", "float64", "complex",
                                                  "bool", "scalar", "nan", "huge",
-                                                 "negative_var", "empty"]))
+                                                 "overflow", "negative_var", "empty"]))
         v = np.asarray(value)
         if v.dtype.kind != "f":
             v = np.zeros(3)
@@ -368,8 +349,7 @@ def test_edited_arrays_and_npy_headers_load_the_described_net_or_raise_load_erro
                "float64": lambda: v.astype(np.float64), "complex": lambda: v + 1j,
                "bool": lambda: v > 0, "scalar": lambda: np.float32(1.0),
                "nan": lambda: np.full_like(v, np.nan), "huge": lambda: np.full_like(v, 1e30),
-               # (float64 values beyond float32's range load as inf today: new defect,
-               # explicit test below; 1e30 fits)
+               "overflow": lambda: np.full(v.shape, 1e300),   # beyond float32's range
                "negative_var": lambda: -np.abs(v) - 1, "empty": lambda: v[:0]}[replacement]()
         with np.errstate(all="ignore"):
             entry = npy_bytes(np.asarray(new))
@@ -393,10 +373,6 @@ def _with_central_field(blob, index, value):
     return blob[:start] + value.to_bytes(2, "little") + blob[start + 2:]
 
 
-@pytest.mark.xfail(strict=True, reason="new: nn.load lets zipfile's NotImplementedError "
-                                       "(compression method, zip version, flag bits 5/6) "
-                                       "and RuntimeError (encrypted entry) escape instead "
-                                       "of LoadError")
 @pytest.mark.parametrize("index,value,escaping", [
     (1, 0xFFFF, "NotImplementedError: zip file version"),
     (2, 0x0001, "RuntimeError: File is encrypted, password required"),
@@ -404,31 +380,36 @@ def _with_central_field(blob, index, value):
     (2, 0x0040, "NotImplementedError: strong encryption"),
     (3, 0x0001, "NotImplementedError: That compression method is not supported"),
 ])
-def test_new_defect_unsupported_zip_features_raise_load_error(saved, tmp_path, index, value,
-                                                              escaping):
+def test_unsupported_zip_features_raise_load_error(saved, tmp_path, index, value, escaping):
     path = tmp_path / "net.npz"
     path.write_bytes(_with_central_field(saved[0], index, value))
-    with pytest.raises(nn.LoadError):
+    with pytest.raises(nn.LoadError, match="zip feature"):
         nn.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason="new: nn.load checks arrays for NaN/inf before "
-                                       "casting them to the layer's dtype, so a float64 "
-                                       "1e300 loads into a float32 layer as inf")
-def test_new_defect_load_refuses_arrays_that_overflow_the_layer_dtype(saved, tmp_path):
+def test_load_refuses_arrays_that_overflow_the_layer_dtype(saved, tmp_path):
     arrays = dict(saved[2])
     arrays["0.weight"] = np.full(arrays["0.weight"].shape, 1e300)    # layer 0 is float32
     path = tmp_path / "net.npz"
     write_npz(path, saved[1], arrays)
-    with pytest.raises(nn.LoadError):
+    with pytest.raises(nn.LoadError, match="weight holds 1e\\+300, beyond the range"):
         nn.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason="new: bnfast export of a net file using an "
-                                       "unsupported zip compression method prints a "
-                                       "NotImplementedError traceback and exits 1")
-def test_new_defect_export_of_unsupported_zip_exits_2_without_traceback(saved, tmp_path,
-                                                                         capsys):
+def test_load_state_dict_refuses_arrays_that_overflow_the_layer_dtype():
+    import bnfast
+    bn = bnfast.BatchNorm1d(3)                      # float32
+    state = bn.state_dict()
+    state["running_var"] = np.array([1.0, 1e300, 2.0])
+    with np.errstate(all="raise"), pytest.raises(ValueError, match="running_var holds 1e"):
+        bn.load_state_dict(state)
+    np.testing.assert_array_equal(bn.running_var, np.ones(3, np.float32))   # nothing set
+    state["running_var"] = np.array([1.0, 3e38, 2.0])                   # fits float32
+    bn.load_state_dict(state)
+    assert np.isfinite(bn.running_var).all()
+
+
+def test_export_of_unsupported_zip_exits_2_without_traceback(saved, tmp_path, capsys):
     from bnfast.cli import main
     path = tmp_path / "net.npz"
     path.write_bytes(_with_central_field(saved[0], 3, 0x0001))
@@ -441,12 +422,10 @@ def test_new_defect_export_of_unsupported_zip_exits_2_without_traceback(saved, t
 
 
 # --------------------------------------------------------------------------
-# known defects (issue 11) met on the way: minimal cases, expected to fail until fixed
+# defects of issue 11 met on the way: their minimal cases
 # --------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 11: bnfast export NET.npz -o NET.npz "
-                                       "overwrites the trained network (exit 0)")
-def test_known_defect_export_refuses_to_overwrite_its_input(saved, tmp_path, capsys):
+def test_export_refuses_to_overwrite_its_input(saved, tmp_path, capsys):
     from bnfast.cli import main
     path = tmp_path / "net.npz"
     path.write_bytes(saved[0])
@@ -457,9 +436,7 @@ def test_known_defect_export_refuses_to_overwrite_its_input(saved, tmp_path, cap
 
 @pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""),
                     reason="AddressSanitizer aborts on a 35 PB allocation instead of failing")
-@pytest.mark.xfail(strict=True, reason="issue 11: declared sizes are not capped: export "
-                                       "--input-shape 1,1e8,1e8 raises MemoryError")
-def test_known_defect_export_refuses_an_absurd_input_shape(saved, tmp_path, capsys):
+def test_export_refuses_an_absurd_input_shape_in_one_line(saved, tmp_path, capsys):
     from bnfast.cli import main
     path = tmp_path / "net.npz"
     path.write_bytes(saved[0])
@@ -509,19 +486,6 @@ def run_fold(capsys, path, out):
     return code, capsys.readouterr().err
 
 
-# New defects (explicit xfail tests below): a corrupt model whose op_type is not
-# UTF-8, or whose tensor has an unknown data type, ends `bnfast fold` with a
-# traceback. Counted as "known defect" in the fuzz until fixed.
-FOLD_ESCAPES_KNOWN = True
-
-
-def known_fold_escape(code):
-    return FOLD_ESCAPES_KNOWN and (
-        isinstance(code, UnicodeDecodeError)
-        or (type(code) is ValueError and "Invalid tensor data type" in str(code))
-        or (type(code) is KeyError and len(code.args) == 1 and type(code.args[0]) is int))
-
-
 @settings(max_examples=EXAMPLES["fold_cli"], **SETTINGS)
 @given(st.data())
 def test_damaged_onnx_models_fold_or_exit_2_with_one_line(tmp_path_factory, capsys, data):
@@ -542,9 +506,6 @@ def test_damaged_onnx_models_fold_or_exit_2_with_one_line(tmp_path_factory, caps
     path.write_bytes(bytes(blob))
     COUNTS["drawn"] += 1
     code, err = run_fold(capsys, path, out)
-    if known_fold_escape(code):
-        COUNTS["known defect (fold traceback on corrupt tensors/op types)"] += 1
-        return
     assert code in (0, 2), f"bnfast fold ended with {code!r}"
     if code == 2:
         COUNTS["exit 2"] += 1
@@ -555,13 +516,8 @@ def test_damaged_onnx_models_fold_or_exit_2_with_one_line(tmp_path_factory, caps
         onnx.checker.check_model(onnx.load(str(out)))
 
 
-@pytest.mark.xfail(strict=True, reason="new: bnfast fold on a model with an unknown tensor "
-                                       "data type ends with a traceback: ValueError "
-                                       "('Invalid tensor data type 88.') from onnx.checker, "
-                                       "or KeyError: 29 from numpy_helper.to_array when the "
-                                       "checker lets it pass")
 @pytest.mark.parametrize("case", ["checker", "to_array"])
-def test_new_defect_fold_of_unknown_tensor_data_type_exits_2(tmp_path, capsys, case):
+def test_fold_of_unknown_tensor_data_type_exits_2_in_one_line(tmp_path, capsys, case):
     import onnx
     model = onnx.load_from_string(conv_bn_onnx())
     if case == "checker":
@@ -573,15 +529,14 @@ def test_new_defect_fold_of_unknown_tensor_data_type_exits_2(tmp_path, capsys, c
     path.write_bytes(model.SerializeToString())
     code, err = run_fold(capsys, path, tmp_path / "out.onnx")
     assert code == 2 and err.count("\n") == 1, repr(code)
+    assert "data type" in err and not (tmp_path / "out.onnx").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="new: bnfast fold on a model whose op_type is not "
-                                       "UTF-8 ends with a UnicodeDecodeError traceback, "
-                                       "not exit 2")
-def test_new_defect_fold_of_non_utf8_op_type_exits_2(tmp_path, capsys):
+def test_fold_of_non_utf8_op_type_exits_2_in_one_line(tmp_path, capsys):
     blob = conv_bn_onnx()
     at = blob.find(b"Conv")
     path = tmp_path / "in.onnx"
     path.write_bytes(blob[:at] + b"\xf5" + blob[at + 1:])
     code, err = run_fold(capsys, path, tmp_path / "out.onnx")
     assert code == 2 and err.count("\n") == 1, repr(code)
+    assert "UTF-8" in err

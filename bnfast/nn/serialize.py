@@ -77,6 +77,8 @@ def _read_arrays(path):
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise LoadError(f"{path} is not a readable .npz file ({short(err)})") from None
+    except (NotImplementedError, RuntimeError) as err:
+        raise _unsupported_zip(path, err) from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise LoadError(f"{path} is not a readable .npz file")
     with npz:
@@ -93,6 +95,16 @@ def _read_arrays(path):
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
             raise LoadError(f"{path} is not a readable .npz file ({short(err)})") \
                 from None
+        except (NotImplementedError, RuntimeError) as err:
+            raise _unsupported_zip(path, err) from None
+
+
+def _unsupported_zip(path, err):
+    """zipfile's answer (NotImplementedError, RuntimeError) to a compression method,
+    zip version, encryption or patched-data flag it does not support, as LoadError;
+    net.save writes none of them."""
+    return LoadError(f"{path} uses a zip feature bnfast cannot read ({short(err)}); "
+                     f"net.save writes plain stored or deflated entries")
 
 
 def _check_entry(path, archive, info):

@@ -425,6 +425,9 @@ def tensor_value(tensor):
                           f"is not loaded")
     try:
         return numpy_helper.to_array(tensor)
+    except KeyError:      # a data type this onnx does not know (the checker may pass it)
+        raise NotConstant(f"tensor '{tensor.name}' has data type {tensor.data_type}, which "
+                          f"onnx {onnx.__version__} does not know") from None
     except (ValueError, TypeError, OSError) as err:
         raise NotConstant(f"tensor '{tensor.name}' cannot be read ({err})") from None
 

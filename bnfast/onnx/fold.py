@@ -185,7 +185,14 @@ def _nested_bns(model):
 
 
 def _require_loaded_data(model):
+    """InvalidModel for a tensor whose data is not loaded or whose data type onnx
+    does not know (the basic checker lets such types through)."""
+    known = onnx.helper.get_all_tensor_dtypes()
     for tensor in model_tensors(model):
+        if tensor.data_type not in known:
+            raise InvalidModel(f"not a valid ONNX model: tensor '{tensor.name}' has data "
+                               f"type {tensor.data_type}, which onnx {onnx.__version__} "
+                               f"does not know")
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise InvalidModel(f"tensor '{tensor.name}' is stored in an external data "
                                f"file that is not loaded; load the model with onnx.load(path) "
@@ -202,9 +209,14 @@ def _validate(model):
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
         raise InvalidModel(f"not a valid ONNX model: {first_line(err)}") from None
+    except UnicodeDecodeError:   # the checker's message quotes a name that is not UTF-8
+        raise InvalidModel("not a valid ONNX model: a name or op_type is not UTF-8 "
+                           "text") from None
+    except ValueError as err:    # e.g. "Invalid tensor data type 88."
+        raise InvalidModel(f"not a valid ONNX model: {first_line(err)}") from None
     try:
         onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError):
         return False
     return True
 
