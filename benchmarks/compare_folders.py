@@ -356,6 +356,10 @@ def _version(distribution):
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
+        pass
+    try:   # importable but not installed, e.g. bnfast from a source tree on PYTHONPATH
+        return importlib.import_module(distribution).__version__
+    except (ImportError, AttributeError):
         return None
 
 
