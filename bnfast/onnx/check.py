@@ -45,7 +45,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from bnfast.onnx._isolate import ChildFailed, call_in_child, first_line
 
 __all__ = ["random_inputs", "input_shapes", "session", "run", "compare", "difference", "CheckResult",
-           "TOLERANCE", "ORT_ERRORS"]
+           "TOLERANCE", "ORT_ERRORS", "input_dependent"]
 
 DEFAULT_BATCH = 2
 SIZE_LADDER = (32, 64, 128, 224, 256, 320, 384, 448, 512, 640)
@@ -326,17 +326,17 @@ def _shared_values(a, b, follow_merged=False):
             readers.setdefault(name, []).append(node)
 
     def chain(name):
-        names = [name]
+        stands_for = [name]
         while name not in outputs:
             nodes = readers.get(name, [])
             if (len(nodes) != 1 or nodes[0].op_type not in MERGED_INTO_PRODUCER
-                    or not nodes[0].output or nodes[0].output[0] in names):
+                    or not nodes[0].output or nodes[0].output[0] in stands_for):
                 break
             name = nodes[0].output[0]
-            names.append(name)
+            stands_for.append(name)
             if name in in_b:   # compared under its own name too; the chain ends here
                 break
-        return names
+        return stands_for
     dynamic = input_dependent(a)
     return {name: chain(name) for name in names if name in dynamic}
 
