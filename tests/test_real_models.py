@@ -185,6 +185,17 @@ def test_the_table_judges_with_the_check_tolerance():
     assert not rm.compare(model, _fold_by_hand(model, bias_error=2 * allowed))["passed"]
 
 
+def test_diff_cell_gives_the_absolute_difference_of_a_tiny_tensor_that_passes_on_atol():
+    def cell(rel, abs_, passed):
+        worst = {"tensor": "p", "max_rel_diff": rel, "max_abs_diff": abs_, "rtol": 1e-4,
+                 "atol": 1e-5, "passed": passed}
+        return rm._diff_cell({"ok": True, "passed": passed, "worst": worst})
+    assert cell(3e-6, 3e-6, True) == "3.0e-06"
+    assert cell(0.2, 9e-8, True) == "2.0e-01 (abs 9e-08)"
+    assert cell(0.2, 0.2, False) == "2.0e-01 ❌ p"
+    assert cell(float("inf"), float("inf"), False) == "shape/NaN differs ❌ p"
+
+
 # --------------------------------------------------------------------------
 # inputs the original accepts
 # --------------------------------------------------------------------------
