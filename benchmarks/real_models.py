@@ -30,7 +30,6 @@ is what docs/real-models.md counts.
 """
 import argparse
 import collections
-import dataclasses
 import importlib.metadata
 import importlib.util
 import json
