@@ -24,6 +24,13 @@ difference is ``max|a - b| / max|a|``, and it passes when
 ``max|a - b| <= atol + rtol * max|a|`` (tolerances by dtype, ``TOLERANCE``,
 overridable). The worst tensor is reported by name.
 
+A tool other than bnfast may write a folded layer under the layer's own name
+(onnxsim keeps the Conv's output name, where bnfast keeps the BN's). With
+``follow_merged`` a candidate tensor may stand for the output of a node the
+original has after it (BN, Identity, elementwise, reshaping: what a folder
+merges into the layer before it): it passes when it equals one of them, and
+constants are left out (a folder may rewrite one under its own name).
+
 ``run`` and ``difference`` also serve ``bnfast export --check`` and ``bnfast
 demo``, which compare one model with bnfast's own forward instead of a second
 model (the "export" tolerances: numpy and onnxruntime sum in different orders).
@@ -38,7 +45,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from bnfast.onnx._isolate import ChildFailed, call_in_child, first_line
 
 __all__ = ["random_inputs", "input_shapes", "session", "run", "compare", "difference", "CheckResult",
-           "TOLERANCE", "ORT_ERRORS"]
+           "TOLERANCE", "ORT_ERRORS", "input_dependent"]
 
 DEFAULT_BATCH = 2
 SIZE_LADDER = (32, 64, 128, 224, 256, 320, 384, 448, 512, 640)
@@ -240,7 +247,8 @@ class CheckResult:
 
 
 def compare(reference, candidate, *, dims=None, seed=0, rtol=None, atol=None, feeds=None,
-            isolate=True, intermediates=True, budget=INPUT_BUDGET):
+            isolate=True, intermediates=True, budget=INPUT_BUDGET, follow_merged=False,
+            timeout=None):
     """Run both models (ModelProto or path) on the same random inputs and compare
     every tensor they share (graph outputs, and with `intermediates` every other
     value both compute; models given as paths compare graph outputs only).
@@ -248,17 +256,20 @@ def compare(reference, candidate, *, dims=None, seed=0, rtol=None, atol=None, fe
     dims : {symbolic dimension name: size}; rtol, atol : override the per-dtype
     tolerances. The input shapes are taken from `reference` (ladder and budget
     as the module says) unless `feeds` is given. ``isolate`` runs onnxruntime
-    in a child process. Raises ValueError when the inputs cannot be built or
-    exceed the budget, and RuntimeError when onnxruntime cannot run a model on
-    them (or crashes).
+    in a child process (``timeout``: seconds it may stay silent). With
+    ``follow_merged`` a candidate tensor may equal a reference tensor further
+    down a chain of merged nodes (the module says which); it is named
+    "NAME (as OTHER)" when it matched OTHER. Raises ValueError when the inputs
+    cannot be built or exceed the budget, and RuntimeError when onnxruntime
+    cannot run a model on them (or crashes).
     """
     def load(source):
         return source if isinstance(source, onnx.ModelProto) else \
             onnx.load(str(source), load_external_data=False)
 
     ref_model = load(reference)
-    shared = _shared_values(ref_model, load(candidate)) if intermediates and all(
-        isinstance(m, onnx.ModelProto) for m in (reference, candidate)) else []
+    shared = _shared_values(ref_model, load(candidate), follow_merged) if intermediates and \
+        all(isinstance(m, onnx.ModelProto) for m in (reference, candidate)) else {}
     if feeds is None:
         plans = [("shapes", rung) for rung in input_ladder(ref_model, dims, budget)]
     else:
@@ -269,20 +280,65 @@ def compare(reference, candidate, *, dims=None, seed=0, rtol=None, atol=None, fe
     if not isolate:
         return CheckResult(**_compare_here(lambda text: None, *args))
     try:
-        return CheckResult(**call_in_child(_compare_here, *args))
+        return CheckResult(**call_in_child(_compare_here, *args, timeout=timeout))
     except ChildFailed as err:
         if not err.started:
             return CheckResult(**_compare_here(lambda text: None, *args))
         raise RuntimeError(f"onnxruntime crashed: {err}") from None
 
 
-def _shared_values(a, b):
-    """Names computed by nodes of both main graphs, other than graph outputs."""
+# the nodes a folder may merge into the layer before them, keeping the layer's output name
+MERGED_INTO_PRODUCER = {"BatchNormalization", "Identity", "Add", "Sub", "Mul", "Div",
+                        "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+def input_dependent(model):
+    """Names of the main graph's tensors whose value depends on an input a caller feeds.
+
+    Nodes are in topological order in a valid model; a node with a subgraph counts
+    as input-dependent (it may read any outer tensor).
+    """
+    dynamic = {v.name for v in _feeds(model)}
+    for node in model.graph.node:
+        has_subgraph = any(a.HasField("g") or len(a.graphs) for a in node.attribute)
+        if has_subgraph or any(i in dynamic for i in node.input):
+            dynamic.update(o for o in node.output if o)
+    return dynamic
+
+
+def _shared_values(a, b, follow_merged=False):
+    """{name: [names in `a` it may stand for]} for the values computed by nodes of
+    both main graphs, other than graph outputs, sorted by name.
+
+    The list is [name], or with `follow_merged`, name and then, while its one reader
+    in `a` is a node of MERGED_INTO_PRODUCER, that node's output, down to a graph
+    output or the first one `b` also computes; constants are then left out."""
     def computed(model):
         return {name for node in model.graph.node for name in node.output if name}
     outputs = {o.name for o in a.graph.output}
     in_b = computed(b)
-    return sorted(name for name in computed(a) if name in in_b and name not in outputs)
+    names = sorted(name for name in computed(a) if name in in_b and name not in outputs)
+    if not follow_merged:
+        return {name: [name] for name in names}
+    readers = {}
+    for node in a.graph.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+
+    def chain(name):
+        stands_for = [name]
+        while name not in outputs:
+            nodes = readers.get(name, [])
+            if (len(nodes) != 1 or nodes[0].op_type not in MERGED_INTO_PRODUCER
+                    or not nodes[0].output or nodes[0].output[0] in stands_for):
+                break
+            name = nodes[0].output[0]
+            stands_for.append(name)
+            if name in in_b:   # compared under its own name too; the chain ends here
+                break
+        return stands_for
+    dynamic = input_dependent(a)
+    return {name: chain(name) for name in names if name in dynamic}
 
 
 def _with_outputs(source, names):
@@ -303,7 +359,8 @@ def _compare_here(note, sources, shared, plans, seed, rtol, atol):
     onnxruntime cannot load fails at once instead of on every size."""
     reference, candidate = sources
     graph_outputs = _graph_output_names(reference)
-    ref_session = _session_or_explain("the original model", reference, shared)
+    wanted = sorted({n for chain in shared.values() for n in chain} - set(graph_outputs))
+    ref_session = _session_or_explain("the original model", reference, wanted)
     tried, feeds, expected = [], None, None
     for kind, plan in plans:
         feeds = plan if kind == "feeds" else _random(plan, seed)
@@ -323,19 +380,21 @@ def _compare_here(note, sources, shared, plans, seed, rtol, atol):
     augmented = set(expected) > set(graph_outputs)
     note(f"running the folded model on inputs {_describe_feeds(feeds)}")
     cand_session = _session_or_explain("the folded model", candidate,
-                                       shared if augmented else [], fallback=False)
+                                       sorted(shared) if augmented else [], fallback=False)
     try:
         got = run(cand_session, feeds)
     except ORT_ERRORS as err:
         raise RuntimeError(f"onnxruntime cannot run the folded model on random inputs "
                            f"({_describe_feeds(feeds)}): {first_line(err)}") from None
     results = {}
-    for name, a in expected.items():
+    for name in graph_outputs + (sorted(shared) if augmented else []):
         if name not in got:
             if name in graph_outputs:
                 raise RuntimeError(f"the folded model has no output '{name}'")
             continue
-        results[name] = difference(a, got[name], rtol, atol)
+        label, results_for = _closest(name, got[name], shared.get(name, [name]), expected,
+                                      rtol, atol)
+        results[label] = results_for
     outputs = {n: results[n] for n in graph_outputs if n in results}
     worst_name = max(results, key=lambda n: (not results[n]["passed"],
                                              results[n]["max_rel_diff"]), default=None)
@@ -352,6 +411,23 @@ def _compare_here(note, sources, shared, plans, seed, rtol, atol):
         input_shapes={k: list(v.shape) for k, v in feeds.items()},
         worst=worst, tensors_compared=len(results),
         sizes_tried=[_describe_feeds(f) for f, _ in tried] or None)
+
+
+def _closest(name, value, chain, expected, rtol, atol):
+    """(label, difference) of `value` against the first tensor of `chain` it matches,
+    else the closest one; label is "name (as other)" for a match further down. One
+    further down may be behind a Squeeze or Reshape: the same data in another shape."""
+    tried = []
+    for i, other in enumerate(c for c in chain if c in expected):
+        ref = expected[other]
+        got = value
+        if i > 0 and ref.shape != got.shape and ref.size == got.size:
+            got = got.reshape(ref.shape)
+        result = difference(ref, got, rtol, atol)
+        tried.append((name if other == name else f"{name} (as {other})", result))
+        if result["passed"]:
+            return tried[-1]
+    return min(tried, key=lambda t: (t[1]["max_rel_diff"], t[1]["max_abs_diff"]))
 
 
 def _session_or_explain(what, source, extra_outputs, fallback=True):
