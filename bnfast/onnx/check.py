@@ -230,7 +230,7 @@ ORT_ERRORS = tuple(cls for cls in vars(ort_errors).values()
 class CheckResult:
     """Differences between a reference model and a candidate on the same inputs.
     ``max_abs_diff`` and ``max_rel_diff`` are over every tensor compared;
-    ``worst`` names the tensor with the largest relative difference."""
+    ``worst`` names the tensor closest to its tolerance (largest max|a-b| / allowed)."""
     max_abs_diff: float
     max_rel_diff: float
     passed: bool
@@ -397,7 +397,7 @@ def _compare_here(note, sources, shared, plans, seed, rtol, atol):
         results[label] = results_for
     outputs = {n: results[n] for n in graph_outputs if n in results}
     worst_name = max(results, key=lambda n: (not results[n]["passed"],
-                                             results[n]["max_rel_diff"]), default=None)
+                                             _share_of_tolerance(results[n])), default=None)
     worst = None if worst_name is None else {
         "tensor": worst_name, "max_abs_diff": results[worst_name]["max_abs_diff"],
         "max_rel_diff": results[worst_name]["max_rel_diff"],
@@ -454,6 +454,15 @@ def _graph_output_names(source):
 
 def _describe_feeds(feeds):
     return ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+
+
+def _share_of_tolerance(result):
+    """max |a - b| as a share of what the tensor's tolerance allows: the tensor
+    closest to failing has the largest (a tiny Sigmoid output with a large
+    relative but a negligible absolute difference does not)."""
+    if result["allowed"] > 0:
+        return result["max_abs_diff"] / result["allowed"]
+    return 0.0 if result["max_abs_diff"] == 0 else float("inf")
 
 
 def difference(expected, got, rtol=None, atol=None, kind="fold"):
