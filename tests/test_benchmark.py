@@ -119,6 +119,8 @@ def test_a_run_leaves_bnfast_following_openmp_when_it_was():
     assert bnfast.get_num_threads() == default
 
 
+@pytest.mark.skipif(not bnfast.openmp_enabled(),
+                    reason="serial build: there is no thread count to set")
 def test_a_run_restores_an_explicit_thread_count():
     bnfast.set_num_threads(None)
     explicit = bnfast.get_num_threads() + 2
