@@ -256,6 +256,8 @@ def float_dtype(dtype, name="dtype"):
 
 def check_not_masked(a, name):
     """TypeError for a numpy.ma.MaskedArray: the kernels would ignore its mask."""
+    if type(a) is np.ndarray:   # the common case, without touching np.ma (a lazy import)
+        return
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name} is a numpy.ma.MaskedArray, whose mask bnfast would ignore; "
                         f"pass {name}.filled(value) to choose what masked entries hold, "

@@ -227,15 +227,29 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
 def _may_span_the_range(dtype, mean, invstd, weight, bias, M):
     """True if some channel's values may lie farther than half dtype's largest value
     from the point the kernel subtracts (its mean, shifted by bias / (weight *
-    invstd)): |x - mean| <= sqrt(M) / invstd bounds the spread. Per channel, in
-    double; false alarms only cost a float64 recomputation."""
+    invstd)): |x - mean| <= sqrt(M) / invstd bounds the spread. A bound over all
+    channels first (a few scalar reductions: the common case ends there), then per
+    channel in double; false alarms only cost a float64 recomputation."""
+    third = _HALF_MAX[dtype] / 3   # three terms, each under a third: their sum is safe
+    inv_min = float(invstd.min())
+    reach_ok = (inv_min > 0 and math.sqrt(M) / inv_min < third
+                and -third < float(mean.min()) and float(mean.max()) < third)
+    if reach_ok and bias is not None:
+        b = max(-float(bias.min()), float(bias.max()))
+        w = 1.0 if weight is None else float(np.abs(weight).min())
+        reach_ok = b == 0 or (w > 0 and b / (w * inv_min) < third)
+    if reach_ok:
+        return False
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         inv = invstd.astype(np.float64)
         reach = np.abs(mean.astype(np.float64)) + math.sqrt(M) / inv
         if bias is not None:
             w = np.ones(1) if weight is None else np.abs(weight.astype(np.float64))
             reach += np.where(w > 0, np.abs(bias.astype(np.float64)) / (w * inv), 0.0)
-        return bool((reach > np.finfo(dtype).max / 2).any())
+        return bool((reach > _HALF_MAX[dtype]).any())
+
+
+_HALF_MAX = {np.dtype(t): float(np.finfo(t).max) / 2 for t in (np.float32, np.float64)}
 
 
 def _normalised_in_double(x, axis, weight, bias, eps):
