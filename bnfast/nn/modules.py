@@ -63,6 +63,19 @@ def _window_count(size, kernel, stride, padding):
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def _windows(input_shape, kernel, stride, padding):
+    """(N, C, Ho, Wo, values of the padded copy or 0) of a square window slid over an
+    (N, C, H, W) input, or None when the shape is not 4-D or no window fits."""
+    if len(input_shape) != 4:
+        return None
+    N, C, H, W = input_shape
+    Ho, Wo = (_window_count(n, kernel, stride, padding) for n in (H, W))
+    if Ho < 1 or Wo < 1:
+        return None
+    padded = N * C * (H + 2 * padding) * (W + 2 * padding) if padding else 0
+    return N, C, Ho, Wo, padded
+
+
 def _out_size(size, kernel, stride, padding, layer):
     out = _window_count(size, kernel, stride, padding)
     if out < 1:
@@ -123,14 +136,11 @@ class Conv2d(Module):
             dict(kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p])
 
     def forward_size(self, input_shape):
-        if len(input_shape) != 4:
+        windows = _windows(input_shape, self.kernel_size, self.stride, self.padding)
+        if windows is None:
             return None
-        N, C, H, W = input_shape
-        k, s, p = self.kernel_size, self.stride, self.padding
-        Ho, Wo = _window_count(H, k, s, p), _window_count(W, k, s, p)
-        if Ho < 1 or Wo < 1:
-            return None
-        padded = N * C * (H + 2 * p) * (W + 2 * p) if p else 0
+        N, C, Ho, Wo, padded = windows
+        k = self.kernel_size
         cols = N * Ho * Wo * C * k * k
         y = N * Ho * Wo * self.out_channels    # the product, then its NCHW copy
         return (N, self.out_channels, Ho, Wo), padded + cols + 2 * y
@@ -275,14 +285,11 @@ class MaxPool2d(Module):
         return "MaxPool", [], dict(kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p])
 
     def forward_size(self, input_shape):
-        if len(input_shape) != 4:
+        geometry = _windows(input_shape, self.kernel_size, self.stride, self.padding)
+        if geometry is None:
             return None
-        N, C, H, W = input_shape
-        k, s, p = self.kernel_size, self.stride, self.padding
-        Ho, Wo = _window_count(H, k, s, p), _window_count(W, k, s, p)
-        if Ho < 1 or Wo < 1:
-            return None
-        padded = N * C * (H + 2 * p) * (W + 2 * p) if p else 0
+        N, C, Ho, Wo, padded = geometry
+        k = self.kernel_size
         windows = N * C * Ho * Wo * k * k       # the windows, copied by reshape
         return (N, C, Ho, Wo), padded + windows + 2 * N * C * Ho * Wo   # argmax and y
 
