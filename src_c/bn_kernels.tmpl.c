@@ -658,7 +658,7 @@ static inline void FN(add_slice_backward_sums)(double *a, double *b, const real 
 static void FN(group_backward_sums_cf)(double *sum_dy, double *sum_dy_xhat,
                                        const real *dy, const real *x, const double *mean,
                                        const double *invstd, int64_t N, int64_t C, int64_t S,
-                                       int64_t c0, int64_t g)
+                                       int64_t c0, int64_t g, int in_double)
 {
     real pivot[MAX_GROUP];
     for (int64_t c = c0; c < c0 + g; c++) {
@@ -668,13 +668,19 @@ static void FN(group_backward_sums_cf)(double *sum_dy, double *sum_dy_xhat,
     for (int64_t n = 0; n < N; n++) {
         for (int64_t c = c0; c < c0 + g; c++) {
             int64_t offset = (n * C + c) * S;
-            FN(add_slice_backward_sums)(&sum_dy[c], &sum_dy_xhat[c], dy + offset, x + offset,
-                                        pivot[c - c0], S);
+            if (in_double) {
+                FN(add_slice_backward_sums_double)(&sum_dy[c], &sum_dy_xhat[c], dy + offset,
+                                                   x + offset, (double)pivot[c - c0], S);
+            } else {
+                FN(add_slice_backward_sums)(&sum_dy[c], &sum_dy_xhat[c], dy + offset,
+                                            x + offset, pivot[c - c0], S);
+            }
         }
     }
     for (int64_t c = c0; c < c0 + g; c++) {
         /* products that overflowed `real`: this channel again, in double */
-        if (sizeof(real) < sizeof(double) && !(isfinite(sum_dy[c]) && isfinite(sum_dy_xhat[c]))) {
+        if (!in_double && sizeof(real) < sizeof(double)
+                && !(isfinite(sum_dy[c]) && isfinite(sum_dy_xhat[c]))) {
             sum_dy[c] = sum_dy_xhat[c] = 0.0;
             for (int64_t n = 0; n < N; n++) {
                 int64_t offset = (n * C + c) * S;
@@ -826,7 +832,7 @@ static void FN(backward_reduce_planes_share)(double *partial, int64_t stride,
 static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
                                       const real *dy, const real *x,
                                       const double *mean, const double *invstd,
-                                      int64_t N, int64_t C, int64_t S, int nt)
+                                      int64_t N, int64_t C, int64_t S, int nt, int in_double)
 {
     int64_t stride;   /* each thread's 2C partials, then the C pivots */
     double *partial = alloc_partials(nt + 1, 2 * C, &stride);
@@ -834,11 +840,12 @@ static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
     real *pivot = (real *)(partial + stride * nt);
     for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
 
-    ON_THREADS(nt, FN(backward_reduce_planes_share)(partial, stride, dy, x, pivot, N, C, S, 0));
+    ON_THREADS(nt, FN(backward_reduce_planes_share)(partial, stride, dy, x, pivot, N, C, S,
+                                                    in_double));
     sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
 
     /* products that overflowed `real`: all of them again, in double */
-    if (sizeof(real) < sizeof(double) && !all_finite(sum_dy, sum_dy_xhat, C)) {
+    if (!in_double && sizeof(real) < sizeof(double) && !all_finite(sum_dy, sum_dy_xhat, C)) {
         memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
         ON_THREADS(nt, FN(backward_reduce_planes_share)(partial, stride, dy, x, pivot,
                                                         N, C, S, 1));
@@ -857,44 +864,47 @@ static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
 static void FN(backward_reduce_cf_share)(double *sum_dy, double *sum_dy_xhat,
                                          const real *dy, const real *x, const double *mean,
                                          const double *invstd, int64_t N, int64_t C,
-                                         int64_t S, int64_t g)
+                                         int64_t S, int64_t g, int in_double)
 {
     #pragma omp for schedule(static)
     for (int64_t c0 = 0; c0 < C; c0 += g) {
         FN(group_backward_sums_cf)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, c0,
-                                   c0 + g <= C ? g : C - c0);
+                                   c0 + g <= C ? g : C - c0, in_double);
     }
 }
 
-/* bn_backward_reduce on a team of nt threads. */
+/* bn_backward_reduce on a team of nt threads. With in_double, channels-first
+ * slices are summed in double (the step-wise call, whose sums other processes
+ * merge); else in runs of `real` (the fused backward). */
 static int FN(backward_reduce_on)(double *sum_dy, double *sum_dy_xhat,
                                   const real *dy, const real *x,
                                   const double *mean, const double *invstd,
-                                  int64_t N, int64_t C, int64_t S, int nt)
+                                  int64_t N, int64_t C, int64_t S, int nt, int in_double)
 {
     if (S == 1) {
         return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, nt);
     }
     if (walk_planes(N, C, S, nt, sizeof(real), 2)) {
         return FN(backward_reduce_planes)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
-                                          nt);
+                                          nt, in_double);
     }
     int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
     ON_THREADS(nt, FN(backward_reduce_cf_share)(sum_dy, sum_dy_xhat, dy, x, mean, invstd,
-                                                N, C, S, g));
+                                                N, C, S, g, in_double));
     return 0;
 }
 
 /* The two reductions of backward, per channel over N and S:
  *   sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean) * invstd)
- * They are dbias and dweight. dy, x: (N, C, S); the rest (C,) double. */
+ * They are dbias and dweight. dy, x: (N, C, S); the rest (C,) double. Sums of
+ * channels-first slices are taken in double: processes merge them (SyncBN). */
 int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
                            const real *dy, const real *x,
                            const double *mean, const double *invstd,
                            int64_t N, int64_t C, int64_t S, int n_threads)
 {
     int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_REDUCE);
-    return FN(backward_reduce_on)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, nt);
+    return FN(backward_reduce_on)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, nt, 1);
 }
 
 /* One thread's share of backward_apply_cl: its rows of
@@ -996,7 +1006,7 @@ static void FN(backward_cf_share)(real *dx, double *sum_dy, double *sum_dy_xhat,
     for (int64_t c0 = 0; c0 < C; c0 += g) {
         const int64_t c1 = c0 + g <= C ? c0 + g : C;
         FN(group_backward_sums_cf)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, c0,
-                                   c1 - c0);
+                                   c1 - c0, 0);
         real k[MAX_GROUP], pivot[MAX_GROUP], q[MAX_GROUP], offset[MAX_GROUP];
         for (int64_t c = c0; c < c1; c++) {
             FN(dx_pivot_form)(&k[c - c0], &pivot[c - c0], &q[c - c0], &offset[c - c0],
@@ -1038,7 +1048,7 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
         /* channels-last, short slices or few channels: the two reductions,
          * then one pass for dx */
         if (FN(backward_reduce_on)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
-                                   nt) != 0) {
+                                   nt, 0) != 0) {
             free(scratch);
             return -1;
         }
