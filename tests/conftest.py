@@ -1,4 +1,5 @@
 """Shared fixtures: shapes and layouts that stress the kernels, and the torch gate."""
+import json
 import os
 
 import numpy as np
@@ -93,3 +94,14 @@ def isa(request):
     _runtime.set_isa(request.param)
     yield request.param
     _runtime.set_isa(before)
+
+
+def write_npz(path, description, arrays):
+    """A bnfast.nn save file written by hand: `arrays` and the JSON `description`
+    (a dict, or text as it is; None leaves it out), to test what nn.load refuses."""
+    entries = dict(arrays)
+    if description is not None:
+        entries["__bnfast_net__"] = np.array(
+            description if isinstance(description, str) else json.dumps(description))
+    with open(path, "wb") as f:
+        np.savez(f, **entries)

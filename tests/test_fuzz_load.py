@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bnfast import nn
 
+from conftest import write_npz
 from test_fuzz_functional import SCALE, report_line
 
 COUNTS = collections.Counter()
@@ -80,15 +81,6 @@ def saved(tmp_path_factory):
         arrays = {k: f[k] for k in f.files}
     description = json.loads(str(arrays.pop("__bnfast_net__")))
     return Saved((path.read_bytes(), description, arrays, net))
-
-
-def write_npz(path, description, arrays):
-    entries = dict(arrays)
-    if description is not None:
-        entries["__bnfast_net__"] = np.array(
-            description if isinstance(description, str) else json.dumps(description))
-    with open(path, "wb") as f:
-        np.savez(f, **entries)
 
 
 def try_load(path):

@@ -12,7 +12,7 @@ import pytest
 import bnfast
 from bnfast import nn
 
-from conftest import numerical_gradient
+from conftest import numerical_gradient, write_npz
 
 RNG = np.random.default_rng(0)
 
@@ -434,15 +434,6 @@ def test_save_to_missing_directory_fails_without_writing(tmp_path):
     assert not (tmp_path / "missing").exists()
 
 
-def _write_npz(path, description, arrays):
-    entries = dict(arrays)
-    if description is not None:
-        entries["__bnfast_net__"] = np.array(
-            description if isinstance(description, str) else json.dumps(description))
-    with open(path, "wb") as f:
-        np.savez(f, **entries)
-
-
 def _saved(tmp_path):
     """A valid saved net: (description, arrays) to tamper with."""
     path = tmp_path / "good.npz"
@@ -456,7 +447,7 @@ def _saved(tmp_path):
 def test_load_rejects_unknown_layer_type(tmp_path):
     description, arrays = _saved(tmp_path)
     description["net"]["layers"][2]["type"] = "os.system"
-    _write_npz(tmp_path / "bad.npz", description, arrays)
+    write_npz(tmp_path / "bad.npz", description, arrays)
     with pytest.raises(nn.LoadError, match="layer 2 has unknown type 'os.system'"):
         nn.load(tmp_path / "bad.npz")
 
@@ -464,7 +455,7 @@ def test_load_rejects_unknown_layer_type(tmp_path):
 def test_load_rejects_array_shapes_that_do_not_match_the_architecture(tmp_path):
     description, arrays = _saved(tmp_path)
     arrays["0.weight"] = arrays["0.weight"][:2]
-    _write_npz(tmp_path / "bad.npz", description, arrays)
+    write_npz(tmp_path / "bad.npz", description, arrays)
     with pytest.raises(nn.LoadError, match=r"array 0.weight has shape \(2, 2, 3, 3\)"):
         nn.load(tmp_path / "bad.npz")
 
@@ -473,7 +464,7 @@ def test_load_rejects_missing_and_unexpected_arrays(tmp_path):
     description, arrays = _saved(tmp_path)
     del arrays["1.running_var"]
     arrays["99.weight"] = np.zeros(3)
-    _write_npz(tmp_path / "bad.npz", description, arrays)
+    write_npz(tmp_path / "bad.npz", description, arrays)
     with pytest.raises(nn.LoadError, match=r"missing \['1.running_var'\], unexpected "
                                            r"\['99.weight'\]"):
         nn.load(tmp_path / "bad.npz")
@@ -482,7 +473,7 @@ def test_load_rejects_missing_and_unexpected_arrays(tmp_path):
 def test_load_rejects_huge_layers_without_allocating_them(tmp_path):
     description, arrays = _saved(tmp_path)
     description["net"]["layers"][9]["in_features"] = 10 ** 12
-    _write_npz(tmp_path / "bad.npz", description, arrays)
+    write_npz(tmp_path / "bad.npz", description, arrays)
     with pytest.raises(nn.LoadError, match="9.weight has shape"):
         nn.load(tmp_path / "bad.npz")
 
@@ -498,7 +489,7 @@ def test_load_rejects_bad_layer_arguments(tmp_path, field, value, message):
     description["net"]["layers"][3][field] = value          # the MaxPool2d
     if field == "dtype":
         description["net"]["layers"][0][field] = value      # a Conv2d
-    _write_npz(tmp_path / "bad.npz", description, arrays)
+    write_npz(tmp_path / "bad.npz", description, arrays)
     with pytest.raises(nn.LoadError, match=message):
         nn.load(tmp_path / "bad.npz")
 
@@ -507,7 +498,7 @@ def test_load_rejects_non_finite_arrays(tmp_path):
     description, arrays = _saved(tmp_path)
     arrays["4.bias"] = arrays["4.bias"].copy()
     arrays["4.bias"][0] = np.nan
-    _write_npz(tmp_path / "bad.npz", description, arrays)
+    write_npz(tmp_path / "bad.npz", description, arrays)
     with pytest.raises(nn.LoadError, match="4.bias contains NaN"):
         nn.load(tmp_path / "bad.npz")
 
@@ -521,7 +512,7 @@ def test_load_rejects_non_finite_arrays(tmp_path):
     ({"format": "bnfast.nn", "version": 1, "net": {"type": "Graph"}}, "must be a Sequential"),
 ])
 def test_load_rejects_malformed_descriptions(tmp_path, description, message):
-    _write_npz(tmp_path / "bad.npz", description, {})
+    write_npz(tmp_path / "bad.npz", description, {})
     with pytest.raises(nn.LoadError, match=message):
         nn.load(tmp_path / "bad.npz")
 
@@ -608,7 +599,7 @@ def test_load_rejects_a_negative_batch_count(tmp_path):
     # loaded, it made momentum=None training divide by zero
     description, arrays = _saved(tmp_path)
     arrays["5.num_batches_tracked"] = np.array(-1, np.int64)
-    _write_npz(tmp_path / "bad.npz", description, arrays)
+    write_npz(tmp_path / "bad.npz", description, arrays)
     with pytest.raises(nn.LoadError, match="num_batches_tracked counts batches, so it must be "
                                            "an integer >= 0 .* got -1"):
         nn.load(tmp_path / "bad.npz")
