@@ -70,11 +70,7 @@ def _check_backward_args(dy, x, weight, save_mean, save_invstd, axis, out):
     x = V.as_float_array(x, "x")
     dy = V.as_float_array(dy, "dy")
     axis = V.channel_axis(axis, x.ndim)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy is {dy.dtype} but x is {x.dtype}; pass both in one dtype, "
-                        f"e.g. dy.astype(x.dtype)")
+    V.check_like_x(dy, "dy", x)
     C = x.shape[axis]
     weight = V.as_channel_param(weight, "weight", C, x.dtype)
     for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
