@@ -113,6 +113,17 @@ class _Block(Block):
         return y, self.stored(y), out
 
 
+def _x_and_affine(x, weight, bias, axis):
+    """x on its GPU, the channel axis, and weight and bias as (C,) arrays of x's
+    dtype on x's GPU (None stays None): the first checks of train and infer."""
+    x = V.device_tensor(x, "x")
+    axis = _validation.channel_axis(axis, x.ndim)
+    C = x.shape[axis]
+    weight = V.channel_param(weight, "weight", C, x.dtype, x.device.id)
+    bias = V.channel_param(bias, "bias", C, x.dtype, x.device.id)
+    return x, axis, weight, bias
+
+
 def _check_dy(dy, x):
     """dy: x's shape, x's dtype, x's GPU."""
     _validation.check_like_x(dy, "dy", x)
@@ -135,12 +146,8 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     """bnfast.functional.batch_norm_train on the GPU (see there)."""
     V.check_same_backend(x=x, weight=weight, bias=bias, running_mean=running_mean,
                          running_var=running_var, out=out)
-    x = V.device_tensor(x, "x")
-    device_id = x.device.id
-    axis = _validation.channel_axis(axis, x.ndim)
-    C = x.shape[axis]
-    weight = V.channel_param(weight, "weight", C, x.dtype, device_id)
-    bias = V.channel_param(bias, "bias", C, x.dtype, device_id)
+    x, axis, weight, bias = _x_and_affine(x, weight, bias, axis)
+    device_id, C = x.device.id, x.shape[axis]
     if (running_mean is None) != (running_var is None):
         raise ValueError("pass both running_mean and running_var, or neither")
     running = running_mean is not None
@@ -200,12 +207,8 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
     """bnfast.functional.batch_norm_infer on the GPU (see there)."""
     V.check_same_backend(x=x, weight=weight, bias=bias, running_mean=running_mean,
                          running_var=running_var, out=out)
-    x = V.device_tensor(x, "x")
-    device_id = x.device.id
-    axis = _validation.channel_axis(axis, x.ndim)
-    C = x.shape[axis]
-    weight = V.channel_param(weight, "weight", C, x.dtype, device_id)
-    bias = V.channel_param(bias, "bias", C, x.dtype, device_id)
+    x, axis, weight, bias = _x_and_affine(x, weight, bias, axis)
+    device_id, C = x.device.id, x.shape[axis]
     if running_mean is None or running_var is None:
         raise ValueError("inference needs running_mean and running_var; without running "
                          "statistics use batch_norm_train")
