@@ -191,9 +191,6 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     save_invstd = np.empty(C, dtype=x.dtype)
     if C == 0:
         return _finish(y, copy_to), save_mean, save_invstd
-    in_place = np.may_share_memory(y, x)
-    if in_place and running_mean is not None:
-        before = running_mean.copy(), running_var.copy()
     status = _kernels.forward_train(y_stored, save_mean, save_invstd, running_mean, running_var,
                                     block.x, weight, bias, block.N, C, block.S, eps, momentum,
                                     get_num_threads())
@@ -210,60 +207,7 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
             + (f", or (eps=0) a variance too small for 1/sqrt(var) to fit {x.dtype}"
                if eps == 0 else "")
             + "; running statistics were left unchanged")
-    if _may_span_the_range(x.dtype, save_mean, save_invstd, weight, bias, block.N * block.S):
-        # rare: x - pivot may have overflowed x's dtype in the kernel; normalise again
-        # from x, in float64 (impossible once x was overwritten)
-        if in_place:
-            if running_mean is not None:
-                running_mean[...], running_var[...] = before
-            raise FloatingPointError(
-                f"the batch spans more than {x.dtype}'s range (x - mean may overflow), and "
-                f"out is x, so x was overwritten; pass out=None or a separate out, or use "
-                f"float64; running statistics were left unchanged")
-        np.copyto(y, _normalised_in_double(x, axis, weight, bias, eps), casting="same_kind")
     return _finish(y, copy_to), save_mean, save_invstd
-
-
-def _may_span_the_range(dtype, mean, invstd, weight, bias, M):
-    """True if some channel's values may lie farther than half dtype's largest value
-    from the point the kernel subtracts (its mean, shifted by bias / (weight *
-    invstd)): |x - mean| <= sqrt(M) / invstd bounds the spread. A bound over all
-    channels first (a few scalar reductions: the common case ends there), then per
-    channel in double; false alarms only cost a float64 recomputation."""
-    third = _HALF_MAX[dtype] / 3   # three terms, each under a third: their sum is safe
-    inv_min = float(invstd.min())
-    reach_ok = (inv_min > 0 and math.sqrt(M) / inv_min < third
-                and -third < float(mean.min()) and float(mean.max()) < third)
-    if reach_ok and bias is not None:
-        b = max(-float(bias.min()), float(bias.max()))
-        w = 1.0 if weight is None else float(np.abs(weight).min())
-        reach_ok = b == 0 or (w > 0 and b / (w * inv_min) < third)
-    if reach_ok:
-        return False
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        inv = invstd.astype(np.float64)
-        reach = np.abs(mean.astype(np.float64)) + math.sqrt(M) / inv
-        if bias is not None:
-            w = np.ones(1) if weight is None else np.abs(weight.astype(np.float64))
-            reach += np.where(w > 0, np.abs(bias.astype(np.float64)) / (w * inv), 0.0)
-        return bool((reach > _HALF_MAX[dtype]).any())
-
-
-_HALF_MAX = {np.dtype(t): float(np.finfo(t).max) / 2 for t in (np.float32, np.float64)}
-
-
-def _normalised_in_double(x, axis, weight, bias, eps):
-    """y of batch_norm_train computed in float64 with numpy (the rare path above)."""
-    x64 = np.moveaxis(x.astype(np.float64), axis, -1)
-    rows = x64.reshape(-1, x64.shape[-1])
-    mean = rows.mean(axis=0)
-    invstd = 1.0 / np.sqrt(((rows - mean) ** 2).mean(axis=0) + eps)
-    y = (x64 - mean) * invstd
-    if weight is not None:
-        y = y * weight.astype(np.float64)
-    if bias is not None:
-        y = y + bias.astype(np.float64)
-    return np.moveaxis(y, -1, axis)
 
 
 def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=1e-5,
@@ -308,32 +252,6 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
     return _finish(y, copy_to)
 
 
-def _xhat_term_underflows(dtype, weight, invstd):
-    """True when backward could lose the xhat term: the kernels fold
-    weight * invstd**2 * mean(dy * xhat) into one coefficient of x's dtype, which
-    underflows for data of huge spread (float32 |x| ~ 1e25: invstd**2 ~ 1e-50;
-    float64 |x| ~ 1e150). Checked per channel in double: float32 calls are then
-    redone in float64, float64 calls on data rescaled by powers of two."""
-    w = np.ones(1) if weight is None else np.abs(weight.astype(np.float64))
-    c = w * invstd.astype(np.float64) ** 2
-    limit = 2.0 ** -60 if dtype == np.float32 else 2.0 ** -900
-    return bool(((c > 0) & (c < limit)).any())
-
-
-def _backward_rescaled(dy, x, weight, save_mean, save_invstd, axis):
-    """float64 backward of data whose spread is huge: x, mean scaled per channel
-    by s = a power of two near invstd (exact), invstd by 1/s; xhat, dweight and
-    dbias are unchanged and dx = dx' * s."""
-    _, exponent = np.frexp(save_invstd)
-    s = np.ldexp(1.0, np.where(np.isfinite(save_invstd) & (save_invstd > 0), exponent - 1, 0))
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    dx, dweight, dbias = batch_norm_backward(dy, x * s.reshape(shape), weight,
-                                             save_mean * s, save_invstd / s, axis=axis)
-    dx *= s.reshape(shape)
-    return dx, dweight, dbias
-
-
 def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=None):
     """Backward of ``batch_norm_train``.
 
@@ -368,19 +286,6 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
     V.check_disjoint([("out", out)], [("weight", weight), ("save_mean", save_mean),
                                       ("save_invstd", save_invstd)])
-    if x.size and _xhat_term_underflows(x.dtype, weight, save_invstd):
-        # rare: redo in float64, or rescaled (inputs are copied first, so out may be
-        # x or dy)
-        if x.dtype == np.float64:
-            dx64, dweight64, dbias64 = _backward_rescaled(dy.copy(), x, weight, save_mean,
-                                                          save_invstd, axis)
-        else:
-            dx64, dweight64, dbias64 = batch_norm_backward(
-                dy.astype(np.float64), x.astype(np.float64),
-                None if weight is None else weight.astype(np.float64),
-                save_mean.astype(np.float64), save_invstd.astype(np.float64), axis=axis)
-        np.copyto(dx, dx64, casting="same_kind")
-        return _finish(dx, copy_to), dweight64.astype(x.dtype), dbias64.astype(x.dtype)
     dweight = np.zeros(C, dtype=x.dtype)
     dbias = np.zeros(C, dtype=x.dtype)
     if x.size:
@@ -564,14 +469,6 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     dx, dx_stored, copy_to = block.output(out, [block.x, dy_stored])
     V.check_disjoint([("out", out)], [("mean", mean), ("invstd", invstd), ("weight", weight),
                                       ("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat)])
-    if x.size and x.dtype == np.float32 and _xhat_term_underflows(x.dtype, weight, invstd):
-        # rare: redo in float64 (inputs are copied first, so out may be x or dy)
-        dx64 = batch_norm_backward_apply(
-            dy.astype(np.float64), x.astype(np.float64), mean, invstd,
-            None if weight is None else weight.astype(np.float64), sum_dy, sum_dy_xhat,
-            count, axis=axis)
-        np.copyto(dx, dx64, casting="same_kind")
-        return _finish(dx, copy_to)
     if x.size:
         _check_status(_kernels.backward_apply(dx_stored, dy_stored, block.x, mean, invstd, weight,
                                               sum_dy, sum_dy_xhat, count, block.N, C, block.S,

@@ -5,6 +5,7 @@
 #ifndef BNFAST_BN_INTERNAL_H
 #define BNFAST_BN_INTERNAL_H
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -172,6 +173,34 @@ static inline void channel_scale_shift(double *alpha, double *beta, double weigh
 {
     *alpha = weight * invstd;
     *beta = bias - mean * *alpha;
+}
+
+/* Channels the fast passes cannot compute in the tensor's own type; both are
+ * then computed in double, element by element (the *_wide passes of
+ * bn_kernels.tmpl.c). Rare: they need data whose spread nears the type's range.
+ *
+ * Normalising, y = (x - pivot) * scale + offset (pivot_form): x - pivot can
+ * overflow when the channel's values lie farther than half the largest value
+ * (half_max) from the pivot, mean - bias / (weight * invstd). Since
+ * |x - mean| <= sqrt(M) / invstd, that distance is at most
+ *   |mean| + sqrt(M) / invstd + |bias / (weight * invstd)|. */
+static inline int spans_the_range(double mean, double invstd, double weight, double bias,
+                                  int64_t M, double half_max)
+{
+    double reach = fabs(mean) + sqrt((double)M) / invstd;
+    if (weight != 0.0 && bias != 0.0) reach += fabs(bias / (weight * invstd));
+    return !(reach <= half_max);
+}
+
+/* The dx pass, dx = dy * k - (x - pivot) * q - offset (dx_pivot_form): q =
+ * weight * invstd^2 * mean(dy * xhat) loses the xhat term to underflow when
+ * |weight| * invstd^2 falls below `limit` (data of huge spread: float32 |x|
+ * ~ 1e25, double ~ 1e150), with mean(dy * xhat) as small as limit / min_normal
+ * still kept (2^-60 for float, 2^-900 for double leave 2^66 and 2^122). */
+static inline int xhat_term_underflows(double weight, double invstd, double limit)
+{
+    double c = fabs(weight) * invstd * invstd;
+    return c > 0.0 && c < limit;
 }
 
 /* Sums over threads of per-thread partials: `partial` holds, for each of nt

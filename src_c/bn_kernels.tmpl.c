@@ -90,13 +90,17 @@ static inline void FN(add_slice_sums)(double *s1, double *s2, const real *x_nc, 
  * rounded to `real`. Close to the channel's mean, so the shifted values are
  * centred: their sums in `real` grow like sqrt(count), not like count, and
  * M2 = s2 - s1^2 / M cancels nothing. Like a single value of the channel, it
- * lies within the data, so (mean - shift)^2 <= M2 / S. */
+ * lies within the data, so (mean - shift)^2 <= M2 / S. Double values near
+ * the largest double overflow that sum: then the mean of x / S. */
 static inline real FN(slice_mean)(const real *x_nc, int64_t S)
 {
     double sum = 0.0;
     #pragma omp simd reduction(+:sum)
     for (int64_t s = 0; s < S; s++) sum += (double)x_nc[s];
-    return (real)(sum / (double)S);
+    if (isfinite(sum)) return (real)(sum / (double)S);
+    double mean = 0.0;
+    for (int64_t s = 0; s < S; s++) mean += (double)x_nc[s] / (double)S;
+    return (real)mean;
 }
 
 /* Mean and M2 of channels c0 .. c0 + g - 1 (g <= MAX_GROUP) of an (N, C, S)
@@ -350,6 +354,43 @@ static inline void FN(apply_slice)(real *y_nc, const real *x_nc, real pivot, rea
     }
 }
 
+/* The limits of spans_the_range and xhat_term_underflows (bn_internal.h) for `real`. */
+static inline double FN(half_max)(void)
+{
+    return sizeof(real) < sizeof(double) ? FLT_MAX / 2 : DBL_MAX / 2;
+}
+
+static inline double FN(underflow_limit)(void)
+{
+    return sizeof(real) < sizeof(double) ? 0x1p-60 : 0x1p-900;
+}
+
+/* y = (x - mean) * alpha + bias for a channel that spans_the_range, in double:
+ *   y = (x / 2 - mean / 2) * 2 alpha + bias
+ * on halves, so x - mean cannot overflow, for float or double data, and no
+ * large term is formed (mean * alpha is, in bias - mean * alpha). Element by
+ * element; the rare path. y may be x. */
+static void FN(apply_slice_wide)(real *y_nc, const real *x_nc, double mean, double alpha,
+                                 double bias, int64_t S)
+{
+    for (int64_t s = 0; s < S; s++) {
+        y_nc[s] = (real)((0.5 * (double)x_nc[s] - 0.5 * mean) * (2.0 * alpha) + bias);
+    }
+}
+
+/* One thread's share of the normalising pass in double (S == 1: single values). */
+static void FN(apply_wide_share)(real *y, const real *x, const double *mean,
+                                 const double *alpha, const real *bias,
+                                 int64_t N, int64_t C, int64_t S)
+{
+    #pragma omp for schedule(static)
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        int64_t c = nc % C;
+        FN(apply_slice_wide)(y + nc * S, x + nc * S, mean[c], alpha[c],
+                             bias ? (double)bias[c] : 0.0, S);
+    }
+}
+
 /* One thread's share of apply_cf: its (n, c) slices. */
 static void FN(apply_cf_share)(real *y, const real *x, const real *pivot, const real *scale,
                                const real *offset, int64_t N, int64_t C, int64_t S)
@@ -505,24 +546,32 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
         /* mean and biased variance over N and S (batch_var holds M2 until divided) */
         FN(group_moments_cf)(batch_mean, batch_var, x, N, C, S, c0, c1 - c0, 0);
 
-        /* save for backward, fold into scale and shift, in the pivot form */
+        /* save for backward, fold into scale and shift, in the pivot form (or,
+         * for a channel that spans the range, in double) */
         real pivot[MAX_GROUP], scale[MAX_GROUP], offset[MAX_GROUP];
-        for (int64_t c = c0; c < c1; c++) {
+        double alpha[MAX_GROUP], beta;
+        int wide[MAX_GROUP];
+        for (int64_t c = c0, i = 0; c < c1; c++, i++) {
             batch_var[c] /= (double)M;
             double invstd = invstd_of(batch_var[c], eps);
+            double w = weight ? (double)weight[c] : 1.0, b = bias ? (double)bias[c] : 0.0;
             save_mean[c] = (real)batch_mean[c];
             save_invstd[c] = (real)invstd;
-            double alpha, beta;
-            channel_scale_shift(&alpha, &beta, weight ? (double)weight[c] : 1.0,
-                                bias ? (double)bias[c] : 0.0, batch_mean[c], invstd);
-            FN(pivot_form)(&pivot[c - c0], &scale[c - c0], &offset[c - c0], alpha, beta);
+            channel_scale_shift(&alpha[i], &beta, w, b, batch_mean[c], invstd);
+            FN(pivot_form)(&pivot[i], &scale[i], &offset[i], alpha[i], beta);
+            wide[i] = spans_the_range(batch_mean[c], invstd, w, b, M, FN(half_max)());
         }
 
         /* normalise the group, in memory order */
         for (int64_t n = 0; n < N; n++) {
-            for (int64_t c = c0; c < c1; c++) {
+            for (int64_t c = c0, i = 0; c < c1; c++, i++) {
                 int64_t at = (n * C + c) * S;
-                FN(apply_slice)(y + at, x + at, pivot[c - c0], scale[c - c0], offset[c - c0], S);
+                if (wide[i]) {
+                    FN(apply_slice_wide)(y + at, x + at, batch_mean[c], alpha[i],
+                                         bias ? (double)bias[c] : 0.0, S);
+                } else {
+                    FN(apply_slice)(y + at, x + at, pivot[i], scale[i], offset[i], S);
+                }
             }
         }
     }
@@ -556,17 +605,24 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
         free(alpha);
         return -1;
     }
+    int any_wide = 0;
     for (int64_t c = 0; c < C; c++) {
         batch_var[c] /= (double)(N * S);
         double invstd = invstd_of(batch_var[c], eps);
+        double w = weight ? (double)weight[c] : 1.0, b = bias ? (double)bias[c] : 0.0;
         save_mean[c] = (real)batch_mean[c];
         save_invstd[c] = (real)invstd;
-        channel_scale_shift(&alpha[c], &beta[c], weight ? (double)weight[c] : 1.0,
-                            bias ? (double)bias[c] : 0.0, batch_mean[c], invstd);
+        channel_scale_shift(&alpha[c], &beta[c], w, b, batch_mean[c], invstd);
+        any_wide |= spans_the_range(batch_mean[c], invstd, w, b, N * S, FN(half_max)());
     }
 
-    /* normalise */
-    int status = FN(apply_on)(y, x, alpha, beta, N, C, S, nt);
+    /* normalise (in double throughout if some channel spans the range) */
+    int status = 0;
+    if (any_wide) {
+        ON_THREADS(nt, FN(apply_wide_share)(y, x, batch_mean, alpha, bias, N, C, S));
+    } else {
+        status = FN(apply_on)(y, x, alpha, beta, N, C, S, nt);
+    }
     free(alpha);
     return status;
 }
@@ -720,6 +776,39 @@ static inline void FN(backward_apply_slice)(real *dx_nc, const real *dy_nc, cons
     #pragma omp simd
     for (int64_t s = 0; s < S; s++) {
         dx_nc[s] = dy_nc[s] * k - (x_nc[s] - pivot) * q - offset;
+    }
+}
+
+/* dx of one channel whose xhat term underflows `real` (xhat_term_underflows),
+ * in double, element by element:
+ *   dx = k * (dy - mean_dy - xhat * mean_dy_xhat),  xhat = (x / 2 - mean / 2) * 2 invstd
+ * with k = weight * invstd and the means over `count` values (halves, so x - mean
+ * cannot overflow). The rare path; dx may be dy or x. */
+static void FN(backward_apply_slice_wide)(real *dx_nc, const real *dy_nc, const real *x_nc,
+                                          double weight, double mean, double invstd,
+                                          double sum_dy, double sum_dy_xhat, double count,
+                                          int64_t S)
+{
+    double k = weight * invstd, mean_dy = sum_dy / count, mean_dy_xhat = sum_dy_xhat / count;
+    for (int64_t s = 0; s < S; s++) {
+        double xhat = (0.5 * (double)x_nc[s] - 0.5 * mean) * (2.0 * invstd);
+        dx_nc[s] = (real)(k * ((double)dy_nc[s] - mean_dy - xhat * mean_dy_xhat));
+    }
+}
+
+/* One thread's share of the dx pass in double (S == 1: single values). */
+static void FN(backward_apply_wide_share)(real *dx, const real *dy, const real *x,
+                                          const real *weight, const double *mean,
+                                          const double *invstd, const double *sum_dy,
+                                          const double *sum_dy_xhat, double count,
+                                          int64_t N, int64_t C, int64_t S)
+{
+    #pragma omp for schedule(static)
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        int64_t c = nc % C;
+        FN(backward_apply_slice_wide)(dx + nc * S, dy + nc * S, x + nc * S,
+                                      weight ? (double)weight[c] : 1.0, mean[c], invstd[c],
+                                      sum_dy[c], sum_dy_xhat[c], count, S);
     }
 }
 
@@ -964,12 +1053,17 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
     real *coefficients = malloc((size_t)(4 * C) * sizeof(real));
     if (!coefficients) return -1;
     real *k = coefficients, *pivot = k + C, *q = k + 2 * C, *offset = k + 3 * C;
+    int any_wide = 0;
     for (int64_t c = 0; c < C; c++) {
-        FN(dx_pivot_form)(&k[c], &pivot[c], &q[c], &offset[c],
-                          weight ? (double)weight[c] : 1.0, mean[c], invstd[c],
+        double w = weight ? (double)weight[c] : 1.0;
+        FN(dx_pivot_form)(&k[c], &pivot[c], &q[c], &offset[c], w, mean[c], invstd[c],
                           sum_dy[c], sum_dy_xhat[c], count);
+        any_wide |= xhat_term_underflows(w, invstd[c], FN(underflow_limit)());
     }
-    if (S == 1) {
+    if (any_wide) {   /* in double throughout */
+        ON_THREADS(nt, FN(backward_apply_wide_share)(dx, dy, x, weight, mean, invstd, sum_dy,
+                                                     sum_dy_xhat, count, N, C, S));
+    } else if (S == 1) {
         ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, k, pivot, q, offset, N, C));
     } else {
         ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, k, pivot, q, offset, N, C, S));
@@ -1008,16 +1102,24 @@ static void FN(backward_cf_share)(real *dx, double *sum_dy, double *sum_dy_xhat,
         FN(group_backward_sums_cf)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, c0,
                                    c1 - c0, 0);
         real k[MAX_GROUP], pivot[MAX_GROUP], q[MAX_GROUP], offset[MAX_GROUP];
-        for (int64_t c = c0; c < c1; c++) {
-            FN(dx_pivot_form)(&k[c - c0], &pivot[c - c0], &q[c - c0], &offset[c - c0],
-                              weight ? (double)weight[c] : 1.0, mean[c], invstd[c],
+        int wide[MAX_GROUP];
+        for (int64_t c = c0, i = 0; c < c1; c++, i++) {
+            double w = weight ? (double)weight[c] : 1.0;
+            FN(dx_pivot_form)(&k[i], &pivot[i], &q[i], &offset[i], w, mean[c], invstd[c],
                               sum_dy[c], sum_dy_xhat[c], M);
+            wide[i] = xhat_term_underflows(w, invstd[c], FN(underflow_limit)());
         }
         for (int64_t n = 0; n < N; n++) {
-            for (int64_t c = c0; c < c1; c++) {
+            for (int64_t c = c0, i = 0; c < c1; c++, i++) {
                 int64_t at = (n * C + c) * S;
-                FN(backward_apply_slice)(dx + at, dy + at, x + at, k[c - c0], pivot[c - c0],
-                                         q[c - c0], offset[c - c0], S);
+                if (wide[i]) {
+                    FN(backward_apply_slice_wide)(dx + at, dy + at, x + at,
+                                                  weight ? (double)weight[c] : 1.0, mean[c],
+                                                  invstd[c], sum_dy[c], sum_dy_xhat[c], M, S);
+                } else {
+                    FN(backward_apply_slice)(dx + at, dy + at, x + at, k[i], pivot[i], q[i],
+                                             offset[i], S);
+                }
             }
         }
     }

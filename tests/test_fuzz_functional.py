@@ -1488,10 +1488,34 @@ def test_float32_values_spanning_the_range_normalise_to_finite_values(layout):
     np.testing.assert_allclose(y, ref.train(x, weight, bias, axis=1)[0], rtol=1e-5)
 
 
-def test_float32_values_spanning_the_range_in_place_are_a_floating_point_error():
-    x = np.array([[-3e38], [3e38], [3e38], [3e38]], np.float32)
-    with pytest.raises(FloatingPointError, match="spans more than float32's range"):
-        bnfast.batch_norm_train(x, out=x)
+@pytest.mark.parametrize("shape", [(4, 1), (4, 1, 3), (4, 70, 300)])
+def test_float32_values_spanning_the_range_normalise_in_place(shape):
+    # the kernel sees the spread before it writes y, so x may be overwritten
+    # (running statistics cannot hold such a variance: not passed)
+    x = np.empty(shape, np.float32)
+    x[0], x[1:] = -3e38, 3e38
+    weight, bias = np.full(shape[1], 2.0, np.float32), np.full(shape[1], 0.5, np.float32)
+    expected = ref.train(x, weight, bias, axis=1)[0]
+    y, _, _ = bnfast.batch_norm_train(x, weight, bias, out=x)
+    assert y is x
+    np.testing.assert_allclose(y, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["N,C", "channels_first", "channels_last"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_constant_channels_near_the_largest_value_normalise_to_bias(layout, dtype):
+    # |mean| above half the type's range with no spread: bias - mean * alpha
+    # overflows, so these channels take the kernels' double path (y = bias)
+    x = np.full((4, 2), np.finfo(dtype).max * 0.9, dtype)
+    x[:, 1] *= -1
+    if layout != "N,C":
+        x = np.repeat(x[:, :, None], 3, axis=2)
+    if layout == "channels_last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 1)).transpose(0, 2, 1)
+    bias = np.array([0.5, -2.0], dtype)
+    y, _, _ = bnfast.batch_norm_train(x, np.full(2, 3.0, dtype), bias)
+    np.testing.assert_array_equal(y, np.broadcast_to(bias.reshape([1, 2] + [1] * (x.ndim - 2)),
+                                                     x.shape))
 
 
 def test_eps_zero_with_a_float32_variance_too_small_to_invert_is_a_floating_point_error():
