@@ -66,12 +66,16 @@
  * in L1 (32 KB and up on current x86 and ARM cores, less what the rows need). */
 #define PARAMS_IN_L1_BYTES (16 * 1024)
 
-/* How many leading rows of R a channels-last loop takes four at a time: all
- * whole groups of four once its per-channel arrays (channel_bytes per channel,
- * C channels) outgrow L1, else none. Four rows per pass load each per-channel
- * value once per four elements, which wins when those arrays spill from L1 and
- * loses to the plain row walk (fewer streams, kinder to the prefetcher) while
- * they fit. */
+/* How many leading rows of R an element-wise channels-last pass (apply, dx)
+ * takes four at a time: all whole groups of four once its per-channel arrays
+ * (channel_bytes per channel, C channels) outgrow L1, else none. Four rows per
+ * pass load each per-channel value once per four elements, which wins when
+ * those arrays spill from L1 and loses to the plain row walk (fewer streams,
+ * kinder to the prefetcher) while they fit (inference on (4096, 512) 10-17 %
+ * slower by four). The reductions (statistics, backward sums) take every row
+ * by four, whatever C: each pass loads and stores their double partials, so
+ * four rows per pass halve that traffic (2-2.5x faster on C = 64 to 512, equal
+ * at C = 1024 and up; interleaved A/B runs, docs/performance-notes.md). */
 static inline int64_t rows_by_four(int64_t R, int64_t C, int64_t channel_bytes)
 {
     return C * channel_bytes > PARAMS_IN_L1_BYTES ? R - R % 4 : 0;

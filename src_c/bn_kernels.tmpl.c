@@ -17,8 +17,7 @@
  *   statistics, backward reductions (bn_collect_stats, bn_backward_reduce)
  *     rows     S == 1 (channels-last, BatchNorm1d): N rows of C values,
  *              parallel over rows, vectorised over C, per-thread partial sums
- *              of size 2C; rows four at a time once the per-channel arrays
- *              outgrow L1 (rows_by_four)
+ *              of size 2C; rows four at a time
  *     planes   walk_planes(): short slices (S <= SHORT_SLICE) in a block that
  *              fits PLANES_CACHE_BYTES, or too few
  *              channels to share among the threads: (C, S) planes in memory
@@ -26,7 +25,8 @@
  *     groups   otherwise: groups of adjacent channels (channels_per_group),
  *              parallel over groups, unit stride over S
  *   apply, inference, dx pass (bn_apply, bn_forward_infer, bn_backward_apply)
- *     rows     S == 1, four at a time as above
+ *     rows     S == 1, four at a time once the per-channel arrays outgrow
+ *              L1 (rows_by_four)
  *     slices   S > 1: parallel over the N * C slices of S values
  *   training forward, backward (bn_forward_train, bn_backward)
  *     walk_planes(): the statistics (reductions), then the apply (dx pass),
@@ -199,15 +199,17 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const re
 
 /* Per-channel mean and M2 of a channels-last block: x is R rows of C values.
  * Each thread sums its rows into private partials of size 2C, shifted by row 0,
- * then the partials are added over threads. Returns -1 if scratch fails. */
+ * then the partials are added over threads; `exact` as in group_moments_cf
+ * (every row in double), else four rows at a time combined in `real`.
+ * Returns -1 if scratch fails. */
 static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
-                                int64_t R, int64_t C, int nt)
+                                int64_t R, int64_t C, int nt, int exact)
 {
     int64_t stride;
     double *partial = alloc_partials(nt, 2 * C, &stride);
     if (!partial) return -1;
-    /* shift and two partials per channel: four rows per pass once they outgrow L1 */
-    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(double));
+    /* four rows per pass, whatever C (rows_by_four says why) */
+    const int64_t R4 = exact ? 0 : R - R % 4;
     ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, x, R, C, R4));
     sum_partials(mean, m2, partial, stride, nt, C);
 
@@ -293,7 +295,7 @@ static int FN(moments)(double *mean, double *m2, const real *x,
         for (int64_t c = 0; c < C; c++) mean[c] = m2[c] = 0.0;
         return 0;
     }
-    if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, nt);
+    if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, nt, exact);
     if (walk_planes(N, C, S, nt, sizeof(real), 1)) {
         return FN(collect_stats_planes)(mean, m2, x, N, C, S, nt, exact);
     }
@@ -531,6 +533,15 @@ static int FN(update_running_stats)(real *running_mean, real *running_var,
     return 0;
 }
 
+/* Whether the training forward sums its statistics in double rather than in
+ * runs of `real`: float squares of differences below ~1e-19 underflow, which
+ * matters only where eps (nearly 0) cannot dwarf what they lose (< 2^-126 per
+ * value of the variance). */
+static inline int FN(stats_in_double)(double eps)
+{
+    return sizeof(real) < sizeof(double) && eps < 0x1p-60;
+}
+
 /* One thread's share of forward_train_cf: its channel groups, each read once
  * for the statistics and again, while still in cache, to normalise it. */
 static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invstd,
@@ -544,7 +555,8 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
         const int64_t c1 = c0 + g <= C ? c0 + g : C;
 
         /* mean and biased variance over N and S (batch_var holds M2 until divided) */
-        FN(group_moments_cf)(batch_mean, batch_var, x, N, C, S, c0, c1 - c0, 0);
+        FN(group_moments_cf)(batch_mean, batch_var, x, N, C, S, c0, c1 - c0,
+                             FN(stats_in_double)(eps));
 
         /* save for backward, fold into scale and shift, in the pivot form (or,
          * for a channel that spans the range, in double) */
@@ -601,7 +613,7 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
     double *beta = alpha + C;
 
     /* mean and biased variance over N and S */
-    if (FN(moments)(batch_mean, batch_var, x, N, C, S, nt, 0) != 0) {
+    if (FN(moments)(batch_mean, batch_var, x, N, C, S, nt, FN(stats_in_double)(eps)) != 0) {
         free(alpha);
         return -1;
     }
@@ -851,13 +863,14 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
 }
 
 /* Channels-last reductions: per-thread partials of size 2C, then added over
- * threads. The products are centred on pivot = mean rounded to `real` (exact
- * x - pivot for data far from zero, even in float), then moved to the mean:
- * sum(dy * (x - mean)) = sum(dy * (x - pivot)) + (pivot - mean) * sum(dy). */
+ * threads; every row in double with `in_double`, else four rows at a time
+ * combined in `real`. The products are centred on pivot = mean rounded to
+ * `real` (exact x - pivot for data far from zero, even in float), then moved
+ * to the mean: sum(dy * (x - mean)) = sum(dy * (x - pivot)) + (pivot - mean) * sum(dy). */
 static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   const real *dy, const real *x,
                                   const double *mean, const double *invstd,
-                                  int64_t R, int64_t C, int nt)
+                                  int64_t R, int64_t C, int nt, int in_double)
 {
     int64_t stride;
     double *partial = alloc_partials(nt, 2 * C, &stride);
@@ -868,8 +881,8 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
         return -1;
     }
     for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
-    /* pivot and two partials per channel: four rows per pass once they outgrow L1 */
-    const int64_t R4 = rows_by_four(R, C, sizeof(real) + 2 * sizeof(double));
+    /* four rows per pass, whatever C (rows_by_four says why) */
+    const int64_t R4 = in_double ? 0 : R - R % 4;
     ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, R4));
     sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
 
@@ -962,16 +975,17 @@ static void FN(backward_reduce_cf_share)(double *sum_dy, double *sum_dy_xhat,
     }
 }
 
-/* bn_backward_reduce on a team of nt threads. With in_double, channels-first
- * slices are summed in double (the step-wise call, whose sums other processes
- * merge); else in runs of `real` (the fused backward). */
+/* bn_backward_reduce on a team of nt threads. With in_double, rows and
+ * channels-first slices are summed in double (the step-wise call, whose sums
+ * other processes merge); else in runs of `real` (the fused backward). */
 static int FN(backward_reduce_on)(double *sum_dy, double *sum_dy_xhat,
                                   const real *dy, const real *x,
                                   const double *mean, const double *invstd,
                                   int64_t N, int64_t C, int64_t S, int nt, int in_double)
 {
     if (S == 1) {
-        return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, nt);
+        return FN(backward_reduce_cl)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, nt,
+                                      in_double);
     }
     if (walk_planes(N, C, S, nt, sizeof(real), 2)) {
         return FN(backward_reduce_planes)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S,
@@ -985,8 +999,8 @@ static int FN(backward_reduce_on)(double *sum_dy, double *sum_dy_xhat,
 
 /* The two reductions of backward, per channel over N and S:
  *   sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean) * invstd)
- * They are dbias and dweight. dy, x: (N, C, S); the rest (C,) double. Sums of
- * channels-first slices are taken in double: processes merge them (SyncBN). */
+ * They are dbias and dweight. dy, x: (N, C, S); the rest (C,) double. Every
+ * value is summed in double: processes merge these sums (SyncBN). */
 int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
                            const real *dy, const real *x,
                            const double *mean, const double *invstd,

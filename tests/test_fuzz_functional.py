@@ -1518,16 +1518,20 @@ def test_constant_channels_near_the_largest_value_normalise_to_bias(layout, dtyp
                                                      x.shape))
 
 
-def test_eps_zero_with_a_float32_variance_too_small_to_invert_is_a_floating_point_error():
+@pytest.mark.parametrize("shape", [(4, 1), (4, 1, 3), (4, 80, 300)])
+def test_eps_zero_with_a_float32_variance_too_small_to_invert_is_a_floating_point_error(shape):
     # var ~ 1.9e-81: 1/sqrt(var) ~ 2.3e40 is finite in double but overflows float32
-    x = np.array([[0.0], [1e-40], [1e-40], [1e-40]], np.float32)
-    running_mean, running_var = np.zeros(1, np.float32), np.ones(1, np.float32)
+    # (and the squares of 1e-40 underflow float32: the sums must be taken in double)
+    x = np.zeros(shape, np.float32)
+    x[1:] = 1e-40
+    C = shape[1]
+    running_mean, running_var = np.zeros(C, np.float32), np.ones(C, np.float32)
     try:
         y, _, invstd = bnfast.batch_norm_train(x, eps=0.0, running_mean=running_mean,
                                                running_var=running_var)
     except FloatingPointError as err:
         assert "eps=0" in str(err) and "float32" in str(err)
-        assert running_mean[0] == 0 and running_var[0] == 1, "running statistics changed"
+        assert (running_mean == 0).all() and (running_var == 1).all(), "running stats changed"
         return
     assert np.isfinite(invstd).all()        # or computed exactly, with finite results
     np.testing.assert_allclose(y, ref.train(x, axis=1, eps=0.0)[0], rtol=1e-4)
