@@ -512,15 +512,16 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
  * Returns the count of bad channels. */
 static int FN(update_running_stats)(real *running_mean, real *running_var,
                                     const double *batch_mean, const double *batch_var,
-                                    int64_t M, int64_t C, double momentum, double eps)
+                                    const real *save_invstd, int64_t M, int64_t C,
+                                    double momentum, double eps)
 {
     double unbias = M > 1 ? (double)M / (double)(M - 1) : 1.0;
     int n_bad = 0;
     for (int64_t c = 0; c < C; c++) {
-        double invstd = invstd_of(batch_var[c], eps);
-        int ok = isfinite(batch_mean[c]) && isfinite(batch_var[c])
-                 && !(isfinite(invstd) && !isfinite((real)invstd));
-        if (running_mean) ok = ok && isfinite((real)(unbias * batch_var[c]));
+        /* invstd = 1 / sqrt(var + eps) is finite in double where var + eps > 0 */
+        int ok = isfinite(batch_mean[c]) & isfinite(batch_var[c])
+                 & !(isinf(save_invstd[c]) & (batch_var[c] + eps > 0.0));
+        if (running_mean) ok &= isfinite((real)(unbias * batch_var[c]));
         n_bad += !ok;
     }
     if (n_bad || !running_mean) return n_bad;
@@ -571,7 +572,8 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
             save_invstd[c] = (real)invstd;
             channel_scale_shift(&alpha[i], &beta, w, b, batch_mean[c], invstd);
             FN(pivot_form)(&pivot[i], &scale[i], &offset[i], alpha[i], beta);
-            wide[i] = spans_the_range(batch_mean[c], invstd, w, b, M, FN(half_max)());
+            wide[i] = spans_the_range(batch_mean[c], invstd, w, b, M * batch_var[c],
+                                      FN(half_max)());
         }
 
         /* normalise the group, in memory order */
@@ -625,7 +627,8 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
         save_mean[c] = (real)batch_mean[c];
         save_invstd[c] = (real)invstd;
         channel_scale_shift(&alpha[c], &beta[c], w, b, batch_mean[c], invstd);
-        any_wide |= spans_the_range(batch_mean[c], invstd, w, b, N * S, FN(half_max)());
+        any_wide |= spans_the_range(batch_mean[c], invstd, w, b, (double)(N * S) * batch_var[c],
+                                    FN(half_max)());
     }
 
     /* normalise (in double throughout if some channel spans the range) */
@@ -669,7 +672,7 @@ int FN(bn_forward_train)(real *y, real *save_mean, real *save_invstd,
     }
 
     int n_bad = FN(update_running_stats)(running_mean, running_var, batch_mean, batch_var,
-                                         N * S, C, momentum, eps);
+                                         save_invstd, N * S, C, momentum, eps);
     free(batch_mean);
     return n_bad;
 }
