@@ -194,6 +194,23 @@ def test_interleaved_timing_refuses_zero_rounds():
         timing.time_interleaved({"a": lambda: None}, rounds=0)
 
 
+def test_short_cases_take_more_rounds_until_they_have_run_min_seconds():
+    seconds = timing.time_interleaved({"a": lambda: time.sleep(1e-3)}, rounds=2, block=1,
+                                      min_seconds=0.05)
+    assert 2 < len(seconds["a"]) <= 2 * timing.MAX_ROUND_FACTOR
+    assert sum(seconds["a"]) >= 0.04          # the rounds ran about min_seconds
+
+
+def test_extra_rounds_are_capped_at_a_multiple_of_the_rounds_asked_for():
+    seconds = timing.time_interleaved({"a": lambda: None}, rounds=1, block=1, min_seconds=60)
+    assert len(seconds["a"]) == timing.MAX_ROUND_FACTOR
+
+
+def test_standard_set_runs_each_case_for_a_minimum_time_and_quick_does_not():
+    assert run.plan_for().min_case_s == timing.MIN_CASE_S > 0
+    assert run.plan_for(quick=True).min_case_s == 0
+
+
 # ---------------------------------------------------------------- cases
 
 def test_standard_set_has_the_in_cache_shapes_in_both_layouts_and_dtypes():

@@ -42,6 +42,7 @@ class Plan:
     quick: bool = False
     dtype: str = "float32"
     torch_floor: bool = True      # time torch's copy_ for the floor when torch is installed
+    min_case_s: float = 0.0       # a case's rounds run at least this long (timing.MIN_CASE_S)
 
 
 def _count(name, value):
@@ -73,7 +74,7 @@ def plan_for(quick=False, dtype="float32", rounds=None, threads=None, with_peers
         rounds=rounds, numpy_rounds=min(rounds, 2 if quick else 3), threads=threads,
         peers=("torch", "onnxruntime") if with_peers else (),
         with_numpy=with_numpy and with_peers,
-        quick=quick, dtype=dtype)
+        quick=quick, dtype=dtype, min_case_s=0.0 if quick else timing.MIN_CASE_S)
 
 
 def keyed(library, calls):
@@ -88,7 +89,8 @@ def measure_case(case, peers, plan, torch=None, settle_s=0.0):
              **keyed("bnfast", contestants.bnfast_calls(t))}
     for name, mods in peers.items():
         calls.update(keyed(name, contestants.PEER_CALLS[name](mods, t, plan.threads)))
-    seconds = timing.time_interleaved(calls, plan.rounds, settle_s=settle_s)
+    seconds = timing.time_interleaved(calls, plan.rounds, settle_s=settle_s,
+                                      min_seconds=plan.min_case_s)
     if plan.with_numpy:
         seconds.update(timing.time_interleaved(keyed("numpy", contestants.numpy_calls(t)),
                                                plan.numpy_rounds, block=1))
@@ -171,7 +173,10 @@ def method(plan, torch, rows):
     won = collections.Counter(by_case.values())
     winners = "; ".join(f"{name} in {n} of {sum(won.values())} cases"
                         for name, n in won.most_common())
-    return (f"Medians of {plan.rounds} rounds (numpy: "
+    more = (f", more where a case's rounds took under {plan.min_case_s:g} s, until they "
+            f"had run that long (at most {timing.MAX_ROUND_FACTOR * plan.rounds})"
+            if plan.min_case_s else "")
+    return (f"Medians of {plan.rounds} rounds{more} (numpy: "
             f"{plan.numpy_rounds if plan.with_numpy else 0} rounds of one call). "
             f"Contestants take turns: in each round each one runs a block of {timing.BLOCK} "
             "calls (a round's figure is the block's median), then the next. Every figure is "
@@ -212,7 +217,8 @@ def metadata(plan, peers, torch, load):
         "versions": {"bnfast": bnfast.__version__, "numpy": np.__version__,
                      **{m: version_of(m) for m in modules}},
         "openmp": bnfast.openmp_enabled(), "threads": plan.threads, "dtype": plan.dtype,
-        "quick": plan.quick, "rounds": plan.rounds, "block": timing.BLOCK,
+        "quick": plan.quick, "rounds": plan.rounds, "min_case_s": plan.min_case_s,
+        "block": timing.BLOCK,
         "numpy_rounds": plan.numpy_rounds if plan.with_numpy else 0,
         "foreign_load_cores": load,
     }

@@ -23,6 +23,8 @@ BLOCK = 4                     # calls per contestant per round
 MIN_SAMPLE_S = 2e-4           # shorter calls are timed in runs of several
 FOREIGN_LOAD_WARNING = 0.2    # average busy cores of other processes
 SETTLE_S = 0.02               # idle time before each block of the call-overhead case
+MIN_CASE_S = 3.0              # rounds of a standard case run at least this long
+MAX_ROUND_FACTOR = 20         # ... but at most 20 times the rounds asked for
 
 
 def _nothing():
@@ -52,10 +54,15 @@ def time_block(fn, block, inner, sync=_nothing):
     return statistics.median(samples)
 
 
-def time_interleaved(calls, rounds, block=BLOCK, prepare=None, settle_s=0.0, sync=None):
+def time_interleaved(calls, rounds, block=BLOCK, prepare=None, settle_s=0.0, sync=None,
+                     min_seconds=0.0):
     """Seconds per call of each contestant in `calls` ({key: callable}), one
     figure per round: in each round every contestant runs a block, then the
-    next. `prepare` ({key: callable}) runs untimed before that key's calls.
+    next. At least `rounds` rounds; with `min_seconds`, more until the rounds
+    have run that long (at most MAX_ROUND_FACTOR times `rounds`), so that the
+    median of a case whose rounds take milliseconds does not hang on one
+    burst of a shared machine's load.
+    `prepare` ({key: callable}) runs untimed before that key's calls.
     With `settle_s`, the machine idles that long before each block: after its
     last parallel region an OpenMP runtime keeps its threads spinning for a
     while, and on a small machine they take the core that the next library's
@@ -71,7 +78,11 @@ def time_interleaved(calls, rounds, block=BLOCK, prepare=None, settle_s=0.0, syn
         fn()                                 # warm-up: page in outputs, start threads
         inner[key] = calls_per_sample(fn, sync)
     per_round = {key: [] for key in calls}
-    for _ in range(rounds):
+    start = time.perf_counter()
+    done = 0
+    while done < rounds or (time.perf_counter() - start < min_seconds
+                            and done < MAX_ROUND_FACTOR * rounds):
+        done += 1
         for key, fn in calls.items():
             prepare.get(key, _nothing)()
             if settle_s:
