@@ -179,7 +179,7 @@ def channel_axis(axis, ndim):
 
 def values_per_channel(shape, axis):
     """How many values each channel's statistics are taken over (axis normalised)."""
-    return math.prod(n for i, n in enumerate(shape) if i != axis)
+    return math.prod(shape[:axis]) * math.prod(shape[axis + 1:])
 
 
 def check_trainable(shape, axis):
@@ -310,7 +310,8 @@ def overlaps(a, b):
 
 def _owner(a):
     """The ndarray that owns a's memory, or None when an object outside numpy does
-    (a buffer, a torch tensor): then only a memory check can tell what overlaps."""
+    (a buffer, a torch tensor, memory a C library wrapped without a base): then
+    only a memory check can tell what overlaps."""
     if not isinstance(a, np.ndarray):
         return None
     base = a.base
@@ -318,18 +319,19 @@ def _owner(a):
         if not isinstance(base, np.ndarray):
             return None
         a, base = base, base.base
-    return a
+    return a if a.flags.owndata else None
 
 
 def _own_distinct_memory(written, reads):
-    """True if every array given is a plain ndarray that owns its memory and no
-    array is given twice: then none can overlap another."""
+    """True if every array given is a plain ndarray that owns the memory numpy
+    allocated for it and no array is given twice: then none can overlap another."""
     seen = set()
     for pairs in (written, reads):
         for _, a in pairs:
             if a is None:
                 continue
-            if type(a) is not np.ndarray or a.base is not None or id(a) in seen:
+            if (type(a) is not np.ndarray or a.base is not None or not a.flags.owndata
+                    or id(a) in seen):
                 return False
             seen.add(id(a))
     return True

@@ -53,9 +53,14 @@ __all__ = [
 # the (N, C, S) view
 # --------------------------------------------------------------------------
 
-def _same_start(a, b):
-    """True if a and b begin at the same address (with the same layout, the same array)."""
-    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+def _apart_or_same(a, b):
+    """True if a and b share no memory, or begin at the same address (with the same
+    layout: the same array, so writing a in place of b is safe). Two arrays that
+    each own the memory numpy allocated for them are apart: no memory check then."""
+    if a is b or (a.base is None and b.base is None and a.flags.owndata and b.flags.owndata):
+        return True
+    return (not np.may_share_memory(a, b)
+            or a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
 
 
 class _Block(Block):
@@ -78,8 +83,7 @@ class _Block(Block):
         if not out.flags.writeable:
             raise ValueError(f"{name} is read-only; pass a writeable array")
         stored = out if self.order is None else out.transpose(self.order)
-        if stored.flags.c_contiguous and all(r is stored or not np.may_share_memory(stored, r)
-                                             or _same_start(stored, r) for r in reads):
+        if stored.flags.c_contiguous and all(_apart_or_same(stored, r) for r in reads):
             return out, stored, None
         y = self.empty()   # other layout or partial overlap: compute, then copy
         return y, self.stored(y), out
