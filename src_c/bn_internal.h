@@ -74,10 +74,11 @@
  * pass load each per-channel value once per four elements, which wins when
  * those arrays spill from L1 and loses to the plain row walk (fewer streams,
  * kinder to the prefetcher) while they fit (inference on (4096, 512) 10-17 %
- * slower by four). The reductions (statistics, backward sums) take every row
- * by four, whatever C: each pass loads and stores their double partials, so
- * four rows per pass halve that traffic (2-2.5x faster on C = 64 to 512, equal
- * at C = 1024 and up; interleaved A/B runs, docs/performance-notes.md). */
+ * slower by four). The fused reductions take rows by eight (statistics) or
+ * four (backward sums) whatever C: each pass loads and stores their double
+ * partials, so more rows per pass cut that traffic (four: 2-2.5x faster than
+ * one on C = 64 to 512; eight: 5-12 % faster again for the statistics;
+ * interleaved A/B runs, docs/performance-notes.md). */
 static inline int64_t rows_by_four(int64_t R, int64_t C, int64_t channel_bytes)
 {
     return C * channel_bytes > PARAMS_IN_L1_BYTES ? R - R % 4 : 0;
@@ -204,8 +205,8 @@ static inline int spans_the_range(double mean, double invstd, double weight, dou
 /* The dx pass, dx = dy * k - (x - pivot) * q - offset (dx_pivot_form): q =
  * weight * invstd^2 * mean(dy * xhat) loses the xhat term to underflow when
  * |weight| * invstd^2 falls below `limit` (data of huge spread: float32 |x|
- * ~ 1e25, double ~ 1e150), with mean(dy * xhat) as small as limit / min_normal
- * still kept (2^-60 for float, 2^-900 for double leave 2^66 and 2^122). */
+ * ~ 1e25, double ~ 1e150). Above it, q stays normal for mean(dy * xhat) down
+ * to min_normal / limit: 2^-66 with float's 2^-60, 2^-122 with double's 2^-900. */
 static inline int xhat_term_underflows(double weight, double invstd, double limit)
 {
     double c = fabs(weight) * invstd * invstd;
