@@ -35,6 +35,7 @@ take ``xp="np"`` (the GPU path passes ``xp="cupy"``):
 
     check_float_dtype(a, name)              float32 or float64, native byte order
     check_like_x(a, name, x)                dy: x's shape, then x's dtype
+    check_saved_stats(mean, invstd, producer)   backward's save_mean, save_invstd not None
     check_out(out, name, shape, dtype)      out: x's shape, then x's dtype
     check_floating(a, name)                 a per-channel array: some float dtype
     check_channel_shape(a, name, C)         a per-channel array: shape (C,)
@@ -57,6 +58,7 @@ has its own counterparts with ``cupy.asarray`` and ``cupy.shares_memory``):
     as_channel_stat(a, name, C)             mean, invstd, sums -> (C,) contiguous float64
     as_running_stat(a, name, C, dtype)      running statistics, kept as they are
     check_writable_contiguous(a, name)      arrays updated in place
+    distinct_owners(a, b)                   two arrays numpy allocated apart: no overlap
     check_disjoint(written, reads[, overlap])   no written array overlaps another argument
                                             (a CuPy backend passes its own ``overlap``)
     unusable_running_stats(mean, var, eps)  the error for statistics inference cannot use
@@ -118,6 +120,14 @@ def check_like_x(a, name, x):
     if a.dtype != x.dtype:
         raise TypeError(f"{name} is {a.dtype} but x is {x.dtype}; pass both in one dtype, "
                         f"e.g. {name}.astype(x.dtype)")
+
+
+def check_saved_stats(save_mean, save_invstd, producer):
+    """TypeError if backward's save_mean or save_invstd is None: they are what
+    `producer` (the training forward) returned."""
+    for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+        if value is None:
+            raise TypeError(f"{name} must be the (C,) array {producer} returned, got None")
 
 
 def check_out(out, name, shape, dtype, xp="np"):
@@ -320,6 +330,13 @@ def _owner(a):
             return None
         a, base = base, base.base
     return a if a.flags.owndata else None
+
+
+def distinct_owners(a, b):
+    """True if a and b lie in the memory of two different arrays numpy allocated,
+    so they cannot overlap (no memory check needed); False when unknown."""
+    owner_a, owner_b = _owner(a), _owner(b)
+    return owner_a is not None and owner_b is not None and owner_a is not owner_b
 
 
 def _own_distinct_memory(written, reads):

@@ -55,9 +55,9 @@ __all__ = [
 
 def _apart_or_same(a, b):
     """True if a and b share no memory, or begin at the same address (with the same
-    layout: the same array, so writing a in place of b is safe). Two arrays that
-    each own the memory numpy allocated for them are apart: no memory check then."""
-    if a is b or (a.base is None and b.base is None and a.flags.owndata and b.flags.owndata):
+    layout: the same array, so writing a in place of b is safe). Arrays in the
+    memory of two different numpy allocations need no memory check."""
+    if a is b or V.distinct_owners(a, b):
         return True
     return (not np.may_share_memory(a, b)
             or a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
@@ -140,6 +140,16 @@ def train_arguments(x, weight, bias, axis, eps, momentum, running_mean, running_
     eps = V.real(eps, "eps", 0.0, math.inf)
     momentum = V.real(momentum, "momentum", 0.0, 1.0)
     return x, axis, weight, bias, eps, momentum, running_mean, running_var
+
+
+def dy_and_x(dy, x, axis):
+    """The first checks of every backward call, shared with bnfast.distributed:
+    (dy, x, axis), x and dy float arrays of one shape and dtype, axis as an index."""
+    x = V.as_float_array(x, "x")
+    dy = V.as_float_array(dy, "dy")
+    axis = V.channel_axis(axis, x.ndim)
+    V.check_like_x(dy, "dy", x)
+    return dy, x, axis
 
 
 # --------------------------------------------------------------------------
@@ -272,16 +282,10 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
                                              save_invstd=save_invstd, out=out):
         return _cuda.batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=axis,
                                          out=out)
-    x = V.as_float_array(x, "x")
-    dy = V.as_float_array(dy, "dy")
-    axis = V.channel_axis(axis, x.ndim)
-    V.check_like_x(dy, "dy", x)
+    dy, x, axis = dy_and_x(dy, x, axis)
     C = x.shape[axis]
     weight = V.as_channel_param(weight, "weight", C, x.dtype)
-    for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
-        if value is None:
-            raise TypeError(f"{name} must be the (C,) array batch_norm_train returned, "
-                            f"got None")
+    V.check_saved_stats(save_mean, save_invstd, "batch_norm_train")
     save_mean = V.as_channel_param(save_mean, "save_mean", C, x.dtype)
     save_invstd = V.as_channel_param(save_invstd, "save_invstd", C, x.dtype)
 
@@ -429,10 +433,7 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, axis=1):
     """
     if "cupy" in _modules and _cuda.uses_gpu(x=x, dy=dy, mean=mean, invstd=invstd):
         return _cuda.batch_norm_backward_reduce(dy, x, mean, invstd, axis)
-    x = V.as_float_array(x, "x")
-    dy = V.as_float_array(dy, "dy")
-    axis = V.channel_axis(axis, x.ndim)
-    V.check_like_x(dy, "dy", x)
+    dy, x, axis = dy_and_x(dy, x, axis)
     C = x.shape[axis]
     mean = V.as_channel_stat(mean, "mean", C)
     invstd = V.as_channel_stat(invstd, "invstd", C)
@@ -457,10 +458,7 @@ def batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, 
                                              sum_dy_xhat=sum_dy_xhat, out=out):
         return _cuda.batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy,
                                                sum_dy_xhat, count, axis, out)
-    x = V.as_float_array(x, "x")
-    dy = V.as_float_array(dy, "dy")
-    axis = V.channel_axis(axis, x.ndim)
-    V.check_like_x(dy, "dy", x)
+    dy, x, axis = dy_and_x(dy, x, axis)
     C = x.shape[axis]
     mean = V.as_channel_stat(mean, "mean", C)
     invstd = V.as_channel_stat(invstd, "invstd", C)

@@ -249,10 +249,7 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     _check_dy(dy, x)
     C = x.shape[axis]
     weight = V.channel_param(weight, "weight", C, x.dtype, device_id)
-    for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
-        if value is None:
-            raise TypeError(f"{name} must be the (C,) array batch_norm_train returned, "
-                            f"got None")
+    _validation.check_saved_stats(save_mean, save_invstd, "batch_norm_train")
     save_mean = V.channel_param(save_mean, "save_mean", C, x.dtype, device_id)
     save_invstd = V.channel_param(save_invstd, "save_invstd", C, x.dtype, device_id)
 

@@ -67,16 +67,10 @@ def _check_train_args(x, weight, bias, axis, eps, momentum, running_mean, runnin
 
 
 def _check_backward_args(dy, x, weight, save_mean, save_invstd, axis, out):
-    x = V.as_float_array(x, "x")
-    dy = V.as_float_array(dy, "dy")
-    axis = V.channel_axis(axis, x.ndim)
-    V.check_like_x(dy, "dy", x)
+    dy, x, axis = F.dy_and_x(dy, x, axis)
     C = x.shape[axis]
     weight = V.as_channel_param(weight, "weight", C, x.dtype)
-    for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
-        if value is None:
-            raise TypeError(f"{name} must be the (C,) array sync_batch_norm_train "
-                            f"returned, got None")
+    V.check_saved_stats(save_mean, save_invstd, "sync_batch_norm_train")
     save_mean = V.as_channel_stat(save_mean, "save_mean", C)
     save_invstd = V.as_channel_stat(save_invstd, "save_invstd", C)
     if out is not None:
