@@ -552,6 +552,25 @@ static inline int FN(stats_in_double)(double eps)
     return sizeof(real) < sizeof(double) && eps < 0x1p-60;
 }
 
+/* Channel c's batch statistics made final, for both walks of the training
+ * forward: batch_var from M2 to the biased variance M2 / M, save_mean and
+ * save_invstd written, and alpha, beta of y = x * alpha + beta. Returns 1 if
+ * the channel spans_the_range (then it is normalised in double). */
+static inline int FN(finish_channel)(double *alpha, double *beta, real *save_mean,
+                                     real *save_invstd, const double *batch_mean,
+                                     double *batch_var, const real *weight, const real *bias,
+                                     int64_t c, int64_t M, double eps)
+{
+    batch_var[c] /= (double)M;
+    double invstd = invstd_of(batch_var[c], eps);
+    double w = weight ? (double)weight[c] : 1.0, b = bias ? (double)bias[c] : 0.0;
+    save_mean[c] = (real)batch_mean[c];
+    save_invstd[c] = (real)invstd;
+    channel_scale_shift(alpha, beta, w, b, batch_mean[c], invstd);
+    return spans_the_range(batch_mean[c], invstd, w, b, (double)M * batch_var[c],
+                           FN(half_max)());
+}
+
 /* One thread's share of forward_train_cf: its channel groups, each read once
  * for the statistics and again, while still in cache, to normalise it. */
 static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invstd,
@@ -574,15 +593,9 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
         double alpha[MAX_GROUP], beta;
         int wide[MAX_GROUP];
         for (int64_t c = c0, i = 0; c < c1; c++, i++) {
-            batch_var[c] /= (double)M;
-            double invstd = invstd_of(batch_var[c], eps);
-            double w = weight ? (double)weight[c] : 1.0, b = bias ? (double)bias[c] : 0.0;
-            save_mean[c] = (real)batch_mean[c];
-            save_invstd[c] = (real)invstd;
-            channel_scale_shift(&alpha[i], &beta, w, b, batch_mean[c], invstd);
+            wide[i] = FN(finish_channel)(&alpha[i], &beta, save_mean, save_invstd, batch_mean,
+                                         batch_var, weight, bias, c, M, eps);
             FN(pivot_form)(&pivot[i], &scale[i], &offset[i], alpha[i], beta);
-            wide[i] = spans_the_range(batch_mean[c], invstd, w, b, M * batch_var[c],
-                                      FN(half_max)());
         }
 
         /* normalise the group, in memory order */
@@ -630,14 +643,8 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
     }
     int any_wide = 0;
     for (int64_t c = 0; c < C; c++) {
-        batch_var[c] /= (double)(N * S);
-        double invstd = invstd_of(batch_var[c], eps);
-        double w = weight ? (double)weight[c] : 1.0, b = bias ? (double)bias[c] : 0.0;
-        save_mean[c] = (real)batch_mean[c];
-        save_invstd[c] = (real)invstd;
-        channel_scale_shift(&alpha[c], &beta[c], w, b, batch_mean[c], invstd);
-        any_wide |= spans_the_range(batch_mean[c], invstd, w, b, (double)(N * S) * batch_var[c],
-                                    FN(half_max)());
+        any_wide |= FN(finish_channel)(&alpha[c], &beta[c], save_mean, save_invstd, batch_mean,
+                                       batch_var, weight, bias, c, N * S, eps);
     }
 
     /* normalise (in double throughout if some channel spans the range) */
