@@ -119,7 +119,8 @@ def extensions():
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=["src_c/bn.h", "src_c/bn_internal.h", "src_c/bn_kernels.tmpl.c"],
+        depends=["src_c/bn.h", "src_c/bn_internal.h", "src_c/bn_kernels.tmpl.c",
+                 "bnfast/_common_case.pxi"],
     )
     directives = {   # the only place they are set (see the module docstring)
         "language_level": 3,

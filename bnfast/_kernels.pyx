@@ -10,6 +10,12 @@ Cython directives (language level, bounds checks) are set in setup.py only, so
 that BNFAST_DEBUG=1 can turn the checks on; a `# cython:` line here would
 override it.
 
+One exception, kept in its own file: _common_case.pxi (included at the end)
+accepts the common case of the three fused calls in compiled code, because
+Python's checks cost more than the kernels on small tensors. It validates
+nothing: it declines (returns None) whatever is not plainly what the kernel
+takes, and bnfast.functional then runs its full checks.
+
 Buffers are taken straight from the ndarray (a few nanoseconds) rather than
 through typed memoryviews (a few hundred each), which matters for small
 tensors. `buffer` still checks dtype, contiguity, size and writeability, so
@@ -187,6 +193,23 @@ def collect_stats(mean,         # OUT (C,) float64
     return status
 
 
+cdef int run_forward_train(int real, void *y, void *save_mean, void *save_invstd,
+                           void *running_mean, void *running_var, const void *x,
+                           const void *weight, const void *bias,
+                           int64_t N, int64_t C, int64_t S,
+                           double eps, double momentum, int n_threads) noexcept nogil:
+    """bn_forward_train of element type `real` (pointers may be NULL where bn.h allows)."""
+    if real == F32:
+        return bn_forward_train_f32(<float*>y, <float*>save_mean, <float*>save_invstd,
+                                    <float*>running_mean, <float*>running_var,
+                                    <const float*>x, <const float*>weight,
+                                    <const float*>bias, N, C, S, eps, momentum, n_threads)
+    return bn_forward_train_f64(<double*>y, <double*>save_mean, <double*>save_invstd,
+                                <double*>running_mean, <double*>running_var,
+                                <const double*>x, <const double*>weight,
+                                <const double*>bias, N, C, S, eps, momentum, n_threads)
+
+
 def forward_train(y,               # OUT (N, C, S)
                   save_mean,       # OUT (C,)
                   save_invstd,     # OUT (C,)
@@ -208,17 +231,23 @@ def forward_train(y,               # OUT (N, C, S)
     cdef void *pb = optional(bias, real, C, False)
     cdef int status
     with nogil:
-        if real == F32:
-            status = bn_forward_train_f32(<float*>py, <float*>psm, <float*>psi,
-                                          <float*>prm, <float*>prv, <const float*>px,
-                                          <const float*>pw, <const float*>pb, N, C, S,
-                                          eps, momentum, n_threads)
-        else:
-            status = bn_forward_train_f64(<double*>py, <double*>psm, <double*>psi,
-                                          <double*>prm, <double*>prv, <const double*>px,
-                                          <const double*>pw, <const double*>pb, N, C, S,
-                                          eps, momentum, n_threads)
+        status = run_forward_train(real, py, psm, psi, prm, prv, px, pw, pb, N, C, S,
+                                   eps, momentum, n_threads)
     return status
+
+
+cdef int run_forward_infer(int real, void *y, const void *x, const void *weight,
+                           const void *bias, const void *running_mean,
+                           const void *running_var, int64_t N, int64_t C, int64_t S,
+                           double eps, int n_threads) noexcept nogil:
+    """bn_forward_infer of element type `real`."""
+    if real == F32:
+        return bn_forward_infer_f32(<float*>y, <const float*>x, <const float*>weight,
+                                    <const float*>bias, <const float*>running_mean,
+                                    <const float*>running_var, N, C, S, eps, n_threads)
+    return bn_forward_infer_f64(<double*>y, <const double*>x, <const double*>weight,
+                                <const double*>bias, <const double*>running_mean,
+                                <const double*>running_var, N, C, S, eps, n_threads)
 
 
 def forward_infer(y,               # OUT (N, C, S)
@@ -237,14 +266,7 @@ def forward_infer(y,               # OUT (N, C, S)
     cdef void *prv = buffer(running_var, real, C, False)
     cdef int status
     with nogil:
-        if real == F32:
-            status = bn_forward_infer_f32(<float*>py, <const float*>px, <const float*>pw,
-                                          <const float*>pb, <const float*>prm,
-                                          <const float*>prv, N, C, S, eps, n_threads)
-        else:
-            status = bn_forward_infer_f64(<double*>py, <const double*>px, <const double*>pw,
-                                          <const double*>pb, <const double*>prm,
-                                          <const double*>prv, N, C, S, eps, n_threads)
+        status = run_forward_infer(real, py, px, pw, pb, prm, prv, N, C, S, eps, n_threads)
     return status
 
 
@@ -324,6 +346,22 @@ def backward_apply(dx,             # OUT (N, C, S)
     return status
 
 
+cdef int run_backward(int real, void *dx, void *dweight, void *dbias, const void *dy,
+                      const void *x, const void *weight, const void *save_mean,
+                      const void *save_invstd, int64_t N, int64_t C, int64_t S,
+                      int n_threads) noexcept nogil:
+    """bn_backward of element type `real`."""
+    if real == F32:
+        return bn_backward_f32(<float*>dx, <float*>dweight, <float*>dbias, <const float*>dy,
+                               <const float*>x, <const float*>weight,
+                               <const float*>save_mean, <const float*>save_invstd,
+                               N, C, S, n_threads)
+    return bn_backward_f64(<double*>dx, <double*>dweight, <double*>dbias, <const double*>dy,
+                           <const double*>x, <const double*>weight,
+                           <const double*>save_mean, <const double*>save_invstd,
+                           N, C, S, n_threads)
+
+
 def backward(dx,                # OUT (N, C, S)
              dweight,           # OUT (C,)
              dbias,             # OUT (C,)
@@ -344,13 +382,8 @@ def backward(dx,                # OUT (N, C, S)
     cdef void *psi = buffer(save_invstd, real, C, False)
     cdef int status
     with nogil:
-        if real == F32:
-            status = bn_backward_f32(<float*>pdx, <float*>pdw, <float*>pdb, <const float*>pdy,
-                                     <const float*>px, <const float*>pw, <const float*>psm,
-                                     <const float*>psi, N, C, S, n_threads)
-        else:
-            status = bn_backward_f64(<double*>pdx, <double*>pdw, <double*>pdb,
-                                     <const double*>pdy, <const double*>px,
-                                     <const double*>pw, <const double*>psm,
-                                     <const double*>psi, N, C, S, n_threads)
+        status = run_backward(real, pdx, pdw, pdb, pdy, px, pw, psm, psi, N, C, S, n_threads)
     return status
+
+
+include "_common_case.pxi"

@@ -16,6 +16,14 @@ Conventions (PyTorch's):
 - ``invstd = 1 / sqrt(var + eps)``.
 - float32 and float64 only, sums accumulated in double; outputs have x's dtype.
 
+The common case first: batch_norm_train, _infer and _backward offer their
+arguments to a compiled check (bnfast/_common_case.pxi) that runs the kernel
+when every argument is already what it takes (plain contiguous ndarrays of x's
+dtype, nothing overlapping, scalars in range), about 1 us a call on a tiny
+tensor against ~10 us for the checks here; otherwise it declines and the
+Python path below checks, converts and raises, so results and errors are the
+same either way (tests/test_common_case.py).
+
 Backends: each function hands a call whose x (merge_stats: means) is a
 ``cupy.ndarray`` to ``bnfast.cuda``, which has the same signatures and returns
 CuPy arrays on x's GPU; mixing CuPy and numpy arguments is a TypeError naming
@@ -119,6 +127,31 @@ def _nonfinite_channels(block, running, eps):
     return np.flatnonzero(~ok)
 
 
+def _check_infer_status(status, running_mean, running_var, eps):
+    """MemoryError or the unusable-statistics ValueError for an inference kernel's status."""
+    _check_status(status)
+    if status > 0:
+        raise V.unusable_running_stats(running_mean, running_var, eps)
+
+
+def _raise_train_status(status, x, axis, running, eps):
+    """The error for a training forward's non-zero kernel status: MemoryError, or
+    FloatingPointError naming the channels whose statistics are not finite."""
+    _check_status(status)
+    block = _Block(x, V.channel_axis(axis, x.ndim))
+    bad = _nonfinite_channels(block, running, eps)
+    if len(bad) == status:
+        shown = V.channel_list(bad)
+    else:   # x was overwritten in place, its statistics are gone
+        shown = "not listed: x was overwritten in place"
+    raise FloatingPointError(
+        f"batch statistics are not finite in {status} of {block.C} channels ({shown}): the "
+        f"batch holds NaN or inf, or values whose square overflows"
+        + (f", or (eps=0) a variance too small for 1/sqrt(var) to fit {x.dtype}"
+           if eps == 0 else "")
+        + "; running statistics were left unchanged")
+
+
 def train_arguments(x, weight, bias, axis, eps, momentum, running_mean, running_var, out):
     """batch_norm_train's argument checks, shared with bnfast.distributed: returns
     (x, axis, weight, bias, eps, momentum, running_mean, running_var) as the
@@ -189,6 +222,13 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
         in the batch, or overflow); running statistics are left unchanged and
         the content of ``out`` is then undefined.
     """
+    common = _kernels.train_common_case(x, weight, bias, axis, eps, momentum, running_mean,
+                                        running_var, out, get_num_threads())
+    if common is not None:
+        y, save_mean, save_invstd, status = common
+        if status:
+            _raise_train_status(status, x, axis, running_mean is not None, eps)
+        return y, save_mean, save_invstd
     if "cupy" in _modules and _cuda.uses_gpu(x=x, weight=weight, bias=bias, out=out,
                                              running_mean=running_mean, running_var=running_var):
         return _cuda.batch_norm_train(x, weight, bias, axis=axis, eps=eps, momentum=momentum,
@@ -208,19 +248,8 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
     status = _kernels.forward_train(y_stored, save_mean, save_invstd, running_mean, running_var,
                                     block.x, weight, bias, block.N, C, block.S, eps, momentum,
                                     get_num_threads())
-    _check_status(status)
-    if status > 0:
-        bad = _nonfinite_channels(block, running_mean is not None, eps)
-        if len(bad) == status:
-            shown = V.channel_list(bad)
-        else:   # x was overwritten in place, its statistics are gone
-            shown = "not listed: x was overwritten in place"
-        raise FloatingPointError(
-            f"batch statistics are not finite in {status} of {C} channels ({shown}): the "
-            f"batch holds NaN or inf, or values whose square overflows"
-            + (f", or (eps=0) a variance too small for 1/sqrt(var) to fit {x.dtype}"
-               if eps == 0 else "")
-            + "; running statistics were left unchanged")
+    if status:
+        _raise_train_status(status, x, axis, running_mean is not None, eps)
     return _finish(y, copy_to), save_mean, save_invstd
 
 
@@ -235,6 +264,12 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
     running_var : (C,) arrays (read only). out : as in ``batch_norm_train``.
     Returns y, x's shape and dtype. Non-finite values propagate.
     """
+    common = _kernels.infer_common_case(x, weight, bias, running_mean, running_var, axis, eps,
+                                        out, get_num_threads())
+    if common is not None:
+        y, status = common
+        _check_infer_status(status, running_mean, running_var, eps)
+        return y
     if "cupy" in _modules and _cuda.uses_gpu(x=x, weight=weight, bias=bias, out=out,
                                              running_mean=running_mean, running_var=running_var):
         return _cuda.batch_norm_infer(x, weight, bias, running_mean, running_var, axis=axis,
@@ -260,9 +295,7 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
         status = _kernels.forward_infer(y_stored, block.x, weight, bias, running_mean,
                                         running_var, block.N, C, block.S, eps,
                                         get_num_threads())
-        _check_status(status)
-        if status > 0:
-            raise V.unusable_running_stats(running_mean, running_var, eps)
+        _check_infer_status(status, running_mean, running_var, eps)
     return _finish(y, copy_to)
 
 
@@ -278,6 +311,12 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     out : array for dx (may be dy or x itself).
     Returns dx (like x), dweight and dbias ((C,), x's dtype; always returned).
     """
+    common = _kernels.backward_common_case(dy, x, weight, save_mean, save_invstd, axis, out,
+                                           get_num_threads())
+    if common is not None:
+        dx, dweight, dbias, status = common
+        _check_status(status)
+        return dx, dweight, dbias
     if "cupy" in _modules and _cuda.uses_gpu(x=x, dy=dy, weight=weight, save_mean=save_mean,
                                              save_invstd=save_invstd, out=out):
         return _cuda.batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=axis,
