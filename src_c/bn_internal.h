@@ -216,17 +216,22 @@ static inline int xhat_term_underflows(double weight, double invstd, double limi
 /* Sums over threads of per-thread partials: `partial` holds, for each of nt
  * threads, `stride` apart, two C-long arrays one after the other; first[c] and
  * second[c] receive their sums. */
-static inline void sum_partials(double *first, double *second, const double *partial,
-                                int64_t stride, int nt, int64_t C)
+static inline void sum_partials(double *restrict first, double *restrict second,
+                                const double *restrict partial, int64_t stride, int nt,
+                                int64_t C)
 {
     for (int64_t c = 0; c < C; c++) {
-        double a = 0.0, b = 0.0;
-        for (int t = 0; t < nt; t++) {
-            a += partial[stride * t + c];
-            b += partial[stride * t + C + c];
+        first[c] = 0.0;
+        second[c] = 0.0;
+    }
+    /* thread by thread, so each loop over c is unit-stride */
+    for (int t = 0; t < nt; t++) {
+        const double *restrict first_t = partial + stride * t, *restrict second_t = first_t + C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            first[c] += first_t[c];
+            second[c] += second_t[c];
         }
-        first[c] = a;
-        second[c] = b;
     }
 }
 

@@ -211,8 +211,8 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const re
  * then the partials are added over threads; `exact` as in group_moments_cf
  * (every row in double), else eight rows at a time combined in `real`.
  * Returns -1 if scratch fails. */
-static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
-                                int64_t R, int64_t C, int nt, int exact)
+static int FN(collect_stats_cl)(double *restrict mean, double *restrict m2,
+                                const real *restrict x, int64_t R, int64_t C, int nt, int exact)
 {
     int64_t stride;
     double *partial = alloc_partials(nt, 2 * C, &stride);
@@ -233,6 +233,7 @@ static int FN(collect_stats_cl)(double *mean, double *m2, const real *x,
     }
 
     /* centre the sums on row 0 */
+    #pragma omp simd
     for (int64_t c = 0; c < C; c++) {
         shifted_moments(&mean[c], &m2[c], (double)x[c], mean[c], m2[c], R);
     }
@@ -336,8 +337,8 @@ int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
 static inline void FN(pivot_form)(real *pivot, real *scale, real *offset,
                                   double alpha, double beta)
 {
-    double p = alpha != 0.0 ? (double)(real)(-beta / alpha) : 0.0;
-    if (!isfinite(p)) p = 0.0;
+    double p = (double)(real)(-beta / alpha);
+    p = (alpha != 0.0) & isfinite(p) ? p : 0.0;
     *pivot = (real)p;
     *scale = (real)alpha;
     *offset = (real)(beta + p * alpha);
@@ -345,12 +346,15 @@ static inline void FN(pivot_form)(real *pivot, real *scale, real *offset,
 
 /* The pivot form of every channel: params holds pivot, scale, offset, C each.
  * Returns NULL if the 3C values cannot be allocated. */
-static real *FN(pivot_forms)(const double *alpha, const double *beta, int64_t C)
+static real *FN(pivot_forms)(const double *restrict alpha, const double *restrict beta,
+                             int64_t C)
 {
     real *params = malloc((size_t)(3 * C) * sizeof(real));
     if (!params) return NULL;
+    real *restrict pivot = params, *restrict scale = params + C, *restrict offset = params + 2 * C;
+    #pragma omp simd
     for (int64_t c = 0; c < C; c++) {
-        FN(pivot_form)(&params[c], &params[C + c], &params[2 * C + c], alpha[c], beta[c]);
+        FN(pivot_form)(&pivot[c], &scale[c], &offset[c], alpha[c], beta[c]);
     }
     return params;
 }
@@ -484,9 +488,10 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
                          int64_t N, int64_t C, int64_t S, double eps, int n_threads)
 {
     int n_bad = 0;
+    #pragma omp simd reduction(+:n_bad)
     for (int64_t c = 0; c < C; c++) {
         double mean = running_mean[c], var = running_var[c];
-        n_bad += !(isfinite(mean) && isfinite(var) && var + eps > 0.0);
+        n_bad += !(isfinite(mean) & isfinite(var) & (var + eps > 0.0));
     }
     if (n_bad) return n_bad;
 
@@ -495,6 +500,7 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
     double *beta = alpha + C;
 
     /* scale and shift per channel */
+    #pragma omp simd
     for (int64_t c = 0; c < C; c++) {
         channel_scale_shift(&alpha[c], &beta[c], weight ? (double)weight[c] : 1.0,
                             bias ? (double)bias[c] : 0.0, (double)running_mean[c],
@@ -525,12 +531,13 @@ static int FN(update_running_stats)(real *running_mean, real *running_var,
                                     double momentum, double eps)
 {
     double unbias = M > 1 ? (double)M / (double)(M - 1) : 1.0;
-    int n_bad = 0;
+    int var_unchecked = running_mean == NULL, n_bad = 0;
+    #pragma omp simd reduction(+:n_bad)
     for (int64_t c = 0; c < C; c++) {
         /* invstd = 1 / sqrt(var + eps) is finite in double where var + eps > 0 */
         int ok = isfinite(batch_mean[c]) & isfinite(batch_var[c])
-                 & !(isinf(save_invstd[c]) & (batch_var[c] + eps > 0.0));
-        if (running_mean) ok &= isfinite((real)(unbias * batch_var[c]));
+                 & !(isinf(save_invstd[c]) & (batch_var[c] + eps > 0.0))
+                 & (var_unchecked | isfinite((real)(unbias * batch_var[c])));
         n_bad += !ok;
     }
     if (n_bad || !running_mean) return n_bad;
@@ -642,6 +649,7 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
         return -1;
     }
     int any_wide = 0;
+    #pragma omp simd reduction(|:any_wide)
     for (int64_t c = 0; c < C; c++) {
         any_wide |= FN(finish_channel)(&alpha[c], &beta[c], save_mean, save_invstd, batch_mean,
                                        batch_var, weight, bias, c, N * S, eps);
@@ -899,6 +907,7 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
         free(pivot);
         return -1;
     }
+    #pragma omp simd
     for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
     /* four rows per pass, whatever C (rows_by_four says why) */
     const int64_t R4 = in_double ? 0 : R - R % 4;
@@ -914,6 +923,7 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     }
 
     /* move the products from the pivot to the mean */
+    #pragma omp simd
     for (int64_t c = 0; c < C; c++) {
         sum_dy_xhat[c] = (sum_dy_xhat[c] + ((double)pivot[c] - mean[c]) * sum_dy[c]) * invstd[c];
     }
@@ -959,6 +969,7 @@ static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
     double *partial = alloc_partials(nt + 1, 2 * C, &stride);
     if (!partial) return -1;
     real *pivot = (real *)(partial + stride * nt);
+    #pragma omp simd
     for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
 
     ON_THREADS(nt, FN(backward_reduce_planes_share)(partial, stride, dy, x, pivot, N, C, S,
@@ -974,6 +985,7 @@ static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
     }
 
     /* move the products from the pivot to the mean */
+    #pragma omp simd
     for (int64_t c = 0; c < C; c++) {
         sum_dy_xhat[c] = (sum_dy_xhat[c] + ((double)pivot[c] - mean[c]) * sum_dy[c]) * invstd[c];
     }
@@ -1087,6 +1099,7 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
     if (!coefficients) return -1;
     real *k = coefficients, *pivot = k + C, *q = k + 2 * C, *offset = k + 3 * C;
     int any_wide = 0;
+    #pragma omp simd reduction(|:any_wide)
     for (int64_t c = 0; c < C; c++) {
         double w = weight ? (double)weight[c] : 1.0;
         FN(dx_pivot_form)(&k[c], &pivot[c], &q[c], &offset[c], w, mean[c], invstd[c],
