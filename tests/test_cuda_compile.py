@@ -39,14 +39,16 @@ def compile_to_ptx(source, name, options):
     try:
         encoded = [o.encode() for o in options]
         (err,) = nvrtc.nvrtcCompileProgram(program, len(encoded), encoded)
-        log = b" " * _check(nvrtc.nvrtcGetProgramLogSize(program))
+        # NVRTC writes into the buffer: a bytearray, never bytes (b" " * 1 is
+        # the interpreter's shared b" ", which a one-byte log would overwrite)
+        log = bytearray(_check(nvrtc.nvrtcGetProgramLogSize(program)))
         _check((nvrtc.nvrtcGetProgramLog(program, log)[0], None))
-        log = log.rstrip(b"\0 ").decode()
+        log = bytes(log).rstrip(b"\0 ").decode()
         ptx = ""
         if err == nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            ptx = b" " * _check(nvrtc.nvrtcGetPTXSize(program))
+            ptx = bytearray(_check(nvrtc.nvrtcGetPTXSize(program)))
             _check((nvrtc.nvrtcGetPTX(program, ptx)[0], None))
-            ptx = ptx.rstrip(b"\0 ").decode()
+            ptx = bytes(ptx).rstrip(b"\0 ").decode()
         return err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log, ptx
     finally:
         nvrtc.nvrtcDestroyProgram(program)
