@@ -24,6 +24,10 @@
 #     (or dy) exactly: all these arrays are contiguous, so each is the byte
 #     range [data, data + nbytes) and overlap is an interval test.
 #
+# Fresh outputs are allocated here as Block.empty would lay them out; large ones
+# come from the `empty` passed in (bnfast._output_cache.empty, which reuses
+# memory nothing holds any more).
+#
 # The status the kernel returns goes back with the results; functional turns a
 # non-zero one into the same error as on its full path.
 # tests/test_common_case.py runs both paths on the same arguments.
@@ -150,9 +154,21 @@ cdef inline void *data(object a):
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-cdef object like(cnp.ndarray x):
-    """A fresh array of x's shape and dtype in x's memory order."""
-    return PyArray_NewLikeArray(x, cnp.NPY_KEEPORDER, NULL, 0)
+cdef object fresh_like(cnp.ndarray x, int axis, Layout x_layout, object empty,
+                       Py_ssize_t min_bytes):
+    """A fresh array of x's shape and dtype in x's memory order. From
+    `empty(shape, dtype)` (bnfast._output_cache.empty, which may reuse memory)
+    once it has min_bytes or more: in C order, or stored with the channel axis
+    last and seen in x's axis order."""
+    if cnp.PyArray_NBYTES(x) < min_bytes:
+        return PyArray_NewLikeArray(x, cnp.NPY_KEEPORDER, NULL, 0)
+    shape, dtype = (<object>x).shape, (<object>x).dtype
+    if x_layout == C_ORDER:
+        return empty(shape, dtype)
+    cdef int ndim = cnp.PyArray_NDIM(x)
+    stored = empty(shape[:axis] + shape[axis + 1:] + (shape[axis],), dtype)
+    return stored.transpose([i if i < axis else (ndim - 1 if i == axis else i - 1)
+                             for i in range(ndim)])
 
 
 cdef inline bint finite_in(object value, double low, double high):
@@ -162,7 +178,7 @@ cdef inline bint finite_in(object value, double low, double high):
 
 
 def train_common_case(x, weight, bias, axis, eps, momentum, running_mean, running_var, out,
-                      int n_threads):
+                      int n_threads, empty, Py_ssize_t min_bytes):
     """batch_norm_train's common case: (y, save_mean, save_invstd, status), or None."""
     cdef int a = channel_axis_of(x, axis)
     if a < 0:
@@ -189,7 +205,7 @@ def train_common_case(x, weight, bias, axis, eps, momentum, running_mean, runnin
             and apart(running_var, x) and apart(running_var, weight)
             and apart(running_var, bias) and apart(running_var, out)):
         return None
-    y = like(xa) if out is None else out
+    y = fresh_like(xa, a, x_layout, empty, min_bytes) if out is None else out
     save_mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&C, real, 0)
     save_invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&C, real, 0)
     cdef void *py = data(y)
@@ -209,13 +225,14 @@ def train_common_case(x, weight, bias, axis, eps, momentum, running_mean, runnin
 
 
 def infer_common_case(x, weight, bias, running_mean, running_var, axis, eps, out,
-                      int n_threads):
+                      int n_threads, empty, Py_ssize_t min_bytes):
     """batch_norm_infer's common case: (y, status), or None."""
     cdef int a = channel_axis_of(x, axis)
     if a < 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int real = cnp.PyArray_TYPE(xa)
+    cdef Layout x_layout = layout(xa, a)
     cdef int64_t C = cnp.PyArray_DIMS(xa)[a], N, S
     block_sizes(xa, a, &N, &S)
     if (not finite_in(eps, 0.0, INFINITY)
@@ -224,12 +241,12 @@ def infer_common_case(x, weight, bias, running_mean, running_var, axis, eps, out
             or not channel_array(running_mean, real, C, False)
             or not channel_array(running_var, real, C, False)):
         return None
-    if out is not None and not (laid_out_like(out, xa, a, layout(xa, a), True)
+    if out is not None and not (laid_out_like(out, xa, a, x_layout, True)
                                 and apart_or_same(out, x)
                                 and apart(out, weight) and apart(out, bias)
                                 and apart(out, running_mean) and apart(out, running_var)):
         return None
-    y = like(xa) if out is None else out
+    y = fresh_like(xa, a, x_layout, empty, min_bytes) if out is None else out
     cdef void *py = data(y)
     cdef void *px = data(x)
     cdef void *pw = data(weight)
@@ -243,7 +260,8 @@ def infer_common_case(x, weight, bias, running_mean, running_var, axis, eps, out
     return y, status
 
 
-def backward_common_case(dy, x, weight, save_mean, save_invstd, axis, out, int n_threads):
+def backward_common_case(dy, x, weight, save_mean, save_invstd, axis, out, int n_threads,
+                         empty, Py_ssize_t min_bytes):
     """batch_norm_backward's common case: (dx, dweight, dbias, status), or None."""
     cdef int a = channel_axis_of(x, axis)
     if a < 0:
@@ -263,7 +281,7 @@ def backward_common_case(dy, x, weight, save_mean, save_invstd, axis, out, int n
                                 and apart(out, weight) and apart(out, save_mean)
                                 and apart(out, save_invstd)):
         return None
-    dx = like(xa) if out is None else out
+    dx = fresh_like(xa, a, x_layout, empty, min_bytes) if out is None else out
     dweight = cnp.PyArray_ZEROS(1, <cnp.npy_intp*>&C, real, 0)
     dbias = cnp.PyArray_ZEROS(1, <cnp.npy_intp*>&C, real, 0)
     cdef void *pdx = data(dx)

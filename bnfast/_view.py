@@ -54,9 +54,13 @@ class Block:
         a copy only if its memory is laid out otherwise."""
         return self.xp.ascontiguousarray(a if self.order is None else a.transpose(self.order))
 
+    def allocate(self, shape, dtype):
+        """A fresh C-contiguous array (subclasses may reuse memory)."""
+        return self.xp.empty(shape, dtype=dtype)
+
     def empty(self):
         """A fresh array of x's shape and dtype, in x's memory order."""
         if self.order is None:
-            return self.xp.empty(self.shape, dtype=self.dtype)
-        stored = self.xp.empty([self.shape[i] for i in self.order], dtype=self.dtype)
+            return self.allocate(self.shape, self.dtype)
+        stored = self.allocate(tuple(self.shape[i] for i in self.order), self.dtype)
         return stored.transpose(tuple(np.argsort(self.order).tolist()))

@@ -43,7 +43,7 @@ import sys
 
 import numpy as np
 
-from bnfast import _kernels
+from bnfast import _kernels, _output_cache
 from bnfast import cuda as _cuda
 from bnfast import _validation as V
 from bnfast._runtime import get_num_threads
@@ -72,9 +72,11 @@ def _apart_or_same(a, b):
 
 
 class _Block(Block):
-    """x as an (N, C, S) numpy block (bnfast._view.Block) and where outputs go."""
+    """x as an (N, C, S) numpy block (bnfast._view.Block) and where outputs go;
+    large fresh outputs reuse memory nothing holds any more (bnfast._output_cache)."""
 
     __slots__ = ()
+    allocate = staticmethod(_output_cache.empty)
 
     def output(self, out, reads, name="out"):
         """Where the kernel writes: returns (result, stored view to write, array to
@@ -223,7 +225,8 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, momentum=0.
         the content of ``out`` is then undefined.
     """
     common = _kernels.train_common_case(x, weight, bias, axis, eps, momentum, running_mean,
-                                        running_var, out, get_num_threads())
+                                        running_var, out, get_num_threads(),
+                                        _output_cache.empty, _output_cache.MIN_BYTES)
     if common is not None:
         y, save_mean, save_invstd, status = common
         if status:
@@ -265,7 +268,8 @@ def batch_norm_infer(x, weight, bias, running_mean, running_var, *, axis=1, eps=
     Returns y, x's shape and dtype. Non-finite values propagate.
     """
     common = _kernels.infer_common_case(x, weight, bias, running_mean, running_var, axis, eps,
-                                        out, get_num_threads())
+                                        out, get_num_threads(), _output_cache.empty,
+                                        _output_cache.MIN_BYTES)
     if common is not None:
         y, status = common
         _check_infer_status(status, running_mean, running_var, eps)
@@ -312,7 +316,8 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, *, axis=1, out=No
     Returns dx (like x), dweight and dbias ((C,), x's dtype; always returned).
     """
     common = _kernels.backward_common_case(dy, x, weight, save_mean, save_invstd, axis, out,
-                                           get_num_threads())
+                                           get_num_threads(), _output_cache.empty,
+                                           _output_cache.MIN_BYTES)
     if common is not None:
         dx, dweight, dbias, status = common
         _check_status(status)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import bnfast
-from bnfast import _kernels
+from bnfast import _kernels, _output_cache
+
+FRESH = (_output_cache.empty, _output_cache.MIN_BYTES)   # the common case's last arguments
 
 C = 5
 DRAWS = 500
@@ -219,11 +221,11 @@ def test_common_case_takes_plain_calls(dtype, layout):
     x, (w, b, m, v) = _plain(dtype, layout)
     dy = np.ones_like(x)
     for out in (None, np.empty_like(x), x.copy(order="K")):
-        assert _kernels.infer_common_case(x, w, b, m, v, 1, 1e-5, out, 1) is not None
+        assert _kernels.infer_common_case(x, w, b, m, v, 1, 1e-5, out, 1, *FRESH) is not None
         assert _kernels.train_common_case(x, w, b, 1, 1e-5, 0.1, m.copy(), v.copy(), out,
-                                          1) is not None
-        assert _kernels.backward_common_case(dy, x, w, m, v, -3, out, 1) is not None
-    y, status = _kernels.infer_common_case(x, None, None, m, v, 1, 0.0, None, 1)
+                                          1, *FRESH) is not None
+        assert _kernels.backward_common_case(dy, x, w, m, v, -3, out, 1, *FRESH) is not None
+    y, status = _kernels.infer_common_case(x, None, None, m, v, 1, 0.0, None, 1, *FRESH)
     assert status == 0 and y.shape == x.shape and y.strides == np.empty_like(x).strides
 
 
@@ -231,19 +233,20 @@ def test_common_case_takes_plain_calls(dtype, layout):
 def test_common_case_declines_overlap_it_cannot_run(dtype):
     x, (w, b, m, v) = _plain(dtype, "nchw")
     out = np.empty_like(x)
-    assert _kernels.infer_common_case(x, out.reshape(-1)[:C], b, m, v, 1, 1e-5, out, 1) is None
+    assert _kernels.infer_common_case(x, out.reshape(-1)[:C], b, m, v, 1, 1e-5, out, 1,
+                                      *FRESH) is None
     in_place = x.reshape(-1).reshape(x.shape)   # another view of x's memory: in place
-    assert _kernels.infer_common_case(x, w, b, m, v, 1, 1e-5, in_place, 1) is not None
+    assert _kernels.infer_common_case(x, w, b, m, v, 1, 1e-5, in_place, 1, *FRESH) is not None
     shifted = np.empty(x.size + 1, dtype)
     x_in = shifted[1:].reshape(x.shape)
     assert _kernels.infer_common_case(x_in, w, b, m, v, 1, 1e-5,
-                                      shifted[:-1].reshape(x.shape), 1) is None
+                                      shifted[:-1].reshape(x.shape), 1, *FRESH) is None
     stats = np.abs(np.random.default_rng(1).standard_normal(C + 1)).astype(dtype)
     assert _kernels.train_common_case(x, w, b, 1, 1e-5, 0.1, stats[:C], stats[1:], None,
-                                      1) is None
+                                      1, *FRESH) is None
     dy = np.ones_like(x)
-    assert _kernels.backward_common_case(dy, x, w, m, v, 1, dy, 1) is not None   # in place
-    assert _kernels.backward_common_case(dy, x, m, m, v, 1, m, 1) is None
+    assert _kernels.backward_common_case(dy, x, w, m, v, 1, dy, 1, *FRESH) is not None
+    assert _kernels.backward_common_case(dy, x, m, m, v, 1, m, 1, *FRESH) is None
 
 
 def test_common_case_raises_the_full_paths_errors():

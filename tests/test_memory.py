@@ -109,6 +109,17 @@ def tracing():
         tracemalloc.stop()
 
 
+@pytest.fixture(autouse=True)
+def no_output_cache():
+    """Every fresh output allocated anew, so that each call shows what it allocates
+    (reusing outputs is tested in test_output_cache.py)."""
+    before = bnfast.output_cache_info()["limit_bytes"]
+    bnfast.set_output_cache_limit(0)
+    bnfast.empty_output_cache()
+    yield
+    bnfast.set_output_cache_limit(before)
+
+
 def peak_extra(call):
     """Bytes by which traced memory peaked during call() above what it was before."""
     gc.collect()
