@@ -25,6 +25,7 @@ cache stays off.
 
 Only numpy arrays bnfast allocates are kept, never ``out=`` arrays or inputs.
 """
+import math
 import os
 import sys
 import threading
@@ -79,14 +80,15 @@ class OutputCache:
         """A C-contiguous, writeable array of `shape` and `dtype` whose contents
         are undefined, as ``np.empty``; reused memory where the cache has some."""
         dtype = np.dtype(dtype)
-        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        nbytes = dtype.itemsize * math.prod(shape)
         if nbytes < MIN_BYTES or self.limit_bytes == 0 or not _REFCOUNTS_USABLE:
             return np.empty(shape, dtype)
         shape = tuple(shape)
         with self._lock:
             self._count += 1
             self._let_go_idle()
-            for i in range(len(self._arrays)):
+            # newest first: the array used last is the likeliest still in cache
+            for i in reversed(range(len(self._arrays))):
                 if self._reusable(i, shape, dtype):
                     a = self._arrays.pop(i)
                     del self._last_used[i]

@@ -44,6 +44,14 @@ def test_dropped_output_is_handed_out_again(cache):
     assert b.flags.writeable and b.flags.owndata
 
 
+def test_the_output_dropped_last_is_handed_out_first(cache):
+    # the array written last is the likeliest to be still in the CPU's cache
+    older, newer = cache.empty(SHAPE, np.float32), cache.empty(SHAPE, np.float32)
+    where = address(newer)
+    del older, newer
+    assert address(cache.empty(SHAPE, np.float32)) == where
+
+
 @pytest.mark.parametrize("keep", ["the array", "a view", "a reshaped view", "a memoryview",
                                   "a list holding it"])
 def test_output_anything_still_reaches_is_never_reused(cache, keep):
@@ -140,10 +148,10 @@ def test_training_loop_reuses_its_outputs(shared_cache, layout):
         y, mean, invstd = bnfast.batch_norm_train(x, w, b)
         dx, _, _ = bnfast.batch_norm_backward(dy, x, w, mean, invstd)
         if first is None:
-            first = (address(y), address(dx), y.strides)
+            first = ({address(y), address(dx)}, y.strides, dx.strides)
             expected = (y.copy(), dx.copy())
-        else:   # the same memory, laid out as x, holding this step's values
-            assert (address(y), address(dx), y.strides) == first
+        else:   # the same two blocks of memory, laid out as x, with this step's values
+            assert ({address(y), address(dx)}, y.strides, dx.strides) == first
             assert np.array_equal(y, expected[0]) and np.array_equal(dx, expected[1])
         del y, dx
     after = bnfast.output_cache_info()
