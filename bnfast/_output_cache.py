@@ -40,8 +40,18 @@ DEFAULT_LIMIT_BYTES = 2**30
 MAX_IDLE = 64                  # large allocations an unused array may sit through
 
 
-# a Python without the GIL defers and shares reference counts
-_REFCOUNTS_USABLE = getattr(sys, "_is_gil_enabled", lambda: True)()
+def _count_when_a_list_alone_holds():
+    """What sys.getrefcount reports for an object only a list refers to, read the
+    way OutputCache reads it (2 on CPython up to 3.13; measured rather than
+    assumed, since an interpreter may count borrowed references otherwise)."""
+    held = [object()]
+    return sys.getrefcount(held[0])
+
+
+# a Python without the GIL defers and shares reference counts; PyPy has none
+_REFCOUNTS_USABLE = (hasattr(sys, "getrefcount")
+                     and getattr(sys, "_is_gil_enabled", lambda: True)())
+_ONLY_THE_CACHE = _count_when_a_list_alone_holds() if _REFCOUNTS_USABLE else None
 
 
 class OutputCache:
@@ -49,7 +59,9 @@ class OutputCache:
     nothing but this cache refers to them."""
 
     def __init__(self, limit_bytes):
-        self._lock = threading.Lock()
+        # re-entrant: a finaliser run by the garbage collector inside a locked
+        # section may itself call bnfast
+        self._lock = threading.RLock()
         self._arrays = []       # oldest first
         self._last_used = []    # the allocation count when each was last handed out
         self._count = 0
@@ -58,16 +70,15 @@ class OutputCache:
         self.misses = 0
 
     def _unused(self, i):
-        # two references: the list's, and the argument's
-        return sys.getrefcount(self._arrays[i]) == 2
+        # the list's reference alone (read with no other name bound to the array)
+        return sys.getrefcount(self._arrays[i]) == _ONLY_THE_CACHE
 
-    def _reusable(self, i, shape, dtype):
-        """The i-th array is unused and is (still: its owner may have changed it in
-        place) a writeable C-contiguous array of `shape` and `dtype`."""
-        a = self._arrays[i]
+    @staticmethod
+    def _fits(a, shape, dtype):
+        """a is (still: its owner may have changed it in place) a writeable
+        C-contiguous array of `shape` and `dtype`."""
         return (a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
-                and a.flags.writeable
-                and sys.getrefcount(a) == 3)   # the list, `a` and the argument
+                and a.flags.writeable)
 
     def _drop(self, i):
         del self._arrays[i]
@@ -87,21 +98,22 @@ class OutputCache:
         with self._lock:
             self._count += 1
             self._let_go_idle()
+            self._make_room(0)   # a limit lowered since the last allocation
             # newest first: the array used last is the likeliest still in cache
             for i in reversed(range(len(self._arrays))):
-                if self._reusable(i, shape, dtype):
-                    a = self._arrays.pop(i)
-                    del self._last_used[i]
-                    self._arrays.append(a)          # newest last
-                    self._last_used.append(self._count)
+                if self._fits(self._arrays[i], shape, dtype) and self._unused(i):
+                    self._last_used[i] = self._count
+                    self._arrays.append(self._arrays.pop(i))      # newest last
+                    self._last_used.append(self._last_used.pop(i))
                     self.hits += 1
-                    return a
+                    return self._arrays[-1]
             self.misses += 1
-            self._make_room(nbytes)
             a = np.empty(shape, dtype)
-            if self._held_bytes() + nbytes <= self.limit_bytes:
-                self._arrays.append(a)
-                self._last_used.append(self._count)
+            if nbytes <= self.limit_bytes:
+                self._make_room(nbytes)
+                if self._held_bytes() + nbytes <= self.limit_bytes:
+                    self._arrays.append(a)
+                    self._last_used.append(self._count)
             return a
 
     def _let_go_idle(self):
@@ -118,6 +130,17 @@ class OutputCache:
                 self._drop(i)
             else:
                 i += 1
+
+    def set_limit(self, limit_bytes):
+        """A new limit, applied at once to the arrays nobody holds; with 0 the
+        cache also stops tracking the arrays still in use."""
+        with self._lock:
+            self.limit_bytes = limit_bytes
+            if limit_bytes == 0:
+                self._arrays.clear()
+                self._last_used.clear()
+            else:
+                self._make_room(0)
 
     def clear(self):
         """Let go of every array nobody holds (and stop tracking the others)."""
@@ -159,9 +182,13 @@ def set_output_cache_limit(n_bytes):
     bnfast reuses the memory of a large output (4 MiB and more) once nothing
     refers to it any more, instead of asking the OS for new pages; this bounds
     how much such memory it keeps. The default is 1 GiB, or
-    ``BNFAST_OUTPUT_CACHE_BYTES`` from the environment. Arrays over a new,
-    lower limit are let go at the next large allocation."""
-    _cache.limit_bytes = V.integer(n_bytes, "n_bytes", minimum=0)
+    ``BNFAST_OUTPUT_CACHE_BYTES`` from the environment. A lower limit lets go
+    at once of kept outputs nobody holds, oldest first, until the rest fit.
+
+    A kept output carries one more reference, the cache's: numpy's in-place
+    ``a.resize(...)`` refuses it (use ``np.resize(a, shape)`` or a copy), and a
+    weak reference to a dropped output stays alive until the memory is reused."""
+    _cache.set_limit(V.integer(n_bytes, "n_bytes", minimum=0))
 
 
 def empty_output_cache():

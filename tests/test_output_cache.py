@@ -116,6 +116,39 @@ def test_limit_zero_keeps_nothing():
     assert cache.info()["hits"] == 0
 
 
+def test_lowering_the_limit_lets_go_of_unused_outputs_at_once():
+    cache = OutputCache(4 * MIN_BYTES)
+    kept = [cache.empty(SHAPE, np.float32) for _ in range(4)]
+    del kept[1:]                        # three unused, one held
+    cache.set_limit(2 * MIN_BYTES)
+    assert cache.info()["bytes"] == 2 * MIN_BYTES   # the held one and the newest unused
+    assert any(a is kept[0] for a in cache._arrays)
+    cache.set_limit(0)
+    assert cache.info()["arrays"] == 0
+    assert kept[0].shape == SHAPE       # the caller's array is untouched
+
+
+def test_a_lowered_limit_holds_in_a_loop_of_reuses():
+    cache = OutputCache(4 * MIN_BYTES)
+    held = [cache.empty(SHAPE, np.float32) for _ in range(4)]
+    cache.limit_bytes = MIN_BYTES       # lowered without set_limit, as a race would
+    del held
+    for _ in range(3):                  # every allocation a reuse
+        a = cache.empty(SHAPE, np.float32)
+        del a
+    assert cache.info()["bytes"] <= MIN_BYTES
+
+
+def test_reference_counts_are_read_as_this_interpreter_counts():
+    # the cache compares with a count measured at import, not a constant
+    assert _output_cache._ONLY_THE_CACHE == _output_cache._count_when_a_list_alone_holds()
+    cache = OutputCache(4 * MIN_BYTES)
+    a = cache.empty(SHAPE, np.float32)
+    assert not cache._unused(0)
+    del a
+    assert cache._unused(0)
+
+
 def test_idle_outputs_are_let_go(cache):
     cache.empty(SHAPE, np.float32)   # dropped at once, never asked for again
     for _ in range(MAX_IDLE + 1):
