@@ -206,8 +206,9 @@ def train_common_case(x, weight, bias, axis, eps, momentum, running_mean, runnin
             and apart(running_var, bias) and apart(running_var, out)):
         return None
     y = fresh_like(xa, a, x_layout, empty, min_bytes) if out is None else out
-    save_mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&C, real, 0)
-    save_invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&C, real, 0)
+    cdef cnp.npy_intp channels = C
+    save_mean = cnp.PyArray_EMPTY(1, &channels, real, 0)
+    save_invstd = cnp.PyArray_EMPTY(1, &channels, real, 0)
     cdef void *py = data(y)
     cdef void *psm = data(save_mean)
     cdef void *psi = data(save_invstd)
@@ -282,8 +283,9 @@ def backward_common_case(dy, x, weight, save_mean, save_invstd, axis, out, int n
                                 and apart(out, save_invstd)):
         return None
     dx = fresh_like(xa, a, x_layout, empty, min_bytes) if out is None else out
-    dweight = cnp.PyArray_ZEROS(1, <cnp.npy_intp*>&C, real, 0)
-    dbias = cnp.PyArray_ZEROS(1, <cnp.npy_intp*>&C, real, 0)
+    cdef cnp.npy_intp channels = C
+    dweight = cnp.PyArray_ZEROS(1, &channels, real, 0)
+    dbias = cnp.PyArray_ZEROS(1, &channels, real, 0)
     cdef void *pdx = data(dx)
     cdef void *pdw = data(dweight)
     cdef void *pdb = data(dbias)
