@@ -167,6 +167,21 @@ static inline int walk_planes(int64_t N, int64_t C, int64_t S, int nt, int64_t v
     return S == 1 || short_in_cache || (C < 4 * (int64_t)nt && N >= nt);
 }
 
+/* a, or 1 where a is +-0: a divisor that is never 0. Chosen on the bits, not
+ * with a floating-point select, which the compiler would turn back into a
+ * division taken conditionally (and then not vectorise the loop around it). */
+static inline double nonzero_or_one(double a)
+{
+    const double one = 1.0;
+    uint64_t bits, one_bits;
+    memcpy(&bits, &a, sizeof bits);
+    memcpy(&one_bits, &one, sizeof one_bits);
+    uint64_t zero_mask = -(uint64_t)((bits << 1) == 0);   /* all ones where a is +-0 */
+    bits ^= (bits ^ one_bits) & zero_mask;
+    memcpy(&a, &bits, sizeof a);
+    return a;
+}
+
 /* invstd = 1 / sqrt(var + eps) */
 static inline double invstd_of(double var, double eps)
 {

@@ -337,10 +337,11 @@ int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
 static inline void FN(pivot_form)(real *pivot, real *scale, real *offset,
                                   double alpha, double beta)
 {
-    /* never a division by 0: it would raise the divide-by-zero flag, and trap
-     * where a program enables that (so this loop stays scalar) */
-    double p = alpha != 0.0 ? (double)(real)(-beta / alpha) : 0.0;
-    if (!isfinite(p)) p = 0.0;
+    /* branch-free, so the loop over channels vectorises, and never a division
+     * by 0 (which raises the divide-by-zero flag, and traps where a program
+     * enables that): a zero alpha divides by 1 and its pivot is then 0 */
+    double p = (double)(real)(-beta / nonzero_or_one(alpha));
+    p = (alpha != 0.0) & isfinite(p) ? p : 0.0;
     *pivot = (real)p;
     *scale = (real)alpha;
     *offset = (real)(beta + p * alpha);
@@ -354,6 +355,7 @@ static real *FN(pivot_forms)(const double *restrict alpha, const double *restric
     real *params = malloc((size_t)(3 * C) * sizeof(real));
     if (!params) return NULL;
     real *restrict pivot = params, *restrict scale = params + C, *restrict offset = params + 2 * C;
+    #pragma omp simd
     for (int64_t c = 0; c < C; c++) {
         FN(pivot_form)(&pivot[c], &scale[c], &offset[c], alpha[c], beta[c]);
     }
