@@ -119,34 +119,44 @@ cdef bint apart_or_same(object out, object a):
     return apart(out, a) or cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-cdef int channel_axis_of(object x, object axis):
-    """The channel axis of x in [0, ndim), or -1 unless x is a non-empty float32
-    or float64 array in one of the two layouts and axis an int in range."""
+cdef struct XBlock:
+    int axis          # the channel axis, in [0, ndim)
+    int real          # F32 or F64
+    Layout layout     # C_ORDER or CHANNEL_LAST
+    int64_t N, C, S
+
+
+cdef bint x_block(object x, object axis, XBlock *b):
+    """Fill b with x's (N, C, S) block, or return False unless x is a non-empty
+    plain float32 or float64 array in one of the two layouts and axis an int in
+    range."""
     if not (plain(x, F32) or plain(x, F64)) or not PyLong_CheckExact(axis):
-        return -1
+        return False
     cdef cnp.ndarray arr = <cnp.ndarray>x
     cdef int ndim = cnp.PyArray_NDIM(arr)
     if ndim == 0 or cnp.PyArray_SIZE(arr) == 0 or not -ndim <= axis < ndim:
-        return -1
+        return False
     cdef int a = <int>axis
     if a < 0:
         a += ndim
-    return a if layout(arr, a) != OTHER else -1
-
-
-cdef void block_sizes(cnp.ndarray x, int axis, int64_t *N, int64_t *S):
-    """N and S of x's (N, C, S) block (x in one of the two layouts)."""
+    b.layout = layout(arr, a)
+    if b.layout == OTHER:
+        return False
     cdef int64_t before = 1, after = 1
     cdef int i
-    for i in range(cnp.PyArray_NDIM(x)):
-        if i < axis:
-            before *= cnp.PyArray_DIMS(x)[i]
-        elif i > axis:
-            after *= cnp.PyArray_DIMS(x)[i]
-    if layout(x, axis) == C_ORDER:
-        N[0], S[0] = before, after
+    for i in range(ndim):
+        if i < a:
+            before *= cnp.PyArray_DIMS(arr)[i]
+        elif i > a:
+            after *= cnp.PyArray_DIMS(arr)[i]
+    b.axis = a
+    b.real = cnp.PyArray_TYPE(arr)
+    b.C = cnp.PyArray_DIMS(arr)[a]
+    if b.layout == C_ORDER:
+        b.N, b.S = before, after
     else:
-        N[0], S[0] = before * after, 1
+        b.N, b.S = before * after, 1
+    return True
 
 
 cdef inline void *data(object a):
@@ -180,14 +190,13 @@ cdef inline bint finite_in(object value, double low, double high):
 def train_common_case(x, weight, bias, axis, eps, momentum, running_mean, running_var, out,
                       int n_threads, empty, Py_ssize_t min_bytes):
     """batch_norm_train's common case: (y, save_mean, save_invstd, status), or None."""
-    cdef int a = channel_axis_of(x, axis)
-    if a < 0:
+    cdef XBlock b
+    if not x_block(x, axis, &b):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int real = cnp.PyArray_TYPE(xa)
-    cdef Layout x_layout = layout(xa, a)
-    cdef int64_t C = cnp.PyArray_DIMS(xa)[a], N, S
-    block_sizes(xa, a, &N, &S)
+    cdef int a = b.axis, real = b.real
+    cdef Layout x_layout = b.layout
+    cdef int64_t N = b.N, C = b.C, S = b.S
     if (N * S < 2 or not finite_in(eps, 0.0, INFINITY) or not finite_in(momentum, 0.0, 1.0)
             or not optional_channel_array(weight, real, C, False)
             or not optional_channel_array(bias, real, C, False)
@@ -228,14 +237,13 @@ def train_common_case(x, weight, bias, axis, eps, momentum, running_mean, runnin
 def infer_common_case(x, weight, bias, running_mean, running_var, axis, eps, out,
                       int n_threads, empty, Py_ssize_t min_bytes):
     """batch_norm_infer's common case: (y, status), or None."""
-    cdef int a = channel_axis_of(x, axis)
-    if a < 0:
+    cdef XBlock b
+    if not x_block(x, axis, &b):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int real = cnp.PyArray_TYPE(xa)
-    cdef Layout x_layout = layout(xa, a)
-    cdef int64_t C = cnp.PyArray_DIMS(xa)[a], N, S
-    block_sizes(xa, a, &N, &S)
+    cdef int a = b.axis, real = b.real
+    cdef Layout x_layout = b.layout
+    cdef int64_t N = b.N, C = b.C, S = b.S
     if (not finite_in(eps, 0.0, INFINITY)
             or not optional_channel_array(weight, real, C, False)
             or not optional_channel_array(bias, real, C, False)
@@ -264,14 +272,13 @@ def infer_common_case(x, weight, bias, running_mean, running_var, axis, eps, out
 def backward_common_case(dy, x, weight, save_mean, save_invstd, axis, out, int n_threads,
                          empty, Py_ssize_t min_bytes):
     """batch_norm_backward's common case: (dx, dweight, dbias, status), or None."""
-    cdef int a = channel_axis_of(x, axis)
-    if a < 0:
+    cdef XBlock b
+    if not x_block(x, axis, &b):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int real = cnp.PyArray_TYPE(xa)
-    cdef Layout x_layout = layout(xa, a)
-    cdef int64_t C = cnp.PyArray_DIMS(xa)[a], N, S
-    block_sizes(xa, a, &N, &S)
+    cdef int a = b.axis, real = b.real
+    cdef Layout x_layout = b.layout
+    cdef int64_t N = b.N, C = b.C, S = b.S
     if (not laid_out_like(dy, xa, a, x_layout, False)
             or not optional_channel_array(weight, real, C, False)
             or not channel_array(save_mean, real, C, False)
