@@ -42,7 +42,7 @@ MAX_IDLE = 64                  # large allocations an unused array may sit throu
 
 def _count_when_a_list_alone_holds():
     """What sys.getrefcount reports for an object only a list refers to, read the
-    way OutputCache reads it (2 on CPython up to 3.13; measured rather than
+    way OutputCache reads it from an entry (2 on CPython up to 3.13; measured rather than
     assumed, since an interpreter may count borrowed references otherwise)."""
     held = [object()]
     return sys.getrefcount(held[0])
@@ -62,16 +62,15 @@ class OutputCache:
         # re-entrant: a finaliser run by the garbage collector inside a locked
         # section may itself call bnfast
         self._lock = threading.RLock()
-        self._arrays = []       # oldest first
-        self._last_used = []    # the allocation count when each was last handed out
+        self._entries = []      # [array, allocation count when last handed out], oldest first
         self._count = 0
         self.limit_bytes = limit_bytes
         self.hits = 0
         self.misses = 0
 
     def _unused(self, i):
-        # the list's reference alone (read with no other name bound to the array)
-        return sys.getrefcount(self._arrays[i]) == _ONLY_THE_CACHE
+        # the entry's reference alone (read with no other name bound to the array)
+        return sys.getrefcount(self._entries[i][0]) == _ONLY_THE_CACHE
 
     @staticmethod
     def _fits(a, shape, dtype):
@@ -80,12 +79,8 @@ class OutputCache:
         return (a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
                 and a.flags.writeable)
 
-    def _drop(self, i):
-        del self._arrays[i]
-        del self._last_used[i]
-
     def _held_bytes(self):
-        return sum(a.nbytes for a in self._arrays)
+        return sum(entry[0].nbytes for entry in self._entries)
 
     def empty(self, shape, dtype):
         """A C-contiguous, writeable array of `shape` and `dtype` whose contents
@@ -100,34 +95,33 @@ class OutputCache:
             self._let_go_idle()
             self._make_room(0)   # a limit lowered since the last allocation
             # newest first: the array used last is the likeliest still in cache
-            for i in reversed(range(len(self._arrays))):
-                if self._fits(self._arrays[i], shape, dtype) and self._unused(i):
-                    self._last_used[i] = self._count
-                    self._arrays.append(self._arrays.pop(i))      # newest last
-                    self._last_used.append(self._last_used.pop(i))
+            for i in reversed(range(len(self._entries))):
+                if self._fits(self._entries[i][0], shape, dtype) and self._unused(i):
+                    entry = self._entries.pop(i)
+                    entry[1] = self._count
+                    self._entries.append(entry)      # newest last
                     self.hits += 1
-                    return self._arrays[-1]
+                    return entry[0]
             self.misses += 1
             a = np.empty(shape, dtype)
             if nbytes <= self.limit_bytes:
                 self._make_room(nbytes)
                 if self._held_bytes() + nbytes <= self.limit_bytes:
-                    self._arrays.append(a)
-                    self._last_used.append(self._count)
+                    self._entries.append([a, self._count])
             return a
 
     def _let_go_idle(self):
         """Drop the unused arrays not handed out in the last MAX_IDLE allocations."""
-        for i in reversed(range(len(self._arrays))):
-            if self._count - self._last_used[i] > MAX_IDLE and self._unused(i):
-                self._drop(i)
+        for i in reversed(range(len(self._entries))):
+            if self._count - self._entries[i][1] > MAX_IDLE and self._unused(i):
+                del self._entries[i]
 
     def _make_room(self, room):
         """Drop unused arrays, oldest first, until `room` more bytes fit the limit."""
         i = 0
-        while i < len(self._arrays) and self._held_bytes() + room > self.limit_bytes:
+        while i < len(self._entries) and self._held_bytes() + room > self.limit_bytes:
             if self._unused(i):
-                self._drop(i)
+                del self._entries[i]
             else:
                 i += 1
 
@@ -137,21 +131,19 @@ class OutputCache:
         with self._lock:
             self.limit_bytes = limit_bytes
             if limit_bytes == 0:
-                self._arrays.clear()
-                self._last_used.clear()
+                self.clear()
             else:
                 self._make_room(0)
 
     def clear(self):
         """Let go of every array nobody holds (and stop tracking the others)."""
         with self._lock:
-            self._arrays.clear()
-            self._last_used.clear()
+            self._entries.clear()
 
     def info(self):
         with self._lock:
-            unused = sum(self._unused(i) for i in range(len(self._arrays)))
-            return {"limit_bytes": self.limit_bytes, "arrays": len(self._arrays),
+            unused = sum(self._unused(i) for i in range(len(self._entries)))
+            return {"limit_bytes": self.limit_bytes, "arrays": len(self._entries),
                     "bytes": self._held_bytes(), "unused_arrays": unused,
                     "hits": self.hits, "misses": self.misses}
 

@@ -122,7 +122,7 @@ def test_lowering_the_limit_lets_go_of_unused_outputs_at_once():
     del kept[1:]                        # three unused, one held
     cache.set_limit(2 * MIN_BYTES)
     assert cache.info()["bytes"] == 2 * MIN_BYTES   # the held one and the newest unused
-    assert any(a is kept[0] for a in cache._arrays)
+    assert any(entry[0] is kept[0] for entry in cache._entries)
     cache.set_limit(0)
     assert cache.info()["arrays"] == 0
     assert kept[0].shape == SHAPE       # the caller's array is untouched
@@ -153,7 +153,7 @@ def test_idle_outputs_are_let_go(cache):
     cache.empty(SHAPE, np.float32)   # dropped at once, never asked for again
     for _ in range(MAX_IDLE + 1):
         cache.empty((2,) + SHAPE, np.float32)
-    shapes = [a.shape for a in cache._arrays]
+    shapes = [entry[0].shape for entry in cache._entries]
     assert SHAPE not in shapes and cache.info()["arrays"] == 1
 
 
