@@ -571,14 +571,14 @@ static inline int FN(finish_channel)(double *alpha, double *beta, real *save_mea
                                      double *batch_var, const real *weight, const real *bias,
                                      int64_t c, int64_t M, double eps)
 {
-    batch_var[c] /= (double)M;
+    double m2 = batch_var[c];
+    batch_var[c] = m2 / (double)M;
     double invstd = invstd_of(batch_var[c], eps);
     double w = weight ? (double)weight[c] : 1.0, b = bias ? (double)bias[c] : 0.0;
     save_mean[c] = (real)batch_mean[c];
     save_invstd[c] = (real)invstd;
     channel_scale_shift(alpha, beta, w, b, batch_mean[c], invstd);
-    return spans_the_range(batch_mean[c], invstd, w, b, (double)M * batch_var[c],
-                           FN(half_max)());
+    return spans_the_range(batch_mean[c], invstd, w, b, m2, FN(half_max)());
 }
 
 /* One thread's share of forward_train_cf: its channel groups, each read once
@@ -892,6 +892,22 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
     }
 }
 
+/* The reductions centred on pivot = mean rounded to `real` (the rows and planes
+ * walks), moved to the mean and scaled to xhat:
+ *   sum(dy * xhat) = (sum(dy * (x - pivot)) + (pivot - mean) * sum(dy)) * invstd
+ * sum_dy_xhat holds sum(dy * (x - pivot)) on entry. */
+static inline void FN(products_to_the_mean)(double *restrict sum_dy_xhat,
+                                            const double *restrict sum_dy,
+                                            const real *restrict pivot,
+                                            const double *restrict mean,
+                                            const double *restrict invstd, int64_t C)
+{
+    #pragma omp simd
+    for (int64_t c = 0; c < C; c++) {
+        sum_dy_xhat[c] = (sum_dy_xhat[c] + ((double)pivot[c] - mean[c]) * sum_dy[c]) * invstd[c];
+    }
+}
+
 /* Channels-last reductions: per-thread partials of size 2C, then added over
  * threads; every row in double with `in_double`, else four rows at a time
  * combined in `real`. The products are centred on pivot = mean rounded to
@@ -925,11 +941,7 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
         sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
     }
 
-    /* move the products from the pivot to the mean */
-    #pragma omp simd
-    for (int64_t c = 0; c < C; c++) {
-        sum_dy_xhat[c] = (sum_dy_xhat[c] + ((double)pivot[c] - mean[c]) * sum_dy[c]) * invstd[c];
-    }
+    FN(products_to_the_mean)(sum_dy_xhat, sum_dy, pivot, mean, invstd, C);
     free(pivot);
     free(partial);
     return 0;
@@ -987,11 +999,7 @@ static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
         sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
     }
 
-    /* move the products from the pivot to the mean */
-    #pragma omp simd
-    for (int64_t c = 0; c < C; c++) {
-        sum_dy_xhat[c] = (sum_dy_xhat[c] + ((double)pivot[c] - mean[c]) * sum_dy[c]) * invstd[c];
-    }
+    FN(products_to_the_mean)(sum_dy_xhat, sum_dy, pivot, mean, invstd, C);
     free(partial);
     return 0;
 }
