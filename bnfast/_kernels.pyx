@@ -33,6 +33,8 @@ cdef extern from "bn.h" nogil:
     int bn_best_isa()
     int bn_get_isa()
     int bn_set_isa(int isa)
+    int64_t bn_get_stream_bytes()
+    void bn_set_stream_bytes(int64_t bytes)
     int bn_openmp_enabled()
     int bn_max_threads()
     int bn_num_procs()
@@ -144,6 +146,16 @@ def get_isa():
 
 def set_isa(int isa):
     return bn_set_isa(isa)
+
+
+def get_stream_bytes():
+    """Outputs of at least this many bytes are written with streaming stores."""
+    return bn_get_stream_bytes()
+
+
+def set_stream_bytes(int64_t nbytes):
+    """Set that threshold (tests and measurements: 0 streams every output)."""
+    bn_set_stream_bytes(nbytes)
 
 
 def openmp_enabled():

@@ -156,6 +156,28 @@ static const struct kernel_table avx2_kernels = {
 #endif
 
 /* ------------------------------------------------------------------ */
+/* streaming stores                                                    */
+/* ------------------------------------------------------------------ */
+
+/* Outputs of at least this many bytes are written with streaming stores
+ * (streams_output, bn_internal.h); never where there are none. */
+#if defined(__SSE2__)
+int64_t bn_stream_bytes = STREAM_BYTES;
+#else
+int64_t bn_stream_bytes = INT64_MAX;
+#endif
+
+int64_t bn_get_stream_bytes(void)
+{
+    return bn_stream_bytes;
+}
+
+void bn_set_stream_bytes(int64_t bytes)
+{
+    bn_stream_bytes = bytes < 0 ? 0 : bytes;
+}
+
+/* ------------------------------------------------------------------ */
 /* selecting an instruction set                                        */
 /* ------------------------------------------------------------------ */
 

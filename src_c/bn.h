@@ -52,6 +52,12 @@ int bn_best_isa(void);
 int bn_get_isa(void);
 int bn_set_isa(int isa);
 
+/* Outputs of at least this many bytes are written with streaming stores,
+ * which skip the cache (32 MiB by default on x86-64; never elsewhere).
+ * Setting it (tests, measurements) changes how outputs are written, not their values. */
+int64_t bn_get_stream_bytes(void);
+void bn_set_stream_bytes(int64_t bytes);
+
 int bn_openmp_enabled(void);
 int bn_max_threads(void);   /* omp_get_max_threads() of the calling thread; 1 serial */
 int bn_num_procs(void);     /* omp_get_num_procs(); 1 serial */

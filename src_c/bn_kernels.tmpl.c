@@ -372,6 +372,24 @@ static inline void FN(apply_slice)(real *y_nc, const real *x_nc, real pivot, rea
     }
 }
 
+/* apply_slice with streaming stores (streams_output, bn_internal.h): the values
+ * up to y's first 64-byte line plainly, then each block of lines computed by
+ * apply_slice into `block` and stored by store_block_streaming, the rest
+ * plainly. The same values as apply_slice. y may be x. */
+static void FN(apply_slice_streaming)(real *y_nc, const real *x_nc, real pivot, real scale,
+                                      real offset, int64_t S)
+{
+    enum { BLOCK = STREAM_BLOCK_BYTES / sizeof(real) };
+    int64_t s = values_before_line(y_nc, sizeof(real), S);
+    FN(apply_slice)(y_nc, x_nc, pivot, scale, offset, s);
+    for (; s + BLOCK <= S; s += BLOCK) {
+        _Alignas(64) real block[BLOCK];
+        FN(apply_slice)(block, x_nc + s, pivot, scale, offset, BLOCK);
+        store_block_streaming(y_nc + s, block);
+    }
+    FN(apply_slice)(y_nc + s, x_nc + s, pivot, scale, offset, S - s);
+}
+
 /* The limits of spans_the_range and xhat_term_underflows (bn_internal.h) for `real`. */
 static inline double FN(half_max)(void)
 {
@@ -409,15 +427,83 @@ static void FN(apply_wide_share)(real *y, const real *x, const double *mean,
     }
 }
 
-/* One thread's share of apply_cf: its (n, c) slices. */
+/* One thread's share of apply_cf: its (n, c) slices, with streaming stores or not. */
 static void FN(apply_cf_share)(real *y, const real *x, const real *pivot, const real *scale,
-                               const real *offset, int64_t N, int64_t C, int64_t S)
+                               const real *offset, int64_t N, int64_t C, int64_t S,
+                               int streaming)
 {
     #pragma omp for schedule(static)
     for (int64_t nc = 0; nc < N * C; nc++) {
         int64_t c = nc % C;
-        FN(apply_slice)(y + nc * S, x + nc * S, pivot[c], scale[c], offset[c], S);
+        if (streaming) {
+            FN(apply_slice_streaming)(y + nc * S, x + nc * S, pivot[c], scale[c], offset[c], S);
+        } else {
+            FN(apply_slice)(y + nc * S, x + nc * S, pivot[c], scale[c], offset[c], S);
+        }
     }
+    if (streaming) streaming_done();
+}
+
+/* One row of C values, y = (x - pivot) * scale + offset. y may be x. */
+static inline void FN(apply_row)(real *y_r, const real *x_r, const real *restrict pivot,
+                                 const real *restrict scale, const real *restrict offset,
+                                 int64_t C)
+{
+    #pragma omp simd
+    for (int64_t c = 0; c < C; c++) {
+        y_r[c] = (x_r[c] - pivot[c]) * scale[c] + offset[c];
+    }
+}
+
+/* n values of rows of C values in memory order, starting at channel *c, one
+ * piece of a row at a time: y = (x - pivot[c]) * scale[c] + offset[c]. Leaves
+ * *c at the channel of the value after the last. */
+static void FN(apply_rows_piece)(real *y, const real *x, const real *pivot,
+                                 const real *scale, const real *offset, int64_t *c,
+                                 int64_t n, int64_t C)
+{
+    for (int64_t done = 0; done < n;) {
+        int64_t len = C - *c < n - done ? C - *c : n - done;
+        FN(apply_row)(y + done, x + done, pivot + *c, scale + *c, offset + *c, len);
+        done += len;
+        *c = *c + len == C ? 0 : *c + len;
+    }
+}
+
+/* `rows` rows of C values with streaming stores: their values in memory order,
+ * block by block, each computed by apply_rows_piece into `block` and stored by
+ * store_block_streaming; the values before y's first 64-byte line and after
+ * its last whole block plainly. (Blocks, not rows: a row rarely starts on a
+ * line, since large numpy arrays start 16 bytes past a page.) y may be x. */
+static void FN(apply_rows_streaming)(real *y, const real *x, const real *pivot,
+                                     const real *scale, const real *offset, int64_t rows,
+                                     int64_t C)
+{
+    enum { BLOCK = STREAM_BLOCK_BYTES / sizeof(real) };
+    const int64_t total = rows * C;
+    int64_t at = values_before_line(y, sizeof(real), total), c = 0;
+    FN(apply_rows_piece)(y, x, pivot, scale, offset, &c, at, C);
+    for (; at + BLOCK <= total; at += BLOCK) {
+        _Alignas(64) real block[BLOCK];
+        FN(apply_rows_piece)(block, x + at, pivot, scale, offset, &c, BLOCK, C);
+        store_block_streaming(y + at, block);
+    }
+    FN(apply_rows_piece)(y + at, x + at, pivot, scale, offset, &c, total - at, C);
+}
+
+/* One thread's share of apply_cl with streaming stores (streams_output): its
+ * runs of rows (STREAM_RUN_BYTES each), by apply_rows_streaming. */
+static void FN(apply_cl_streaming_share)(real *y, const real *x, const real *pivot,
+                                         const real *scale, const real *offset,
+                                         int64_t R, int64_t C)
+{
+    const int64_t per_run = rows_per_run(C, sizeof(real)), runs = (R + per_run - 1) / per_run;
+    #pragma omp for schedule(static)
+    for (int64_t run = 0; run < runs; run++) {
+        const int64_t r0 = run * per_run, rows = R - r0 < per_run ? R - r0 : per_run;
+        FN(apply_rows_streaming)(y + r0 * C, x + r0 * C, pivot, scale, offset, rows, C);
+    }
+    streaming_done();
 }
 
 /* One thread's share of apply_cl: its rows, y = (x - pivot) * scale + offset. */
@@ -442,12 +528,7 @@ static void FN(apply_cl_share)(real *y, const real *x, const real *restrict pivo
     /* the remaining rows (all of them when the parameters fit in L1) */
     #pragma omp for schedule(static)
     for (int64_t r = R4; r < R; r++) {
-        real *y_r = y + r * C;
-        const real *x_r = x + r * C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            y_r[c] = (x_r[c] - pivot[c]) * scale[c] + offset[c];
-        }
+        FN(apply_row)(y + r * C, x + r * C, pivot, scale, offset, C);
     }
 }
 
@@ -458,10 +539,13 @@ static int FN(apply_on)(real *y, const real *x, const double *alpha, const doubl
     real *params = FN(pivot_forms)(alpha, beta, C);
     if (!params) return -1;
     const real *pivot = params, *scale = params + C, *offset = params + 2 * C;
-    if (S == 1) {
+    const int streaming = streams_output(N, C, S, sizeof(real));
+    if (S == 1 && streaming) {
+        ON_THREADS(nt, FN(apply_cl_streaming_share)(y, x, pivot, scale, offset, N, C));
+    } else if (S == 1) {
         ON_THREADS(nt, FN(apply_cl_share)(y, x, pivot, scale, offset, N, C));
     } else {
-        ON_THREADS(nt, FN(apply_cf_share)(y, x, pivot, scale, offset, N, C, S));
+        ON_THREADS(nt, FN(apply_cf_share)(y, x, pivot, scale, offset, N, C, S, streaming));
     }
     free(params);
     return 0;
@@ -586,7 +670,8 @@ static inline int FN(finish_channel)(double *alpha, double *beta, real *save_mea
 static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invstd,
                                        double *batch_mean, double *batch_var,
                                        const real *x, const real *weight, const real *bias,
-                                       int64_t N, int64_t C, int64_t S, int64_t g, double eps)
+                                       int64_t N, int64_t C, int64_t S, int64_t g, double eps,
+                                       int streaming)
 {
     const int64_t M = N * S;
     #pragma omp for schedule(static)
@@ -615,12 +700,15 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
                 if (wide[i]) {
                     FN(apply_slice_wide)(y + at, x + at, batch_mean[c], alpha[i],
                                          bias ? (double)bias[c] : 0.0, S);
+                } else if (streaming) {
+                    FN(apply_slice_streaming)(y + at, x + at, pivot[i], scale[i], offset[i], S);
                 } else {
                     FN(apply_slice)(y + at, x + at, pivot[i], scale[i], offset[i], S);
                 }
             }
         }
     }
+    if (streaming) streaming_done();
 }
 
 /* Channels-first, long slices: parallel over channel groups (channels_per_group). */
@@ -630,8 +718,9 @@ static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
                                  int64_t N, int64_t C, int64_t S, double eps, int nt)
 {
     int64_t g = channels_per_group(N, C, S, sizeof(real), 1, nt);
+    const int streaming = streams_output(N, C, S, sizeof(real));
     ON_THREADS(nt, FN(forward_train_cf_share)(y, save_mean, save_invstd, batch_mean, batch_var,
-                                              x, weight, bias, N, C, S, g, eps));
+                                              x, weight, bias, N, C, S, g, eps, streaming));
 }
 
 /* Two passes: the statistics of the whole block, then one normalising pass
@@ -819,6 +908,23 @@ static inline void FN(backward_apply_slice)(real *dx_nc, const real *dy_nc, cons
     for (int64_t s = 0; s < S; s++) {
         dx_nc[s] = dy_nc[s] * k - (x_nc[s] - pivot) * q - offset;
     }
+}
+
+/* backward_apply_slice with streaming stores, block by block as
+ * apply_slice_streaming. The same values; dx may be dy or x. */
+static void FN(backward_apply_slice_streaming)(real *dx_nc, const real *dy_nc,
+                                               const real *x_nc, real k, real pivot, real q,
+                                               real offset, int64_t S)
+{
+    enum { BLOCK = STREAM_BLOCK_BYTES / sizeof(real) };
+    int64_t s = values_before_line(dx_nc, sizeof(real), S);
+    FN(backward_apply_slice)(dx_nc, dy_nc, x_nc, k, pivot, q, offset, s);
+    for (; s + BLOCK <= S; s += BLOCK) {
+        _Alignas(64) real block[BLOCK];
+        FN(backward_apply_slice)(block, dy_nc + s, x_nc + s, k, pivot, q, offset, BLOCK);
+        store_block_streaming(dx_nc + s, block);
+    }
+    FN(backward_apply_slice)(dx_nc + s, dy_nc + s, x_nc + s, k, pivot, q, offset, S - s);
 }
 
 /* dx of one channel whose xhat term underflows `real` (xhat_term_underflows),
@@ -1052,6 +1158,70 @@ int FN(bn_backward_reduce)(double *sum_dy, double *sum_dy_xhat,
     return FN(backward_reduce_on)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, nt, 1);
 }
 
+/* One row of C values, dx = dy * k - (x - pivot) * q - offset. dx may be dy or x. */
+static inline void FN(backward_apply_row)(real *dx_r, const real *dy_r, const real *x_r,
+                                          const real *restrict k, const real *restrict pivot,
+                                          const real *restrict q, const real *restrict offset,
+                                          int64_t C)
+{
+    #pragma omp simd
+    for (int64_t c = 0; c < C; c++) {
+        dx_r[c] = dy_r[c] * k[c] - (x_r[c] - pivot[c]) * q[c] - offset[c];
+    }
+}
+
+/* n values of rows of C values from channel *c, as apply_rows_piece:
+ * dx = dy * k[c] - (x - pivot[c]) * q[c] - offset[c]. */
+static void FN(backward_apply_rows_piece)(real *dx, const real *dy, const real *x,
+                                          const real *k, const real *pivot, const real *q,
+                                          const real *offset, int64_t *c, int64_t n, int64_t C)
+{
+    for (int64_t done = 0; done < n;) {
+        int64_t len = C - *c < n - done ? C - *c : n - done;
+        FN(backward_apply_row)(dx + done, dy + done, x + done, k + *c, pivot + *c, q + *c,
+                               offset + *c, len);
+        done += len;
+        *c = *c + len == C ? 0 : *c + len;
+    }
+}
+
+/* `rows` rows of dx with streaming stores, block by block as apply_rows_streaming.
+ * dx may be dy or x. */
+static void FN(backward_apply_rows_streaming)(real *dx, const real *dy, const real *x,
+                                              const real *k, const real *pivot, const real *q,
+                                              const real *offset, int64_t rows, int64_t C)
+{
+    enum { BLOCK = STREAM_BLOCK_BYTES / sizeof(real) };
+    const int64_t total = rows * C;
+    int64_t at = values_before_line(dx, sizeof(real), total), c = 0;
+    FN(backward_apply_rows_piece)(dx, dy, x, k, pivot, q, offset, &c, at, C);
+    for (; at + BLOCK <= total; at += BLOCK) {
+        _Alignas(64) real block[BLOCK];
+        FN(backward_apply_rows_piece)(block, dy + at, x + at, k, pivot, q, offset, &c, BLOCK,
+                                      C);
+        store_block_streaming(dx + at, block);
+    }
+    FN(backward_apply_rows_piece)(dx + at, dy + at, x + at, k, pivot, q, offset, &c,
+                                  total - at, C);
+}
+
+/* One thread's share of backward_apply_cl with streaming stores: its runs of
+ * rows, by backward_apply_rows_streaming. */
+static void FN(backward_apply_cl_streaming_share)(real *dx, const real *dy, const real *x,
+                                                  const real *k, const real *pivot,
+                                                  const real *q, const real *offset,
+                                                  int64_t R, int64_t C)
+{
+    const int64_t per_run = rows_per_run(C, sizeof(real)), runs = (R + per_run - 1) / per_run;
+    #pragma omp for schedule(static)
+    for (int64_t run = 0; run < runs; run++) {
+        const int64_t r0 = run * per_run, rows = R - r0 < per_run ? R - r0 : per_run;
+        FN(backward_apply_rows_streaming)(dx + r0 * C, dy + r0 * C, x + r0 * C, k, pivot, q,
+                                          offset, rows, C);
+    }
+    streaming_done();
+}
+
 /* One thread's share of backward_apply_cl: its rows of
  *   dx = dy * k - (x - pivot) * q - offset. */
 static void FN(backward_apply_cl_share)(real *dx, const real *dy, const real *x,
@@ -1077,27 +1247,29 @@ static void FN(backward_apply_cl_share)(real *dx, const real *dy, const real *x,
     /* the remaining rows (all of them when the coefficients fit in L1) */
     #pragma omp for schedule(static)
     for (int64_t r = R4; r < R; r++) {
-        real *dx_r = dx + r * C;
-        const real *dy_r = dy + r * C;
-        const real *x_r = x + r * C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            dx_r[c] = dy_r[c] * k[c] - (x_r[c] - pivot[c]) * q[c] - offset[c];
-        }
+        FN(backward_apply_row)(dx + r * C, dy + r * C, x + r * C, k, pivot, q, offset, C);
     }
 }
 
-/* One thread's share of the channels-first dx pass: its (n, c) slices. */
+/* One thread's share of the channels-first dx pass: its (n, c) slices, with
+ * streaming stores or not. */
 static void FN(backward_apply_cf_share)(real *dx, const real *dy, const real *x,
                                         const real *k, const real *pivot, const real *q,
-                                        const real *offset, int64_t N, int64_t C, int64_t S)
+                                        const real *offset, int64_t N, int64_t C, int64_t S,
+                                        int streaming)
 {
     #pragma omp for schedule(static)
     for (int64_t nc = 0; nc < N * C; nc++) {
         int64_t c = nc % C;
-        FN(backward_apply_slice)(dx + nc * S, dy + nc * S, x + nc * S, k[c], pivot[c], q[c],
-                                 offset[c], S);
+        if (streaming) {
+            FN(backward_apply_slice_streaming)(dx + nc * S, dy + nc * S, x + nc * S, k[c],
+                                               pivot[c], q[c], offset[c], S);
+        } else {
+            FN(backward_apply_slice)(dx + nc * S, dy + nc * S, x + nc * S, k[c], pivot[c], q[c],
+                                     offset[c], S);
+        }
     }
+    if (streaming) streaming_done();
 }
 
 /* bn_backward_apply on a team of nt threads. */
@@ -1109,6 +1281,7 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
     real *coefficients = malloc((size_t)(4 * C) * sizeof(real));
     if (!coefficients) return -1;
     real *k = coefficients, *pivot = k + C, *q = k + 2 * C, *offset = k + 3 * C;
+    const int streaming = streams_output(N, C, S, sizeof(real));
     int any_wide = 0;
     #pragma omp simd reduction(|:any_wide)
     for (int64_t c = 0; c < C; c++) {
@@ -1120,10 +1293,14 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
     if (any_wide) {   /* in double throughout */
         ON_THREADS(nt, FN(backward_apply_wide_share)(dx, dy, x, weight, mean, invstd, sum_dy,
                                                      sum_dy_xhat, count, N, C, S));
+    } else if (S == 1 && streaming) {
+        ON_THREADS(nt, FN(backward_apply_cl_streaming_share)(dx, dy, x, k, pivot, q, offset,
+                                                             N, C));
     } else if (S == 1) {
         ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, k, pivot, q, offset, N, C));
     } else {
-        ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, k, pivot, q, offset, N, C, S));
+        ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, k, pivot, q, offset, N, C, S,
+                                                   streaming));
     }
     free(coefficients);
     return 0;
@@ -1150,7 +1327,7 @@ int FN(bn_backward_apply)(real *dx, const real *dy, const real *x,
 static void FN(backward_cf_share)(real *dx, double *sum_dy, double *sum_dy_xhat,
                                   const real *dy, const real *x, const real *weight,
                                   const double *mean, const double *invstd,
-                                  int64_t N, int64_t C, int64_t S, int64_t g)
+                                  int64_t N, int64_t C, int64_t S, int64_t g, int streaming)
 {
     const double M = (double)(N * S);
     #pragma omp for schedule(static)
@@ -1173,6 +1350,9 @@ static void FN(backward_cf_share)(real *dx, double *sum_dy, double *sum_dy_xhat,
                     FN(backward_apply_slice_wide)(dx + at, dy + at, x + at,
                                                   weight ? (double)weight[c] : 1.0, mean[c],
                                                   invstd[c], sum_dy[c], sum_dy_xhat[c], M, S);
+                } else if (streaming) {
+                    FN(backward_apply_slice_streaming)(dx + at, dy + at, x + at, k[i], pivot[i],
+                                                       q[i], offset[i], S);
                 } else {
                     FN(backward_apply_slice)(dx + at, dy + at, x + at, k[i], pivot[i], q[i],
                                              offset[i], S);
@@ -1180,6 +1360,7 @@ static void FN(backward_cf_share)(real *dx, double *sum_dy, double *sum_dy_xhat,
             }
         }
     }
+    if (streaming) streaming_done();
 }
 
 /* Backward of the training forward: two reductions, then one pass that writes dx.
@@ -1220,8 +1401,9 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
         /* channels-first, long slices: each channel group reduced and written
          * while in cache */
         int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
+        const int streaming = streams_output(N, C, S, sizeof(real));
         ON_THREADS(nt, FN(backward_cf_share)(dx, sum_dy, sum_dy_xhat, dy, x, weight, mean,
-                                             invstd, N, C, S, g));
+                                             invstd, N, C, S, g, streaming));
     }
 
     for (int64_t c = 0; c < C; c++) {

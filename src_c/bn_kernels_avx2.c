@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <immintrin.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif

@@ -1,0 +1,90 @@
+"""Streaming stores on or off: the same kernels, outputs written both ways, in one run.
+
+    PYTHONPATH=. python benchmarks/streaming_stores.py [--dtype float64] [--rounds 15]
+
+bnfast writes outputs of at least `_kernels.get_stream_bytes()` bytes (32 MiB)
+with streaming stores (src_c/bn_internal.h). This times inference, training
+forward and backward with out= on the tensors the main benchmark calls
+streaming (25 MB and more), each with the threshold at its default
+("streamed") and out of reach ("plain"), beside numpy's copy of the same
+tensor, all interleaved round by round (bnfast.bench.timing). Figures are
+median / the fastest copy, with the min-max over rounds.
+"""
+import argparse
+import statistics
+
+import numpy as np
+
+import bnfast
+from bnfast import _kernels
+from bnfast.bench import cases, floor, timing
+
+SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28)]
+NEVER = 2**62
+
+
+def jobs(t, y, dx):
+    return {
+        "inference": lambda: bnfast.batch_norm_infer(t.x, t.weight, t.bias, t.running_mean,
+                                                     t.running_var, out=y),
+        "forward": lambda: bnfast.batch_norm_train(t.x, t.weight, t.bias, out=y),
+        "backward": lambda: bnfast.batch_norm_backward(t.dy, t.x, t.weight, t.save_mean,
+                                                       t.save_invstd, out=dx),
+    }
+
+
+def measure(case, rounds):
+    """{workload: (plain, streamed) as (median, min, max) ratios to the copy floor}."""
+    t = cases.make_tensors(case)
+    y, dx = np.empty_like(t.x), np.empty_like(t.x)
+    y[...] = 0
+    dx[...] = 0
+    default = _kernels.get_stream_bytes()
+    calls, prepare = {}, {}
+    for copy, fn in floor.copy_calls(t.x).items():
+        calls[copy.name] = fn
+        prepare[copy.name] = lambda: _kernels.set_stream_bytes(default)
+    for name, fn in jobs(t, y, dx).items():
+        for way, threshold in (("plain", NEVER), ("streamed", default)):
+            calls[(name, way)] = fn
+            prepare[(name, way)] = lambda threshold=threshold: _kernels.set_stream_bytes(threshold)
+    try:
+        seconds = timing.time_interleaved(calls, rounds, prepare=prepare)
+    finally:
+        _kernels.set_stream_bytes(default)
+    copy_s = min(statistics.median(s) for k, s in seconds.items() if isinstance(k, str))
+    ratios = {}
+    for name in jobs(t, y, dx):
+        ratios[name] = tuple((statistics.median(seconds[(name, way)]) / copy_s,
+                              min(seconds[(name, way)]) / copy_s,
+                              max(seconds[(name, way)]) / copy_s)
+                             for way in ("plain", "streamed"))
+    return copy_s, ratios
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    if _kernels.get_stream_bytes() >= NEVER:
+        raise SystemExit("this build writes no output with streaming stores (not x86-64)")
+    load = timing.LoadMeter()
+    print(f"bnfast {bnfast.__version__}, {args.dtype}, {bnfast.get_num_threads()} threads, "
+          f"threshold {_kernels.get_stream_bytes() >> 20} MiB; ratio = median / fastest copy "
+          f"(min-max over {args.rounds} rounds)")
+    print("| shape | layout | copy | workload | plain | streamed |")
+    print("|---|---|---|---|---|---|")
+    for shape in SHAPES:
+        for layout in cases.layouts_of(shape):
+            copy_s, ratios = measure(cases.Case(shape, layout, args.dtype), args.rounds)
+            for name, ways in ratios.items():
+                cells = [f"{m:.2f}x ({lo:.2f}-{hi:.2f})" for m, lo, hi in ways]
+                print(f"| {shape} | {layout} | {copy_s * 1e3:.2f} ms | {name} | "
+                      + " | ".join(cells) + " |", flush=True)
+    cores = load.cores()
+    print(f"foreign load: {cores:.2f} cores" if isinstance(cores, float) else "foreign load: unknown")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Outputs written with streaming stores hold the same bits as outputs written plainly.
+
+The kernels write an output of at least `_kernels.get_stream_bytes()` bytes
+(32 MiB on x86-64) with streaming stores, block by block, with the values
+before its first 64-byte line and after its last whole block written plainly
+(src_c/bn_internal.h, the *_streaming functions of bn_kernels.tmpl.c). Setting
+the threshold to 0 streams every output, so each walk through the block, each
+kernel that writes an output and each placement of that output (fresh, out=
+on a line boundary or one value off it, in place) is compared here bit for bit
+with the plain writes, on both instruction sets.
+"""
+import platform
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast import _kernels
+
+NEVER = 2**62
+
+# (name, shape as (N, C, spatial...), layout); channels_last stores N, spatial..., C
+WALKS = [
+    ("rows", (64, 130), "channels_first"),
+    ("rows-wide", (16, 700), "channels_first"),            # four rows at a time when plain
+    ("channels-last", (4, 33, 5, 7), "channels_last"),
+    ("planes", (8, 32, 4, 4), "channels_first"),            # S = 16: plane by plane
+    ("groups", (4, 16, 20, 20), "channels_first"),          # S = 400: channel groups
+    ("odd-slices", (2, 5, 1031), "channels_first"),         # slices off the line boundaries
+]
+PLACEMENTS = ["fresh", "out-on-line", "out-off-line", "in-place"]
+
+
+def _stored(shape, layout, dtype, seed):
+    rng = np.random.default_rng(seed)
+    if layout == "channels_last":
+        stored = rng.standard_normal(shape[:1] + shape[2:] + shape[1:2]) * 3 + 1
+        return stored.astype(dtype).transpose(0, stored.ndim - 1, *range(1, stored.ndim - 1))
+    return (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+
+
+def _like(a, shift):
+    """An empty array of a's shape, dtype and memory order, `shift` values past a
+    64-byte boundary."""
+    order = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+    stored_shape = tuple(a.shape[i] for i in order)
+    buffer = np.empty(a.size + 64, a.dtype)
+    start = (-buffer.ctypes.data % 64) // a.itemsize + shift
+    stored = buffer[start:start + a.size].reshape(stored_shape)
+    return stored.transpose(np.argsort(order))
+
+
+def _out(x, placement):
+    if placement == "fresh":
+        return None
+    if placement == "in-place":
+        return x
+    return _like(x, 0 if placement == "out-on-line" else 1)
+
+
+def _run(job, shape, layout, dtype, placement, stream_bytes):
+    """The arrays `job` returns with outputs written under `stream_bytes`."""
+    before = _kernels.get_stream_bytes()
+    _kernels.set_stream_bytes(stream_bytes)
+    try:
+        return [np.array(a, copy=True) for a in job(shape, layout, dtype, placement)]
+    finally:
+        _kernels.set_stream_bytes(before)
+
+
+def _train(shape, layout, dtype, placement):
+    x = _stored(shape, layout, dtype, 0)
+    C = shape[1]
+    weight = np.linspace(0.5, 2.0, C).astype(dtype)
+    bias = np.linspace(-1.0, 1.0, C).astype(dtype)
+    return bnfast.batch_norm_train(x, weight, bias, out=_out(x, placement))
+
+
+def _infer(shape, layout, dtype, placement):
+    x = _stored(shape, layout, dtype, 0)
+    C = shape[1]
+    weight, bias = np.linspace(0.5, 2.0, C).astype(dtype), np.linspace(-1, 1, C).astype(dtype)
+    mean, var = np.linspace(-0.5, 1.5, C).astype(dtype), np.linspace(0.5, 4.0, C).astype(dtype)
+    return [bnfast.batch_norm_infer(x, weight, bias, mean, var, out=_out(x, placement))]
+
+
+def _backward(shape, layout, dtype, placement):
+    x, dy = _stored(shape, layout, dtype, 0), _stored(shape, layout, dtype, 1)
+    C = shape[1]
+    weight = np.linspace(0.5, 2.0, C).astype(dtype)
+    _, mean, invstd = bnfast.batch_norm_train(x, weight)
+    out = _out(dy, placement)          # in place: dx over dy
+    return bnfast.batch_norm_backward(dy, x, weight, mean, invstd, out=out)
+
+
+def _apply(shape, layout, dtype, placement):
+    x = _stored(shape, layout, dtype, 0)
+    C = shape[1]
+    mean, invstd = np.linspace(-0.5, 1.5, C), np.linspace(0.5, 2.0, C)
+    return [bnfast.functional.batch_norm_apply(x, mean, invstd, out=_out(x, placement))]
+
+
+def _backward_apply(shape, layout, dtype, placement):
+    x, dy = _stored(shape, layout, dtype, 0), _stored(shape, layout, dtype, 1)
+    C = shape[1]
+    mean, invstd = np.linspace(-0.5, 1.5, C), np.linspace(0.5, 2.0, C)
+    sum_dy, sum_dy_xhat = np.linspace(-3, 3, C), np.linspace(2, -2, C)
+    count = x.size // C
+    return [bnfast.functional.batch_norm_backward_apply(dy, x, mean, invstd, None, sum_dy,
+                                                        sum_dy_xhat, count,
+                                                        out=_out(dy, placement))]
+
+
+JOBS = [_train, _infer, _backward, _apply, _backward_apply]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,layout", [pytest.param(s, l, id=n) for n, s, l in WALKS])
+@pytest.mark.parametrize("job", JOBS, ids=lambda f: f.__name__.lstrip("_"))
+def test_streamed_outputs_equal_plain_outputs_on_every_walk(job, shape, layout, dtype,
+                                                            placement, isa):
+    plain = _run(job, shape, layout, dtype, placement, NEVER)
+    streamed = _run(job, shape, layout, dtype, placement, 0)
+    assert len(plain) == len(streamed)
+    for p, s in zip(plain, streamed):
+        assert p.dtype == s.dtype and p.shape == s.shape
+        assert np.array_equal(p, s), f"largest difference {np.max(np.abs(p - s))}"
+
+
+def test_outputs_above_the_default_threshold_are_streamed_with_the_same_bits():
+    threshold = _kernels.get_stream_bytes()
+    if threshold >= NEVER:
+        pytest.skip(f"no streaming stores on {platform.machine()}")
+    shape = (2, 3, threshold // 4 // 6 + 100)          # float32, just above the threshold
+    for job in (_train, _infer, _backward):
+        assert np.prod(shape) * 4 >= threshold
+        streamed = [np.array(a) for a in job(shape, "channels_first", np.float32, "fresh")]
+        plain = _run(job, shape, "channels_first", np.float32, "fresh", NEVER)
+        for p, s in zip(plain, streamed):
+            assert np.array_equal(p, s)
+
+
+def test_default_threshold_is_32_mib_on_x86_64():
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"streaming stores are x86-64 only; this is {platform.machine()}")
+    assert _kernels.get_stream_bytes() == 32 * 1024 * 1024
+
+
+def test_negative_threshold_means_every_output():
+    before = _kernels.get_stream_bytes()
+    try:
+        _kernels.set_stream_bytes(-5)
+        assert _kernels.get_stream_bytes() == 0
+    finally:
+        _kernels.set_stream_bytes(before)
