@@ -136,6 +136,12 @@ static inline int64_t rows_per_run(int64_t C, int64_t value_bytes)
     return rows > 1 ? rows : 1;
 }
 
+/* The rows of the run that starts at row r0 of R: per_run, or what is left. */
+static inline int64_t rows_from(int64_t r0, int64_t per_run, int64_t R)
+{
+    return R - r0 < per_run ? R - r0 : per_run;
+}
+
 /* Order this thread's streaming stores before anything it does next. */
 static inline void streaming_done(void)
 {

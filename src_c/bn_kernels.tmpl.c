@@ -521,11 +521,11 @@ static void FN(apply_cl_streaming_share)(real *y, const real *x, const real *piv
                                          const real *scale, const real *offset,
                                          int64_t R, int64_t C)
 {
-    const int64_t per_run = rows_per_run(C, sizeof(real)), runs = (R + per_run - 1) / per_run;
+    const int64_t per_run = rows_per_run(C, sizeof(real));
     #pragma omp for schedule(static)
-    for (int64_t run = 0; run < runs; run++) {
-        const int64_t r0 = run * per_run, rows = R - r0 < per_run ? R - r0 : per_run;
-        FN(apply_rows_streaming)(y + r0 * C, x + r0 * C, pivot, scale, offset, rows, C);
+    for (int64_t r0 = 0; r0 < R; r0 += per_run) {
+        FN(apply_rows_streaming)(y + r0 * C, x + r0 * C, pivot, scale, offset,
+                                 rows_from(r0, per_run, R), C);
     }
     streaming_done();
 }
@@ -1236,12 +1236,11 @@ static void FN(backward_apply_cl_streaming_share)(real *dx, const real *dy, cons
                                                   const real *q, const real *offset,
                                                   int64_t R, int64_t C)
 {
-    const int64_t per_run = rows_per_run(C, sizeof(real)), runs = (R + per_run - 1) / per_run;
+    const int64_t per_run = rows_per_run(C, sizeof(real));
     #pragma omp for schedule(static)
-    for (int64_t run = 0; run < runs; run++) {
-        const int64_t r0 = run * per_run, rows = R - r0 < per_run ? R - r0 : per_run;
+    for (int64_t r0 = 0; r0 < R; r0 += per_run) {
         FN(backward_apply_rows_streaming)(dx + r0 * C, dy + r0 * C, x + r0 * C, k, pivot, q,
-                                          offset, rows, C);
+                                          offset, rows_from(r0, per_run, R), C);
     }
     streaming_done();
 }
