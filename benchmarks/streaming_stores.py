@@ -4,8 +4,9 @@
 
 bnfast writes outputs of at least `_kernels.get_stream_bytes()` bytes (32 MiB)
 with streaming stores (src_c/bn_internal.h). This times inference, training
-forward and backward with out= on the tensors the main benchmark calls
-streaming (25 MB and more), each with the threshold at its default
+forward and backward with out= on the tensors of 32 MiB and more in the main
+benchmark, and on (128, 2048, 7, 7) (a late ResNet stage at a large batch,
+7x7 slices), each with the threshold at its default
 ("streamed") and out of reach ("plain"), beside numpy's copy of the same
 tensor, all interleaved round by round (bnfast.bench.timing). Figures are
 median / the fastest copy, with the min-max over rounds.
@@ -19,7 +20,7 @@ import bnfast
 from bnfast import _kernels
 from bnfast.bench import cases, floor, timing
 
-SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28)]
+SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (128, 2048, 7, 7)]
 NEVER = 2**62
 
 

@@ -54,7 +54,8 @@ int bn_set_isa(int isa);
 
 /* Outputs of at least this many bytes are written with streaming stores,
  * which skip the cache (32 MiB by default on x86-64; never elsewhere).
- * Setting it (tests, measurements) changes how outputs are written, not their values. */
+ * Setting it (tests, measurements; not while a kernel runs) changes how
+ * outputs are written, not their values. */
 int64_t bn_get_stream_bytes(void);
 void bn_set_stream_bytes(int64_t bytes);
 

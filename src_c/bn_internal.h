@@ -78,23 +78,24 @@
  * A tensor that fits in cache is better written plainly, so the layer that
  * reads it next finds it there: outputs of at least bn_stream_bytes (bn.c,
  * STREAM_BYTES by default: above the L3 share of a core on common parts, where
- * y would be evicted before it is read anyway) are streamed.
+ * y would be evicted before it is read anyway) are streamed, by every walk
+ * (streams_output), except channels computed in double (the rare *_wide paths).
  * GCC ignores OpenMP's `nontemporal` clause, so store_block_streaming is the one
- * place the kernels use intrinsics: SSE2 (every x86-64 CPU), AVX in the AVX2
- * build. Elsewhere nothing is streamed (bn_stream_bytes starts at INT64_MAX). */
+ * place the kernels use intrinsics: SSE2 (every x86-64 CPU), 32-byte AVX
+ * stores in the AVX2 build (BN_STREAM_256). Elsewhere nothing is streamed
+ * (bn_stream_bytes starts at INT64_MAX). */
 #define STREAM_BYTES ((int64_t)32 * 1024 * 1024)
 #define STREAM_BLOCK_BYTES 256
 extern int64_t bn_stream_bytes;
 
 /* 1 if an (N, C, S) output of value_bytes per value is written with streaming
- * stores: it is large, and walked in runs long enough for the few values at
- * their ends that are written plainly (values_before_line) not to matter:
- * channel slices of S values, or for channels-last rows (S == 1) all of it. */
+ * stores: bn_stream_bytes or more. Every walk streams it: long channel slices
+ * one by one, channels-last rows and short slices in runs of whole rows or
+ * slices, in memory order, so that only the few values at the two ends of a
+ * slice or run are written plainly (values_before_line). */
 static inline int streams_output(int64_t N, int64_t C, int64_t S, int64_t value_bytes)
 {
-    const int64_t run = S == 1 ? N * C : S;
-    return N * C * S * value_bytes >= bn_stream_bytes
-           && run * value_bytes >= 4 * STREAM_BLOCK_BYTES;
+    return N * C * S * value_bytes >= bn_stream_bytes;
 }
 
 /* How many of the n values at p (value_bytes each) come before p's first
@@ -113,7 +114,7 @@ static inline int64_t values_before_line(const void *p, int64_t value_bytes, int
  * streaming_done before others may read the memory. */
 static inline void store_block_streaming(void *to, const void *block)
 {
-#if defined(__AVX__)
+#if defined(__AVX__) || defined(BN_STREAM_256)
     for (int i = 0; i < STREAM_BLOCK_BYTES / 32; i++) {
         _mm256_stream_si256((__m256i *)to + i, _mm256_loadu_si256((const __m256i *)block + i));
     }
@@ -126,17 +127,25 @@ static inline void store_block_streaming(void *to, const void *block)
 #endif
 }
 
-/* Channels-last outputs are streamed in runs of whole rows of about
- * STREAM_RUN_BYTES, each walked in memory order with its plain values at the
- * two ends only: rows_per_run rows of C values of value_bytes. */
+/* Channels-last rows, and short channel slices (short_slices), are streamed in
+ * runs of about STREAM_RUN_BYTES, each walked in memory order: rows_per_run
+ * rows of `row` values of value_bytes (a row: C values, or a slice: S values). */
 #define STREAM_RUN_BYTES (64 * 1024)
-static inline int64_t rows_per_run(int64_t C, int64_t value_bytes)
+static inline int64_t rows_per_run(int64_t row, int64_t value_bytes)
 {
-    int64_t rows = STREAM_RUN_BYTES / (C * value_bytes);
+    int64_t rows = STREAM_RUN_BYTES / (row * value_bytes);
     return rows > 1 ? rows : 1;
 }
 
-/* The rows of the run that starts at row r0 of R: per_run, or what is left. */
+/* 1 if slices of S values of value_bytes are streamed in runs of several
+ * slices (apply_slices_streaming): under four blocks, where a slice streamed
+ * on its own would be mostly its plainly written ends. */
+static inline int short_slices(int64_t S, int64_t value_bytes)
+{
+    return S * value_bytes < 4 * STREAM_BLOCK_BYTES;
+}
+
+/* The rows (or slices) of the run that starts at row r0 of R: per_run, or what is left. */
 static inline int64_t rows_from(int64_t r0, int64_t per_run, int64_t R)
 {
     return R - r0 < per_run ? R - r0 : per_run;

@@ -414,6 +414,48 @@ static void FN(apply_slice_streaming)(real *y_nc, const real *x_nc, real pivot, 
     FN(apply_slice)(y_nc + s, x_nc + s, pivot, scale, offset, S - s);
 }
 
+/* n values of consecutive channel slices of S values, from value *s of a slice
+ * of channel *c (C channels, whose parameters are pivot[c], scale[c],
+ * offset[c]), one piece of a slice at a time by apply_slice. Leaves *c, *s at
+ * the value after the last. */
+static void FN(apply_slices_piece)(real *y, const real *x, const real *pivot,
+                                   const real *scale, const real *offset, int64_t *c,
+                                   int64_t *s, int64_t n, int64_t S, int64_t C)
+{
+    for (int64_t done = 0; done < n;) {
+        int64_t len = S - *s < n - done ? S - *s : n - done;
+        FN(apply_slice)(y + done, x + done, pivot[*c], scale[*c], offset[*c], len);
+        done += len;
+        *s += len;
+        if (*s == S) {
+            *s = 0;
+            *c = *c + 1 == C ? 0 : *c + 1;
+        }
+    }
+}
+
+/* apply_slice_streaming for short slices (short_slices: a 7x7 slice is 196
+ * bytes, under one block): `slices` consecutive channel slices of S values,
+ * the first of channel c, as one stretch of values in memory order, block by
+ * block, each computed by apply_slices_piece into `block` and stored by
+ * store_block_streaming; the values before y's first 64-byte line and after
+ * its last whole block plainly. The same values as apply_slice; y may be x. */
+static void FN(apply_slices_streaming)(real *y, const real *x, const real *pivot,
+                                       const real *scale, const real *offset, int64_t c,
+                                       int64_t slices, int64_t S, int64_t C)
+{
+    enum { BLOCK = STREAM_BLOCK_BYTES / sizeof(real) };
+    const int64_t total = slices * S;
+    int64_t at = values_before_line(y, sizeof(real), total), s = 0;
+    FN(apply_slices_piece)(y, x, pivot, scale, offset, &c, &s, at, S, C);
+    for (; at + BLOCK <= total; at += BLOCK) {
+        _Alignas(64) real block[BLOCK];
+        FN(apply_slices_piece)(block, x + at, pivot, scale, offset, &c, &s, BLOCK, S, C);
+        store_block_streaming(y + at, block);
+    }
+    FN(apply_slices_piece)(y + at, x + at, pivot, scale, offset, &c, &s, total - at, S, C);
+}
+
 /* The limits of spans_the_range and xhat_term_underflows (bn_internal.h) for `real`. */
 static inline double FN(half_max)(void)
 {
@@ -468,6 +510,21 @@ static void FN(apply_cf_share)(real *y, const real *x, const real *pivot, const 
     if (streaming) streaming_done();
 }
 
+/* One thread's share of apply_cf with streaming stores for short slices: its
+ * runs of slices (STREAM_RUN_BYTES each), by apply_slices_streaming. */
+static void FN(apply_cf_short_streaming_share)(real *y, const real *x, const real *pivot,
+                                               const real *scale, const real *offset,
+                                               int64_t N, int64_t C, int64_t S)
+{
+    const int64_t per_run = rows_per_run(S, sizeof(real));
+    #pragma omp for schedule(static)
+    for (int64_t nc0 = 0; nc0 < N * C; nc0 += per_run) {
+        FN(apply_slices_streaming)(y + nc0 * S, x + nc0 * S, pivot, scale, offset, nc0 % C,
+                                   rows_from(nc0, per_run, N * C), S, C);
+    }
+    streaming_done();
+}
+
 /* One row of C values, y = (x - pivot) * scale + offset. y may be x. */
 static inline void FN(apply_row)(real *y_r, const real *x_r, const real *restrict pivot,
                                  const real *restrict scale, const real *restrict offset,
@@ -509,7 +566,12 @@ static void FN(apply_rows_streaming)(real *y, const real *x, const real *pivot,
     FN(apply_rows_piece)(y, x, pivot, scale, offset, &c, at, C);
     for (; at + BLOCK <= total; at += BLOCK) {
         _Alignas(64) real block[BLOCK];
-        FN(apply_rows_piece)(block, x + at, pivot, scale, offset, &c, BLOCK, C);
+        if (C - c > BLOCK) {   /* within one row: a loop of known length */
+            FN(apply_row)(block, x + at, pivot + c, scale + c, offset + c, BLOCK);
+            c += BLOCK;
+        } else {
+            FN(apply_rows_piece)(block, x + at, pivot, scale, offset, &c, BLOCK, C);
+        }
         store_block_streaming(y + at, block);
     }
     FN(apply_rows_piece)(y + at, x + at, pivot, scale, offset, &c, total - at, C);
@@ -568,6 +630,8 @@ static int FN(apply_on)(real *y, const real *x, const double *alpha, const doubl
         ON_THREADS(nt, FN(apply_cl_streaming_share)(y, x, pivot, scale, offset, N, C));
     } else if (S == 1) {
         ON_THREADS(nt, FN(apply_cl_share)(y, x, pivot, scale, offset, N, C));
+    } else if (streaming && short_slices(S, sizeof(real))) {
+        ON_THREADS(nt, FN(apply_cf_short_streaming_share)(y, x, pivot, scale, offset, N, C, S));
     } else {
         ON_THREADS(nt, FN(apply_cf_share)(y, x, pivot, scale, offset, N, C, S, streaming));
     }
@@ -710,15 +774,22 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
          * for a channel that spans the range, in double) */
         real pivot[MAX_GROUP], scale[MAX_GROUP], offset[MAX_GROUP];
         double alpha[MAX_GROUP], beta;
-        int wide[MAX_GROUP];
+        int wide[MAX_GROUP], any_wide = 0;
         for (int64_t c = c0, i = 0; c < c1; c++, i++) {
             wide[i] = FN(finish_channel)(&alpha[i], &beta, save_mean, save_invstd, batch_mean,
                                          batch_var, weight, bias, c, M, eps);
+            any_wide |= wide[i];
             FN(pivot_form)(&pivot[i], &scale[i], &offset[i], alpha[i], beta);
         }
 
-        /* normalise the group, in memory order */
+        /* normalise the group, in memory order: N runs of its slices */
         for (int64_t n = 0; n < N; n++) {
+            const int64_t run = (n * C + c0) * S;
+            if (streaming && !any_wide && short_slices(S, sizeof(real))) {
+                FN(apply_slices_streaming)(y + run, x + run, pivot, scale, offset, 0, c1 - c0, S,
+                                           c1 - c0);
+                continue;
+            }
             for (int64_t c = c0, i = 0; c < c1; c++, i++) {
                 int64_t at = (n * C + c) * S;
                 if (wide[i]) {
@@ -949,6 +1020,48 @@ static void FN(backward_apply_slice_streaming)(real *dx_nc, const real *dy_nc,
         store_block_streaming(dx_nc + s, block);
     }
     FN(backward_apply_slice)(dx_nc + s, dy_nc + s, x_nc + s, k, pivot, q, offset, S - s);
+}
+
+/* n values of consecutive channel slices of S values from value *s of a slice
+ * of channel *c (C channels), as apply_slices_piece, by backward_apply_slice. */
+static void FN(backward_apply_slices_piece)(real *dx, const real *dy, const real *x,
+                                            const real *k, const real *pivot, const real *q,
+                                            const real *offset, int64_t *c, int64_t *s,
+                                            int64_t n, int64_t S, int64_t C)
+{
+    for (int64_t done = 0; done < n;) {
+        int64_t len = S - *s < n - done ? S - *s : n - done;
+        FN(backward_apply_slice)(dx + done, dy + done, x + done, k[*c], pivot[*c], q[*c],
+                                 offset[*c], len);
+        done += len;
+        *s += len;
+        if (*s == S) {
+            *s = 0;
+            *c = *c + 1 == C ? 0 : *c + 1;
+        }
+    }
+}
+
+/* backward_apply_slice_streaming for short slices: `slices` consecutive channel
+ * slices of dx, the first of channel c, block by block as
+ * apply_slices_streaming. The same values; dx may be dy or x. */
+static void FN(backward_apply_slices_streaming)(real *dx, const real *dy, const real *x,
+                                                const real *k, const real *pivot,
+                                                const real *q, const real *offset, int64_t c,
+                                                int64_t slices, int64_t S, int64_t C)
+{
+    enum { BLOCK = STREAM_BLOCK_BYTES / sizeof(real) };
+    const int64_t total = slices * S;
+    int64_t at = values_before_line(dx, sizeof(real), total), s = 0;
+    FN(backward_apply_slices_piece)(dx, dy, x, k, pivot, q, offset, &c, &s, at, S, C);
+    for (; at + BLOCK <= total; at += BLOCK) {
+        _Alignas(64) real block[BLOCK];
+        FN(backward_apply_slices_piece)(block, dy + at, x + at, k, pivot, q, offset, &c, &s,
+                                        BLOCK, S, C);
+        store_block_streaming(dx + at, block);
+    }
+    FN(backward_apply_slices_piece)(dx + at, dy + at, x + at, k, pivot, q, offset, &c, &s,
+                                    total - at, S, C);
 }
 
 /* dx of one channel whose xhat term underflows `real` (xhat_term_underflows),
@@ -1221,8 +1334,14 @@ static void FN(backward_apply_rows_streaming)(real *dx, const real *dy, const re
     FN(backward_apply_rows_piece)(dx, dy, x, k, pivot, q, offset, &c, at, C);
     for (; at + BLOCK <= total; at += BLOCK) {
         _Alignas(64) real block[BLOCK];
-        FN(backward_apply_rows_piece)(block, dy + at, x + at, k, pivot, q, offset, &c, BLOCK,
-                                      C);
+        if (C - c > BLOCK) {   /* within one row: a loop of known length */
+            FN(backward_apply_row)(block, dy + at, x + at, k + c, pivot + c, q + c, offset + c,
+                                   BLOCK);
+            c += BLOCK;
+        } else {
+            FN(backward_apply_rows_piece)(block, dy + at, x + at, k, pivot, q, offset, &c,
+                                          BLOCK, C);
+        }
         store_block_streaming(dx + at, block);
     }
     FN(backward_apply_rows_piece)(dx + at, dy + at, x + at, k, pivot, q, offset, &c,
@@ -1295,6 +1414,24 @@ static void FN(backward_apply_cf_share)(real *dx, const real *dy, const real *x,
     if (streaming) streaming_done();
 }
 
+/* One thread's share of the channels-first dx pass with streaming stores for
+ * short slices: its runs of slices, by backward_apply_slices_streaming. */
+static void FN(backward_apply_cf_short_streaming_share)(real *dx, const real *dy,
+                                                        const real *x, const real *k,
+                                                        const real *pivot, const real *q,
+                                                        const real *offset, int64_t N,
+                                                        int64_t C, int64_t S)
+{
+    const int64_t per_run = rows_per_run(S, sizeof(real));
+    #pragma omp for schedule(static)
+    for (int64_t nc0 = 0; nc0 < N * C; nc0 += per_run) {
+        FN(backward_apply_slices_streaming)(dx + nc0 * S, dy + nc0 * S, x + nc0 * S, k, pivot,
+                                            q, offset, nc0 % C,
+                                            rows_from(nc0, per_run, N * C), S, C);
+    }
+    streaming_done();
+}
+
 /* bn_backward_apply on a team of nt threads. */
 static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
                                  const double *mean, const double *invstd, const real *weight,
@@ -1321,6 +1458,9 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
                                                              N, C));
     } else if (S == 1) {
         ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, k, pivot, q, offset, N, C));
+    } else if (streaming && short_slices(S, sizeof(real))) {
+        ON_THREADS(nt, FN(backward_apply_cf_short_streaming_share)(dx, dy, x, k, pivot, q,
+                                                                   offset, N, C, S));
     } else {
         ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, k, pivot, q, offset, N, C, S,
                                                    streaming));
@@ -1359,14 +1499,22 @@ static void FN(backward_cf_share)(real *dx, double *sum_dy, double *sum_dy_xhat,
         FN(group_backward_sums_cf)(sum_dy, sum_dy_xhat, dy, x, mean, invstd, N, C, S, c0,
                                    c1 - c0, 0);
         real k[MAX_GROUP], pivot[MAX_GROUP], q[MAX_GROUP], offset[MAX_GROUP];
-        int wide[MAX_GROUP];
+        int wide[MAX_GROUP], any_wide = 0;
         for (int64_t c = c0, i = 0; c < c1; c++, i++) {
             double w = weight ? (double)weight[c] : 1.0;
             FN(dx_pivot_form)(&k[i], &pivot[i], &q[i], &offset[i], w, mean[c], invstd[c],
                               sum_dy[c], sum_dy_xhat[c], M);
             wide[i] = xhat_term_underflows(w, invstd[c], FN(underflow_limit)());
+            any_wide |= wide[i];
         }
+        /* dx of the group, in memory order: N runs of its slices */
         for (int64_t n = 0; n < N; n++) {
+            const int64_t run = (n * C + c0) * S;
+            if (streaming && !any_wide && short_slices(S, sizeof(real))) {
+                FN(backward_apply_slices_streaming)(dx + run, dy + run, x + run, k, pivot, q,
+                                                    offset, 0, c1 - c0, S, c1 - c0);
+                continue;
+            }
             for (int64_t c = c0, i = 0; c < c1; c++, i++) {
                 int64_t at = (n * C + c) * S;
                 if (wide[i]) {

@@ -25,6 +25,8 @@
 #pragma GCC target("avx2,fma")
 #endif
 
+/* streaming stores 32 bytes at a time (clang's target attribute does not define __AVX__) */
+#define BN_STREAM_256 1
 #include "bn_internal.h"
 
 #define real float

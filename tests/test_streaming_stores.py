@@ -1,13 +1,15 @@
 """Outputs written with streaming stores hold the same bits as outputs written plainly.
 
 The kernels write an output of at least `_kernels.get_stream_bytes()` bytes
-(32 MiB on x86-64) with streaming stores, block by block, with the values
-before its first 64-byte line and after its last whole block written plainly
-(src_c/bn_internal.h, the *_streaming functions of bn_kernels.tmpl.c). Setting
-the threshold to 0 streams every output, so each walk through the block, each
-kernel that writes an output and each placement of that output (fresh, out=
-on a line boundary or one value off it, in place) is compared here bit for bit
-with the plain writes, on both instruction sets.
+(32 MiB on x86-64) with streaming stores, in runs of whole rows or channel
+slices, block by block, with the values before a run's first 64-byte line and
+after its last whole block written plainly (src_c/bn_internal.h, the
+*_streaming functions of bn_kernels.tmpl.c). Setting the threshold to 0 streams
+every output, so each walk through the block, each kernel that writes an
+output and each placement of that output (fresh, out= on a line boundary or
+one value off it, in place) is compared here bit for bit with the plain
+writes, on both instruction sets, and the memory around an `out=` array must
+be left as it was.
 """
 import platform
 
@@ -22,12 +24,16 @@ NEVER = 2**62
 # (name, shape as (N, C, spatial...), layout); channels_last stores N, spatial..., C
 WALKS = [
     ("rows", (64, 130), "channels_first"),
-    ("rows-wide", (16, 700), "channels_first"),            # four rows at a time when plain
+    ("rows-wide", (16, 2100), "channels_first"),            # four rows at a time when plain
     ("channels-last", (4, 33, 5, 7), "channels_last"),
+    ("channels-last-team", (64, 33, 16, 16), "channels_last"),   # large enough for 2 threads
     ("planes", (8, 32, 4, 4), "channels_first"),            # S = 16: plane by plane
     ("groups", (4, 16, 20, 20), "channels_first"),          # S = 400: channel groups
+    ("groups-short-slices", (42, 1024, 7, 7), "channels_first"),  # S = 49, over 8 MB: groups
     ("odd-slices", (2, 5, 1031), "channels_first"),         # slices off the line boundaries
 ]
+GUARD = -7.25      # what the memory around an out= array holds, and must still hold
+_guards = []       # (buffer, start, size) of each out= array made by _like
 PLACEMENTS = ["fresh", "out-on-line", "out-off-line", "in-place"]
 
 
@@ -40,12 +46,13 @@ def _stored(shape, layout, dtype, seed):
 
 
 def _like(a, shift):
-    """An empty array of a's shape, dtype and memory order, `shift` values past a
-    64-byte boundary."""
+    """An array of a's shape, dtype and memory order, `shift` values past a
+    64-byte boundary, inside a buffer filled with GUARD."""
     order = sorted(range(a.ndim), key=lambda i: -a.strides[i])
     stored_shape = tuple(a.shape[i] for i in order)
-    buffer = np.empty(a.size + 64, a.dtype)
-    start = (-buffer.ctypes.data % 64) // a.itemsize + shift
+    buffer = np.full(a.size + 128, GUARD, a.dtype)
+    start = (-buffer.ctypes.data % 64) // a.itemsize + 32 + shift
+    _guards.append((buffer, start, a.size))
     stored = buffer[start:start + a.size].reshape(stored_shape)
     return stored.transpose(np.argsort(order))
 
@@ -62,10 +69,15 @@ def _run(job, shape, layout, dtype, placement, stream_bytes):
     """The arrays `job` returns with outputs written under `stream_bytes`."""
     before = _kernels.get_stream_bytes()
     _kernels.set_stream_bytes(stream_bytes)
+    _guards.clear()
     try:
-        return [np.array(a, copy=True) for a in job(shape, layout, dtype, placement)]
+        arrays = [np.array(a, copy=True) for a in job(shape, layout, dtype, placement)]
     finally:
         _kernels.set_stream_bytes(before)
+    for buffer, start, size in _guards:
+        assert np.all(buffer[:start] == GUARD), "written before the output"
+        assert np.all(buffer[start + size:] == GUARD), "written after the output"
+    return arrays
 
 
 def _train(shape, layout, dtype, placement):
