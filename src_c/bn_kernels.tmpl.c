@@ -782,10 +782,12 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
             FN(pivot_form)(&pivot[i], &scale[i], &offset[i], alpha[i], beta);
         }
 
-        /* normalise the group, in memory order: N runs of its slices */
+        /* normalise the group, in memory order: N runs of its slices, each
+         * streamed as one stretch when its slices are short */
+        const int stream_runs = streaming && !any_wide && short_slices(S, sizeof(real));
         for (int64_t n = 0; n < N; n++) {
             const int64_t run = (n * C + c0) * S;
-            if (streaming && !any_wide && short_slices(S, sizeof(real))) {
+            if (stream_runs) {
                 FN(apply_slices_streaming)(y + run, x + run, pivot, scale, offset, 0, c1 - c0, S,
                                            c1 - c0);
                 continue;
@@ -1507,10 +1509,12 @@ static void FN(backward_cf_share)(real *dx, double *sum_dy, double *sum_dy_xhat,
             wide[i] = xhat_term_underflows(w, invstd[c], FN(underflow_limit)());
             any_wide |= wide[i];
         }
-        /* dx of the group, in memory order: N runs of its slices */
+        /* dx of the group, in memory order: N runs of its slices, each
+         * streamed as one stretch when its slices are short */
+        const int stream_runs = streaming && !any_wide && short_slices(S, sizeof(real));
         for (int64_t n = 0; n < N; n++) {
             const int64_t run = (n * C + c0) * S;
-            if (streaming && !any_wide && short_slices(S, sizeof(real))) {
+            if (stream_runs) {
                 FN(backward_apply_slices_streaming)(dx + run, dy + run, x + run, k, pivot, q,
                                                     offset, 0, c1 - c0, S, c1 - c0);
                 continue;
