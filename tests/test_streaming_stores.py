@@ -18,6 +18,7 @@ import pytest
 
 import bnfast
 from bnfast import _kernels
+from bnfast.bench.cases import make_arrays   # x, dy seeded, in either layout
 
 NEVER = 2**62
 
@@ -35,14 +36,6 @@ WALKS = [
 GUARD = -7.25      # what the memory around an out= array holds, and must still hold
 _guards = []       # (buffer, start, size) of each out= array made by _like
 PLACEMENTS = ["fresh", "out-on-line", "out-off-line", "in-place"]
-
-
-def _stored(shape, layout, dtype, seed):
-    rng = np.random.default_rng(seed)
-    if layout == "channels_last":
-        stored = rng.standard_normal(shape[:1] + shape[2:] + shape[1:2]) * 3 + 1
-        return stored.astype(dtype).transpose(0, stored.ndim - 1, *range(1, stored.ndim - 1))
-    return (rng.standard_normal(shape) * 3 + 1).astype(dtype)
 
 
 def _like(a, shift):
@@ -81,7 +74,7 @@ def _run(job, shape, layout, dtype, placement, stream_bytes):
 
 
 def _train(shape, layout, dtype, placement):
-    x = _stored(shape, layout, dtype, 0)
+    x, _ = make_arrays(shape, layout, dtype)
     C = shape[1]
     weight = np.linspace(0.5, 2.0, C).astype(dtype)
     bias = np.linspace(-1.0, 1.0, C).astype(dtype)
@@ -89,7 +82,7 @@ def _train(shape, layout, dtype, placement):
 
 
 def _infer(shape, layout, dtype, placement):
-    x = _stored(shape, layout, dtype, 0)
+    x, _ = make_arrays(shape, layout, dtype)
     C = shape[1]
     weight, bias = np.linspace(0.5, 2.0, C).astype(dtype), np.linspace(-1, 1, C).astype(dtype)
     mean, var = np.linspace(-0.5, 1.5, C).astype(dtype), np.linspace(0.5, 4.0, C).astype(dtype)
@@ -97,7 +90,7 @@ def _infer(shape, layout, dtype, placement):
 
 
 def _backward(shape, layout, dtype, placement):
-    x, dy = _stored(shape, layout, dtype, 0), _stored(shape, layout, dtype, 1)
+    x, dy = make_arrays(shape, layout, dtype)
     C = shape[1]
     weight = np.linspace(0.5, 2.0, C).astype(dtype)
     _, mean, invstd = bnfast.batch_norm_train(x, weight)
@@ -106,14 +99,14 @@ def _backward(shape, layout, dtype, placement):
 
 
 def _apply(shape, layout, dtype, placement):
-    x = _stored(shape, layout, dtype, 0)
+    x, _ = make_arrays(shape, layout, dtype)
     C = shape[1]
     mean, invstd = np.linspace(-0.5, 1.5, C), np.linspace(0.5, 2.0, C)
     return [bnfast.functional.batch_norm_apply(x, mean, invstd, out=_out(x, placement))]
 
 
 def _backward_apply(shape, layout, dtype, placement):
-    x, dy = _stored(shape, layout, dtype, 0), _stored(shape, layout, dtype, 1)
+    x, dy = make_arrays(shape, layout, dtype)
     C = shape[1]
     mean, invstd = np.linspace(-0.5, 1.5, C), np.linspace(0.5, 2.0, C)
     sum_dy, sum_dy_xhat = np.linspace(-3, 3, C), np.linspace(2, -2, C)
