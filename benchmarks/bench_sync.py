@@ -84,10 +84,10 @@ def step_times(layer, x, dy, comm, repeats):
 
 def collectives_alone(comm, C, repeats):
     """Seconds for the step's three collectives with no work in between: a (4,)
-    int64 Allgather, a (2, C) float64 Allgather, a (2 + 2C,) float64 Allreduce."""
+    int64 Allgather, a (3, C) float64 Allgather, a (2 + 2C,) float64 Allreduce."""
     size = comm.Get_size()
     header, headers = np.zeros(4, np.int64), np.empty((size, 4), np.int64)
-    stats, parts = np.zeros((2, C)), np.empty((size, 2, C))
+    stats, parts = np.zeros((3, C)), np.empty((size, 3, C))
     sums = np.zeros(2 + 2 * C)
     times = []
     for _ in range(repeats + 1):

@@ -41,7 +41,7 @@ cdef extern from "bn.h" nogil:
     void bn_scale_shift(double *alpha, double *beta, const double *weight, const double *bias,
                         const double *mean, const double *invstd, int64_t C)
 
-    int bn_collect_stats_f32(double *mean, double *m2, const float *x,
+    int bn_collect_stats_f32(double *mean, double *mean_lo, double *m2, const float *x,
                              int64_t N, int64_t C, int64_t S, int n_threads)
     int bn_forward_train_f32(float *y, float *save_mean, float *save_invstd,
                              float *running_mean, float *running_var,
@@ -66,7 +66,7 @@ cdef extern from "bn.h" nogil:
                         const float *save_mean, const float *save_invstd,
                         int64_t N, int64_t C, int64_t S, int n_threads)
 
-    int bn_collect_stats_f64(double *mean, double *m2, const double *x,
+    int bn_collect_stats_f64(double *mean, double *mean_lo, double *m2, const double *x,
                              int64_t N, int64_t C, int64_t S, int n_threads)
     int bn_forward_train_f64(double *y, double *save_mean, double *save_invstd,
                              double *running_mean, double *running_var,
@@ -189,19 +189,21 @@ def scale_shift(alpha,          # OUT (C,) float64
 
 
 def collect_stats(mean,         # OUT (C,) float64
+                  mean_lo,      # OUT (C,) float64: the mean's rounding error
                   m2,           # OUT (C,) float64
                   x,            # IN  (N, C, S)
                   int64_t N, int64_t C, int64_t S, int n_threads):
     cdef int real = element_type(x)
     cdef double *m = <double*>buffer(mean, F64, C, True)
+    cdef double *lo = <double*>optional(mean_lo, F64, C, True)
     cdef double *q = <double*>buffer(m2, F64, C, True)
     cdef void *px = buffer(x, real, N * C * S, False)
     cdef int status
     with nogil:
         if real == F32:
-            status = bn_collect_stats_f32(m, q, <const float*>px, N, C, S, n_threads)
+            status = bn_collect_stats_f32(m, lo, q, <const float*>px, N, C, S, n_threads)
         else:
-            status = bn_collect_stats_f64(m, q, <const double*>px, N, C, S, n_threads)
+            status = bn_collect_stats_f64(m, lo, q, <const double*>px, N, C, S, n_threads)
     return status
 
 

@@ -117,7 +117,7 @@ def _nonfinite_channels(block, running, eps):
     variance); with `running`, also those whose unbiased variance overflows it."""
     mean = np.empty(block.C)
     m2 = np.empty(block.C)
-    _check_status(_kernels.collect_stats(mean, m2, block.x, block.N, block.C, block.S,
+    _check_status(_kernels.collect_stats(mean, None, m2, block.x, block.N, block.C, block.S,
                                          get_num_threads()))
     ok = np.isfinite(mean) & np.isfinite(m2)
     count = block.N * block.S
@@ -358,19 +358,28 @@ def batch_norm_stats(x, axis=1):
     (C,) float64 arrays of the mean and ``m2 = sum((x - mean)**2)``. Parts
     combine with ``merge_stats``; the biased variance is ``m2 / count``.
     """
+    count, mean, _, m2 = _stats_with_mean_error(x, axis)
+    return count, mean, m2
+
+
+def _stats_with_mean_error(x, axis):
+    """``count, mean, mean_lo, m2`` of one part: batch_norm_stats and the mean's
+    rounding error mean_lo ((C,) float64; mean + mean_lo is the part's mean to
+    about double's precision squared, zeros from a GPU). Merging parts far
+    from zero needs it (_merge_moments); SyncBatchNorm gathers it."""
     if "cupy" in _modules and _cuda.is_cupy_array(x):
-        return _cuda.batch_norm_stats(x, axis)
+        count, mean, m2 = _cuda.batch_norm_stats(x, axis)
+        return count, mean, mean * 0.0, m2
     x = V.as_float_array(x, "x")
     axis = V.channel_axis(axis, x.ndim)
     C = x.shape[axis]
     count = V.values_per_channel(x.shape, axis)
-    mean = np.zeros(C)
-    m2 = np.zeros(C)
+    mean, mean_lo, m2 = np.zeros(C), np.zeros(C), np.zeros(C)
     if x.size:
         block = _Block(x, axis)
-        _check_status(_kernels.collect_stats(mean, m2, block.x, block.N, C, block.S,
+        _check_status(_kernels.collect_stats(mean, mean_lo, m2, block.x, block.N, C, block.S,
                                              get_num_threads()))
-    return count, mean, m2
+    return count, mean, mean_lo, m2
 
 
 def merge_stats(counts, means, m2s):
@@ -381,7 +390,8 @@ def merge_stats(counts, means, m2s):
     Returns ``count, mean, m2`` of the union: count an int (or (C,) int64 array),
     mean and m2 (C,) float64. Parts with count 0 contribute nothing.
 
-    mean = sum(n_i mean_i) / n;  m2 = sum(m2_i + n_i (mean_i - mean)^2)
+    mean = sum(n_i mean_i) / n;  m2 = sum(m2_i + n_i (mean_i - mean)^2),
+    taken relative to the first part's mean (``_merge_moments``).
 
     With CuPy means and m2s the work stays on their GPU (counts may be on either side).
     """
@@ -400,21 +410,38 @@ def merge_stats(counts, means, m2s):
                          f"(P, C), got {counts.dtype} {counts.shape}")
     if np.any(counts < 0):
         raise ValueError("counts must be >= 0")
-    n_i = (counts if counts.ndim == 2 else counts[:, None]).astype(np.float64)
-    # an empty part's mean and m2 are meaningless (NaN from some backends): drop them
-    means = np.where(n_i > 0, means, 0.0)
-    m2s = np.where(n_i > 0, m2s, 0.0)
-    total = n_i.sum(axis=0)
-    safe_total = np.where(total > 0, total, 1.0)
-    mean = (n_i * means).sum(axis=0) / safe_total
-    m2 = (m2s + n_i * (means - mean) ** 2).sum(axis=0)
     # the total in Python ints: a sum in the counts' own dtype could wrap around
     exact = counts.astype(object).sum(axis=0)
     if np.any(exact > np.iinfo(np.int64).max):
         raise ValueError(f"counts sum to {np.max(exact)} values per channel, more than an "
                          f"int64 holds; pass the counts of real parts of a batch")
+    n_i = (counts if counts.ndim == 2 else counts[:, None]).astype(np.float64)
+    mean, m2 = _merge_moments(n_i, means, np.zeros_like(means), m2s)
     count = int(exact) if counts.ndim == 1 else exact.astype(np.int64)
     return count, mean, m2
+
+
+def _merge_moments(n_i, means, mean_los, m2s):
+    """Chan et al.'s merge of parts ((P, C) float64 counts n_i, means, their
+    rounding errors mean_los, and m2s), per channel relative to a pivot p, the
+    first non-empty part's mean: every part enters as its distance from p,
+    small and exact to rounding, with its rounding error added back:
+        d_i = (mean_i - p) + lo_i,  shift = sum n_i d_i / n,
+        mean = p + shift,  m2 = sum (m2_i + n_i (d_i - shift)^2)
+    so neither the mean nor m2 loses the digits that an offset far from zero
+    would take from sum(n_i mean_i). An empty part's mean and m2 are
+    meaningless (NaN from some backends) and are dropped; a channel without
+    values gets mean 0, m2 0. n_i may be (P, 1), one count per part.
+    Returns mean, m2 ((C,) float64)."""
+    n_i = np.broadcast_to(n_i, means.shape)
+    present = n_i > 0
+    first = np.argmax(present, axis=0)   # 0 for a channel without values
+    pivot = np.where(present.any(axis=0), means[first, np.arange(means.shape[1])], 0.0)
+    d = np.where(present, (means - pivot) + mean_los, 0.0)
+    total = n_i.sum(axis=0)
+    shift = (n_i * d).sum(axis=0) / np.where(total > 0, total, 1.0)
+    m2 = (np.where(present, m2s, 0.0) + n_i * (d - shift) ** 2).sum(axis=0)
+    return pivot + shift, m2
 
 
 def scale_shift(weight, bias, mean, var, eps):

@@ -227,10 +227,10 @@ int bn_set_isa(int isa)
 /* the public kernels: each calls the selected instruction set's one   */
 /* ------------------------------------------------------------------ */
 
-int bn_collect_stats_f32(double *mean, double *m2, const float *x,
+int bn_collect_stats_f32(double *mean, double *mean_lo, double *m2, const float *x,
                          int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    return kernels->collect_stats_f32(mean, m2, x, N, C, S, n_threads);
+    return kernels->collect_stats_f32(mean, mean_lo, m2, x, N, C, S, n_threads);
 }
 
 int bn_forward_train_f32(float *y, float *save_mean, float *save_invstd,
@@ -284,10 +284,10 @@ int bn_backward_f32(float *dx, float *dweight, float *dbias,
                                  N, C, S, n_threads);
 }
 
-int bn_collect_stats_f64(double *mean, double *m2, const double *x,
+int bn_collect_stats_f64(double *mean, double *mean_lo, double *m2, const double *x,
                          int64_t N, int64_t C, int64_t S, int n_threads)
 {
-    return kernels->collect_stats_f64(mean, m2, x, N, C, S, n_threads);
+    return kernels->collect_stats_f64(mean, mean_lo, m2, x, N, C, S, n_threads);
 }
 
 int bn_forward_train_f64(double *y, double *save_mean, double *save_invstd,

@@ -67,7 +67,7 @@ int bn_num_procs(void);     /* omp_get_num_procs(); 1 serial */
 void bn_scale_shift(double *alpha, double *beta, const double *weight, const double *bias,
                     const double *mean, const double *invstd, int64_t C);
 
-int  bn_collect_stats_f32(double *mean, double *m2, const float *x,
+int  bn_collect_stats_f32(double *mean, double *mean_lo, double *m2, const float *x,
                           int64_t N, int64_t C, int64_t S, int n_threads);
 int  bn_forward_train_f32(float *y, float *save_mean, float *save_invstd,
                           float *running_mean, float *running_var,
@@ -92,7 +92,7 @@ int  bn_backward_f32(float *dx, float *dweight, float *dbias,
                      const float *save_mean, const float *save_invstd,
                      int64_t N, int64_t C, int64_t S, int n_threads);
 
-int  bn_collect_stats_f64(double *mean, double *m2, const double *x,
+int  bn_collect_stats_f64(double *mean, double *mean_lo, double *m2, const double *x,
                           int64_t N, int64_t C, int64_t S, int n_threads);
 int  bn_forward_train_f64(double *y, double *save_mean, double *save_invstd,
                           double *running_mean, double *running_var,

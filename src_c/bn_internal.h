@@ -375,17 +375,26 @@ static inline void dx_coefficients(double *k, double *k_mean_dy, double *k_invst
  * s1 = sum(x - shift), s2 = sum((x - shift)^2). Because the shift is a data
  * point, (mean - shift)^2 <= M2, so the subtraction below loses at most a
  * factor M of double precision, and in practice almost none. */
-static inline void shifted_moments(double *mean, double *m2, double shift,
+static inline void shifted_moments(double *mean, double *mean_lo, double *m2, double shift,
                                    double s1, double s2, int64_t M)
 {
     if (M == 0) {
         *mean = 0.0;
         *m2 = 0.0;
+        if (mean_lo) *mean_lo = 0.0;
         return;
     }
     double d = s1 / (double)M;
     double centred = s2 - s1 * d;
     *mean = shift + d;
+    /* mean_lo (when asked): the rounding error of that sum, so mean + mean_lo
+     * is shift + d exactly (Knuth's TwoSum). Data far from zero lose half an ulp
+     * of their offset when the mean is rounded; processes that merge their
+     * statistics need it back (bn_collect_stats). */
+    if (mean_lo) {
+        double d_rounded = *mean - shift;
+        *mean_lo = (shift - (*mean - d_rounded)) + (d - d_rounded);
+    }
     /* clamp rounding below zero, but keep NaN (inf - inf when squares overflow):
      * it is how the caller learns the statistics are not finite */
     *m2 = centred < 0.0 ? 0.0 : centred;

@@ -111,7 +111,7 @@ static inline real FN(slice_mean)(const real *x_nc, int64_t S)
  * receives in double, bn_collect_stats); otherwise in `real` chunks
  * (add_slice_sums, for the training forward, whose statistics leave as `real`),
  * a channel whose sums came out non-finite summed again in double. */
-static void FN(group_moments_cf)(double *mean, double *m2, const real *x,
+static void FN(group_moments_cf)(double *mean, double *mean_lo, double *m2, const real *x,
                                  int64_t N, int64_t C, int64_t S, int64_t c0, int64_t g,
                                  int exact)
 {
@@ -134,27 +134,28 @@ static void FN(group_moments_cf)(double *mean, double *m2, const real *x,
                                           (double)shift[j], S);
             }
         }
-        shifted_moments(&mean[c0 + j], &m2[c0 + j], (double)shift[j], s1[j], s2[j], N * S);
+        shifted_moments(&mean[c0 + j], mean_lo ? &mean_lo[c0 + j] : NULL, &m2[c0 + j],
+                        (double)shift[j], s1[j], s2[j], N * S);
     }
 }
 
 /* One thread's share of collect_stats_cf: its channel groups. */
-static void FN(collect_stats_cf_share)(double *mean, double *m2, const real *x,
+static void FN(collect_stats_cf_share)(double *mean, double *mean_lo, double *m2, const real *x,
                                        int64_t N, int64_t C, int64_t S, int64_t g, int exact)
 {
     #pragma omp for schedule(static)
     for (int64_t c0 = 0; c0 < C; c0 += g) {
-        FN(group_moments_cf)(mean, m2, x, N, C, S, c0, c0 + g <= C ? g : C - c0, exact);
+        FN(group_moments_cf)(mean, mean_lo, m2, x, N, C, S, c0, c0 + g <= C ? g : C - c0, exact);
     }
 }
 
 /* Per-channel mean and M2 of a channels-first block, parallel over channel groups.
  * mean, m2: (C,); x: (N, C, S); `exact` as in group_moments_cf. */
-static void FN(collect_stats_cf)(double *mean, double *m2, const real *x,
+static void FN(collect_stats_cf)(double *mean, double *mean_lo, double *m2, const real *x,
                                  int64_t N, int64_t C, int64_t S, int nt, int exact)
 {
     int64_t g = channels_per_group(N, C, S, sizeof(real), 1, nt);
-    ON_THREADS(nt, FN(collect_stats_cf_share)(mean, m2, x, N, C, S, g, exact));
+    ON_THREADS(nt, FN(collect_stats_cf_share)(mean, mean_lo, m2, x, N, C, S, g, exact));
 }
 
 /* For channel c of the eight rows at x_g (C values apart), d = x - shift: the
@@ -235,7 +236,8 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const re
  * then the partials are added over threads; `exact` as in group_moments_cf
  * (every row in double), else rows_per_sum rows at a time combined in `real`.
  * Returns -1 if scratch fails. */
-static int FN(collect_stats_cl)(double *restrict mean, double *restrict m2,
+static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
+                                double *restrict m2,
                                 const real *restrict x, int64_t R, int64_t C, int nt, int exact)
 {
     int64_t stride;
@@ -259,7 +261,8 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict m2,
     /* centre the sums on row 0 */
     #pragma omp simd
     for (int64_t c = 0; c < C; c++) {
-        shifted_moments(&mean[c], &m2[c], (double)x[c], mean[c], m2[c], R);
+        shifted_moments(&mean[c], mean_lo ? &mean_lo[c] : NULL, &m2[c], (double)x[c],
+                        mean[c], m2[c], R);
     }
     free(partial);
     return 0;
@@ -293,7 +296,7 @@ static void FN(collect_stats_planes_share)(double *partial, int64_t stride,
  * order instead: parallel over n, each thread adds its (C, S) planes into
  * private per-channel partials (shifted by the mean of x[0, c, :]), then the partials are
  * added over threads; `exact` as in group_moments_cf. Returns -1 if scratch fails. */
-static int FN(collect_stats_planes)(double *mean, double *m2, const real *x,
+static int FN(collect_stats_planes)(double *mean, double *mean_lo, double *m2, const real *x,
                                     int64_t N, int64_t C, int64_t S, int nt, int exact)
 {
     int64_t stride;   /* each thread's 2C partials, then the C shifts */
@@ -314,37 +317,44 @@ static int FN(collect_stats_planes)(double *mean, double *m2, const real *x,
 
     /* centre the sums on the shifts */
     for (int64_t c = 0; c < C; c++) {
-        shifted_moments(&mean[c], &m2[c], (double)shift[c], mean[c], m2[c], N * S);
+        shifted_moments(&mean[c], mean_lo ? &mean_lo[c] : NULL, &m2[c], (double)shift[c],
+                        mean[c], m2[c], N * S);
     }
     free(partial);
     return 0;
 }
 
 /* Per-channel mean and M2 over N and S, channels-first sums in double when
- * `exact`, else in `real` chunks (group_moments_cf). */
-static int FN(moments)(double *mean, double *m2, const real *x,
+ * `exact`, else in `real` chunks (group_moments_cf); the mean's rounding error
+ * in mean_lo unless it is NULL (shifted_moments). */
+static int FN(moments)(double *mean, double *mean_lo, double *m2, const real *x,
                        int64_t N, int64_t C, int64_t S, int nt, int exact)
 {
     if (N * S == 0) {
-        for (int64_t c = 0; c < C; c++) mean[c] = m2[c] = 0.0;
+        for (int64_t c = 0; c < C; c++) {
+            mean[c] = m2[c] = 0.0;
+            if (mean_lo) mean_lo[c] = 0.0;
+        }
         return 0;
     }
-    if (S == 1) return FN(collect_stats_cl)(mean, m2, x, N, C, nt, exact);
+    if (S == 1) return FN(collect_stats_cl)(mean, mean_lo, m2, x, N, C, nt, exact);
     if (walk_planes(N, C, S, nt, sizeof(real), 1)) {
-        return FN(collect_stats_planes)(mean, m2, x, N, C, S, nt, exact);
+        return FN(collect_stats_planes)(mean, mean_lo, m2, x, N, C, S, nt, exact);
     }
-    FN(collect_stats_cf)(mean, m2, x, N, C, S, nt, exact);
+    FN(collect_stats_cf)(mean, mean_lo, m2, x, N, C, S, nt, exact);
     return 0;
 }
 
 /* Per-channel mean and M2 = sum((x - mean)^2) over N and S, summed in double
- * (the statistics of the step-wise API, merged over processes).
- * mean, m2: (C,) double; x: (N, C, S). */
-int FN(bn_collect_stats)(double *mean, double *m2, const real *x,
+ * (the statistics of the step-wise API, merged over processes), and the
+ * mean's rounding error: mean + mean_lo is the mean to about double's
+ * precision squared, which a merge of parts far from zero needs.
+ * mean, mean_lo, m2: (C,) double (mean_lo may be NULL); x: (N, C, S). */
+int FN(bn_collect_stats)(double *mean, double *mean_lo, double *m2, const real *x,
                          int64_t N, int64_t C, int64_t S, int n_threads)
 {
     int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_STATS);
-    return FN(moments)(mean, m2, x, N, C, S, nt, 1);
+    return FN(moments)(mean, mean_lo, m2, x, N, C, S, nt, 1);
 }
 
 /* ------------------------------------------------------------------ */
@@ -767,7 +777,7 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
         const int64_t c1 = c0 + g <= C ? c0 + g : C;
 
         /* mean and biased variance over N and S (batch_var holds M2 until divided) */
-        FN(group_moments_cf)(batch_mean, batch_var, x, N, C, S, c0, c1 - c0,
+        FN(group_moments_cf)(batch_mean, NULL, batch_var, x, N, C, S, c0, c1 - c0,
                              FN(stats_in_double)(eps));
 
         /* save for backward, fold into scale and shift, in the pivot form (or,
@@ -833,7 +843,7 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
     double *beta = alpha + C;
 
     /* mean and biased variance over N and S */
-    if (FN(moments)(batch_mean, batch_var, x, N, C, S, nt, FN(stats_in_double)(eps)) != 0) {
+    if (FN(moments)(batch_mean, NULL, batch_var, x, N, C, S, nt, FN(stats_in_double)(eps)) != 0) {
         free(alpha);
         return -1;
     }

@@ -22,6 +22,30 @@ def test_stats_match_reference(dtype, axis, isa):
     np.testing.assert_allclose(m2 / count, var_ref, rtol=1e-10)
 
 
+# (shape, axis): rows (channels last), short slices (walked plane by plane), long slices
+STATS_WALKS = [((300, 6), 1), ((40, 6, 7), 1), ((3, 6, 600), 1), ((12, 5, 6), -1)]
+
+
+@pytest.mark.parametrize("shape, axis", STATS_WALKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mean_and_its_rounding_error_add_up_to_the_exact_mean(dtype, shape, axis, isa):
+    # the mean rounded to double is off by up to half an ulp of the offset
+    # (6e-11 here); mean + mean_lo must be off by no more than the sums' own
+    # rounding, a few 1e-16 of the spread
+    x = random_input(shape, dtype, offset=1e6, scale=1.0)
+    count, mean, mean_lo, m2 = F._stats_with_mean_error(x, axis)
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    exact = x.astype(np.longdouble).mean(axis=axes)
+    assert (count, mean.dtype, mean_lo.dtype) == (x.size // 6, np.float64, np.float64)
+    assert np.all(np.abs(mean - exact) <= np.spacing(1e6) / 2)
+    assert np.all(np.abs(mean_lo) <= np.spacing(1e6) / 2)
+    assert np.all(np.abs((mean + mean_lo.astype(np.longdouble)) - exact) <= 1e-13)
+    public = F.batch_norm_stats(x, axis)
+    assert public[0] == count
+    np.testing.assert_array_equal(public[1], mean)
+    np.testing.assert_array_equal(public[2], m2)
+
+
 @pytest.mark.parametrize("splits", [[1], [3, 4], [1, 2, 9], [5, 0, 6]])
 def test_merged_stats_of_uneven_parts_equal_stats_of_whole(splits):
     x = random_input((sum(splits), 5, 3, 2), np.float64, offset=100.0)

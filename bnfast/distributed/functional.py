@@ -3,13 +3,17 @@
 Each process (rank) holds a part of the batch; the statistics are those of the
 whole batch. A training step sends O(C) numbers per rank, never the data::
 
-    forward   1. local count, mean and M2 = sum((x - mean)^2) per channel, float64
+    forward   1. local count, mean, the mean's rounding error lo and
+                 M2 = sum((x - mean)^2) per channel, float64
               2. Allgather of a fixed-size header per rank: status, C, dtype, count
-              3. Allgather of (mean, M2) per rank: a (2, C) float64 buffer
+              3. Allgather of (mean, lo, M2) per rank: a (3, C) float64 buffer
               4. Chan's merge of the parts, in rank order, in float64, on every rank,
                  relative to a pivot p (the first non-empty part's mean):
-                     n = sum n_r,  d_r = mean_r - p,  mean = p + sum n_r d_r / n,
-                     M2 = sum (M2_r + n_r (mean_r - mean)^2)
+                     n = sum n_r,  d_r = (mean_r - p) + lo_r,
+                     mean = p + sum n_r d_r / n,  M2 = sum (M2_r + n_r (d_r - d)^2)
+                 (d = sum n_r d_r / n). With lo, data far from zero keep their
+                 digits: a mean rounded to double is off by half an ulp of the
+                 offset, which would reach M2 through d_r.
               5. local normalise with mean and invstd = 1 / sqrt(M2 / n + eps);
                  running_var takes the unbiased M2 / (n - 1)
     backward  1. local sum(dy) and sum(dy * xhat) per channel
@@ -112,28 +116,8 @@ def _header_error(headers):
     return None
 
 
-def _chan_merge(counts, means, m2s):
-    """Chan et al.'s merge of (count, mean, M2) parts, taken relative to a pivot.
-
-    The pivot is the first non-empty part's mean; the other means enter as
-    differences from it, which are small and exact to rounding, so the merged
-    mean keeps the pivot's accuracy (about half the error of summing
-    count * mean directly, when the data sit far from zero):
-        d_r = mean_r - pivot,  shift = sum n_r d_r / n,  mean = pivot + shift,
-        M2 = sum (M2_r + n_r (d_r - shift)^2)
-    """
-    n_r = counts.astype(np.float64)[:, None]
-    present = n_r > 0
-    pivot = means[np.flatnonzero(counts > 0)[0]]
-    d = np.where(present, means - pivot, 0.0)
-    count = int(counts.sum())
-    shift = (n_r * d).sum(axis=0) / count
-    m2 = (np.where(present, m2s, 0.0) + n_r * (d - shift) ** 2).sum(axis=0)
-    return count, pivot + shift, m2
-
-
 def _merge_parts(counts, parts, dtype, running):
-    """The merged statistics of the gathered parts ((P, 2, C): mean, M2 of each rank),
+    """The merged statistics of the gathered parts ((P, 3, C): mean, lo, M2 of each rank),
     the same on every rank; raises the same FloatingPointError on every rank for
     non-finite parts."""
     bad = ~np.isfinite(parts).all(axis=1) & (counts[:, None] > 0)   # (P, C)
@@ -145,7 +129,9 @@ def _merge_parts(counts, parts, dtype, running):
             f"{channels.size} of {parts.shape[2]} channels ({V.channel_list(channels)}): "
             f"those parts of the batch hold NaN or inf, or values whose square overflows; "
             f"no rank changed its running statistics")
-    count, mean, m2 = _chan_merge(counts, parts[:, 0], parts[:, 1])
+    n_r = counts.astype(np.float64)[:, None]
+    count = int(counts.sum())
+    mean, m2 = F._merge_moments(n_r, parts[:, 0], parts[:, 1], parts[:, 2])
     ok = np.isfinite(mean) & np.isfinite(m2)
     if running:   # the unbiased variance must fit x's dtype
         with np.errstate(over="ignore", invalid="ignore"):
@@ -230,7 +216,7 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm=None, axis=1, eps=1
     try:
         x, axis, weight, bias, eps, momentum, running_mean, running_var = _check_train_args(
             x, weight, bias, axis, eps, momentum, running_mean, running_var, out)
-        count, mean, m2 = F.batch_norm_stats(x, axis)
+        count, mean, mean_lo, m2 = F._stats_with_mean_error(x, axis)
         C = x.shape[axis]
         header = [_OK, C, _DTYPES.index(x.dtype), count]
     except (TypeError, ValueError) as err:
@@ -245,9 +231,9 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm=None, axis=1, eps=1
     if error is not None:
         raise error
 
-    # 3. (mean, M2) of every rank, merged in float64
-    stats = np.stack([mean, m2])
-    parts = np.empty((comm.Get_size(), 2, C))
+    # 3. (mean, lo, M2) of every rank, merged in float64
+    stats = np.stack([mean, mean_lo, m2])
+    parts = np.empty((comm.Get_size(), 3, C))
     comm.Allgather(stats, parts)
     count, mean, m2 = _merge_parts(headers[:, 3], parts, x.dtype, running_mean is not None)
 

@@ -205,3 +205,26 @@ def test_eval_mode_does_not_communicate():
         expected = F.batch_norm_infer(x, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         np.testing.assert_allclose(y, expected, rtol=1e-14)
         np.testing.assert_allclose(y_local, F.batch_norm_train(x)[0], rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("layout", ["NC", "NCHW"])
+@pytest.mark.parametrize("offset", [1e6, -3e8])
+def test_merged_statistics_keep_their_digits_far_from_zero(layout, offset):
+    # each rank's mean, rounded to double, is off by up to half an ulp of the
+    # offset; merged without that rounding error, the spread between the ranks'
+    # means would carry it into M2 (invstd off by ~ulp(offset) / std: 1e-10 at 1e6)
+    sample_shape, axis = LAYOUTS[layout]
+    split = SPLITS["uneven"]
+    rng = np.random.default_rng(7)
+    x64 = offset + 0.5 * rng.standard_normal((sum(split),) + sample_shape)
+    x = np.ascontiguousarray(x64[my_slice(split)])
+    _, mean, invstd = sync_batch_norm_train(x, comm=COMM, axis=axis)
+
+    axes = tuple(i for i in range(x64.ndim) if i != axis)
+    exact = x64.astype(np.longdouble)
+    exact_mean = exact.mean(axis=axes)
+    centred = exact - exact_mean.reshape([-1 if i == axis else 1 for i in range(x64.ndim)])
+    exact_invstd = 1 / np.sqrt((centred ** 2).mean(axis=axes) + np.longdouble(1e-5))
+    # the mean within one ulp of the offset (a correctly rounded one is within half)
+    assert np.all(np.abs(mean - exact_mean) <= np.spacing(abs(offset)))
+    assert rel_error(invstd, exact_invstd) <= 1e-14
