@@ -226,6 +226,11 @@ static inline int64_t channels_per_group(int64_t N, int64_t C, int64_t S, int64_
     return g < 1 ? 1 : g;
 }
 
+/* Channels-last sums are shifted by a value of this many leading rows near
+ * their mean (rows_shift in bn_kernels.tmpl.c): within about a standard
+ * deviation of each channel's mean, for two reads of 8 rows. */
+#define SHIFT_ROWS 8
+
 /* Channels-first sums are carried in the tensor's own type over this many
  * values of a slice, then added in double (add_slice_sums and the backward
  * sums): 256 floats are 32 additions per AVX2 lane, a few roundings of 6e-8. */

@@ -178,6 +178,43 @@ static inline real FN(eight_rows_sum_sq)(const real *x_g, int64_t C, int64_t c, 
     return ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7));
 }
 
+/* Each channel's shift for the channels-last sums: of its values in the first
+ * rows (SHIFT_ROWS in double, all R if fewer; in float only row 0, whose
+ * cancellation in the double sums stays far below float's rounding and which
+ * costs small tensors nothing), the one nearest their mean (mean: C
+ * doubles of scratch; a sum of x / n, so values near the largest double do
+ * not overflow it, and one that does leaves row 0's value). A value of the
+ * channel, so x - shift is exact for data far from zero and a constant channel
+ * sums exact zeros (shifted_moments relies on it too), and close to the
+ * channel's mean, so M2 = s2 - s1^2 / M cancels little. (Row 0, the shift
+ * before, can lie several standard deviations off: float64 invstd was then
+ * off by up to ~400 eps on 70000 rows at an offset of 1000.) Row by row,
+ * vectorised over C. */
+static void FN(rows_shift)(real *restrict shift, double *restrict mean, const real *restrict x,
+                           int64_t R, int64_t C)
+{
+    const int64_t rows = sizeof(real) < sizeof(double) ? 1 : SHIFT_ROWS;
+    const int64_t n = R < rows ? R : rows;
+    const double share = 1.0 / (double)n;
+    for (int64_t c = 0; c < C; c++) {
+        mean[c] = 0.0;
+        shift[c] = x[c];
+    }
+    for (int64_t r = 0; r < n; r++) {
+        const real *restrict x_r = x + r * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) mean[c] += (double)x_r[c] * share;
+    }
+    for (int64_t r = 1; r < n; r++) {
+        const real *restrict x_r = x + r * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            int nearer = fabs((double)x_r[c] - mean[c]) < fabs((double)shift[c] - mean[c]);
+            shift[c] = nearer ? x_r[c] : shift[c];
+        }
+    }
+}
+
 /* Rows combined in the tensor's own type per double update of the partials
  * (collect_stats_cl_share): sixteen in float, eight in double. */
 static inline int64_t FN(rows_per_sum)(void)
@@ -186,15 +223,16 @@ static inline int64_t FN(rows_per_sum)(void)
 }
 
 /* One thread's share of collect_stats_cl: its rows, summed into its own
- * partials s1, s2 (2C values at partial + stride * thread), the first R_sum
- * rows rows_per_sum at a time. */
-static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const real *x,
-                                       int64_t R, int64_t C, int64_t R_sum)
+ * partials s1, s2 (2C values at partial + stride * thread), shifted by
+ * shift[c] (rows_shift), the first R_sum rows rows_per_sum at a time. */
+static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
+                                       const real *restrict shift, const real *x, int64_t R,
+                                       int64_t C, int64_t R_sum)
 {
     double *restrict s1 = partial + stride * THREAD_ID();
     double *restrict s2 = s1 + C;
-    /* Every channel is shifted by its value in row 0, so x - shift is exact for
-     * data far from zero. Eight or sixteen rows are combined in the tensor's
+    /* Every channel is shifted by a value within its data, so x - shift is
+     * exact for data far from zero. Eight or sixteen rows are combined in the tensor's
      * own type (a pairwise sum: eight rows, or two eights and then their sum)
      * and only their sums are added in double: each double partial is loaded
      * and stored once per group, for a few roundings of 1e-7 (float) per group
@@ -202,17 +240,16 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const re
      * forward 5-12 % faster than four, which was 2x faster than one; sixteen:
      * float32 3-16 % faster again on tensors in memory, float64 5-9 % slower.) */
     const int64_t rows = FN(rows_per_sum)();
-    const real *restrict row0 = x;
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R_sum / rows; g++) {
         const real *x0 = x + rows * g * C, *x8 = x0 + 8 * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-            real sum = FN(eight_rows_sum)(x0, C, c, row0[c]);
-            real sum_sq = FN(eight_rows_sum_sq)(x0, C, c, row0[c]);
+            real sum = FN(eight_rows_sum)(x0, C, c, shift[c]);
+            real sum_sq = FN(eight_rows_sum_sq)(x0, C, c, shift[c]);
             if (rows == 16) {   /* known when compiled */
-                sum += FN(eight_rows_sum)(x8, C, c, row0[c]);
-                sum_sq += FN(eight_rows_sum_sq)(x8, C, c, row0[c]);
+                sum += FN(eight_rows_sum)(x8, C, c, shift[c]);
+                sum_sq += FN(eight_rows_sum_sq)(x8, C, c, shift[c]);
             }
             s1[c] += (double)sum;
             s2[c] += (double)sum_sq;
@@ -224,7 +261,7 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const re
         const real *restrict x_r = x + r * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-            double d = (double)x_r[c] - (double)row0[c];
+            double d = (double)x_r[c] - (double)shift[c];
             s1[c] += d;
             s2[c] += d * d;
         }
@@ -232,7 +269,7 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride, const re
 }
 
 /* Per-channel mean and M2 of a channels-last block: x is R rows of C values.
- * Each thread sums its rows into private partials of size 2C, shifted by row 0,
+ * Each thread sums its rows into private partials of size 2C, shifted by rows_shift,
  * then the partials are added over threads; `exact` as in group_moments_cf
  * (every row in double), else rows_per_sum rows at a time combined in `real`.
  * Returns -1 if scratch fails. */
@@ -240,12 +277,14 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
                                 double *restrict m2,
                                 const real *restrict x, int64_t R, int64_t C, int nt, int exact)
 {
-    int64_t stride;
-    double *partial = alloc_partials(nt, 2 * C, &stride);
+    int64_t stride;   /* each thread's 2C partials, then the C shifts and C doubles */
+    double *partial = alloc_partials(nt + 1, 2 * C, &stride);
     if (!partial) return -1;
+    real *shift = (real *)(partial + stride * nt);
+    FN(rows_shift)(shift, partial + stride * nt + C, x, R, C);
     /* rows_per_sum rows per pass, whatever C (rows_by_four says why) */
     const int64_t R_sum = exact ? 0 : R - R % FN(rows_per_sum)();
-    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, x, R, C, R_sum));
+    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C, R_sum));
     sum_partials(mean, m2, partial, stride, nt, C);
 
     /* In float, sixteen squares can overflow (values beyond ~1e19) where their
@@ -254,14 +293,14 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
      * statistics does not depend on C. Non-finite data pay this second pass. */
     if (R_sum > 0 && sizeof(real) < sizeof(double) && !all_finite(mean, m2, C)) {
         memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
-        ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, x, R, C, 0));
+        ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C, 0));
         sum_partials(mean, m2, partial, stride, nt, C);
     }
 
-    /* centre the sums on row 0 */
+    /* centre the sums on the shifts */
     #pragma omp simd
     for (int64_t c = 0; c < C; c++) {
-        shifted_moments(&mean[c], mean_lo ? &mean_lo[c] : NULL, &m2[c], (double)x[c],
+        shifted_moments(&mean[c], mean_lo ? &mean_lo[c] : NULL, &m2[c], (double)shift[c],
                         mean[c], m2[c], R);
     }
     free(partial);
