@@ -354,6 +354,31 @@ static inline void sum_partials(double *restrict first, double *restrict second,
     }
 }
 
+/* Float64 partial sums over many rows are carried in two levels: a block sum
+ * (a thread's own 2C doubles) over at most BLOCK_UPDATES updates, then added
+ * into the thread's total and restarted (add_block_sums). A double sum of M
+ * terms one after the other is off by ~sqrt(M) roundings (float64 variance
+ * over 500k rows: up to ~90 eps); two levels of a few hundred additions at
+ * most keep it to a few eps, for one more pass over 2C cached doubles per
+ * block. Float32 statistics leave in float32 (or, from bn_collect_stats,
+ * as doubles of float32 data), far coarser than that: one level. */
+#define BLOCK_UPDATES 64
+
+/* total += block, block = 0, for C pairs (first, second): the flush of the
+ * two-level sums above. */
+static inline void add_block_sums(double *restrict first, double *restrict second,
+                                  double *restrict block_first, double *restrict block_second,
+                                  int64_t C)
+{
+    #pragma omp simd
+    for (int64_t c = 0; c < C; c++) {
+        first[c] += block_first[c];
+        second[c] += block_second[c];
+        block_first[c] = 0.0;
+        block_second[c] = 0.0;
+    }
+}
+
 /* 1 if first[c] and second[c] are finite for every channel c. */
 static inline int all_finite(const double *first, const double *second, int64_t C)
 {

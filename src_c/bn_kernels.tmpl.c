@@ -223,14 +223,18 @@ static inline int64_t FN(rows_per_sum)(void)
 }
 
 /* One thread's share of collect_stats_cl: its rows, summed into its own
- * partials s1, s2 (2C values at partial + stride * thread), shifted by
- * shift[c] (rows_shift), the first R_sum rows rows_per_sum at a time. */
+ * partials s1, s2 (2C values at partial + stride * thread; in double, then 2C
+ * for the block sums b1, b2 of BLOCK_UPDATES updates), shifted by shift[c]
+ * (rows_shift), the first R_sum rows rows_per_sum at a time. */
 static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
                                        const real *restrict shift, const real *x, int64_t R,
                                        int64_t C, int64_t R_sum)
 {
-    double *restrict s1 = partial + stride * THREAD_ID();
-    double *restrict s2 = s1 + C;
+    const int blocked = sizeof(real) == sizeof(double);   /* known when compiled */
+    double *s1 = partial + stride * THREAD_ID(), *s2 = s1 + C;
+    double *restrict b1 = blocked ? s1 + 2 * C : s1;   /* in float: the totals */
+    double *restrict b2 = blocked ? s1 + 3 * C : s2;
+    int64_t updates = 0;
     /* Every channel is shifted by a value within its data, so x - shift is
      * exact for data far from zero. Eight or sixteen rows are combined in the tensor's
      * own type (a pairwise sum: eight rows, or two eights and then their sum)
@@ -251,8 +255,12 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
                 sum += FN(eight_rows_sum)(x8, C, c, shift[c]);
                 sum_sq += FN(eight_rows_sum_sq)(x8, C, c, shift[c]);
             }
-            s1[c] += (double)sum;
-            s2[c] += (double)sum_sq;
+            b1[c] += (double)sum;
+            b2[c] += (double)sum_sq;
+        }
+        if (blocked && ++updates == BLOCK_UPDATES) {
+            add_block_sums(s1, s2, b1, b2, C);
+            updates = 0;
         }
     }
     /* the remaining rows (all of them with `exact`), in double */
@@ -262,10 +270,15 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
             double d = (double)x_r[c] - (double)shift[c];
-            s1[c] += d;
-            s2[c] += d * d;
+            b1[c] += d;
+            b2[c] += d * d;
+        }
+        if (blocked && ++updates == BLOCK_UPDATES) {
+            add_block_sums(s1, s2, b1, b2, C);
+            updates = 0;
         }
     }
+    if (blocked) add_block_sums(s1, s2, b1, b2, C);
 }
 
 /* Per-channel mean and M2 of a channels-last block: x is R rows of C values.
@@ -277,8 +290,10 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
                                 double *restrict m2,
                                 const real *restrict x, int64_t R, int64_t C, int nt, int exact)
 {
-    int64_t stride;   /* each thread's 2C partials, then the C shifts and C doubles */
-    double *partial = alloc_partials(nt + 1, 2 * C, &stride);
+    int64_t stride;   /* each thread's partials (4C in double, 2C in float), then
+                         the C shifts and C doubles */
+    double *partial = alloc_partials(nt + 1, (sizeof(real) == sizeof(double) ? 4 : 2) * C,
+                                     &stride);
     if (!partial) return -1;
     real *shift = (real *)(partial + stride * nt);
     FN(rows_shift)(shift, partial + stride * nt + C, x, R, C);

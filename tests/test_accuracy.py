@@ -171,3 +171,19 @@ def test_float64_rows_statistics_hold_when_row_zero_is_far_from_the_mean(layout,
     eps = np.finfo(np.float64).eps
     assert np.all(np.abs(invstd - invstd_ref) <= 32 * eps * invstd_ref)
     assert np.all(np.abs(mean - mean_ref) <= 32 * eps * np.abs(mean_ref))
+
+
+def test_float64_sums_over_many_rows_stay_within_a_few_eps():
+    """Channels-last float64 sums over 400,000 rows: added one after the other,
+    a double sum of that many terms drifts by ~sqrt(M) roundings (invstd was 32
+    eps off, batch_norm_stats' variance 115); in blocks of BLOCK_UPDATES, then
+    block by block, a few eps. Against the exact statistics in long double."""
+    from bnfast import functional as F
+    x = 1000 + 3 * np.random.default_rng(3).standard_normal((400000, 4))
+    exact = x.astype(np.longdouble)
+    var = ((exact - exact.mean(axis=0)) ** 2).mean(axis=0)
+    eps = np.finfo(np.float64).eps
+    _, _, invstd = bnfast.batch_norm_train(x)
+    count, _, m2 = F.batch_norm_stats(x)
+    assert np.all(np.abs(invstd * np.sqrt(var + np.longdouble(1e-5)) - 1) <= 8 * eps)
+    assert np.all(np.abs(m2 / count - var) <= 32 * eps * var)
