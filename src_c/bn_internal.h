@@ -379,6 +379,17 @@ static inline void add_block_sums(double *restrict first, double *restrict secon
     }
 }
 
+/* One more update of the block sums done: after BLOCK_UPDATES of them, add
+ * the block into the totals and start the next block. */
+static inline void block_update_done(int64_t *updates, double *first, double *second,
+                                     double *block_first, double *block_second, int64_t C)
+{
+    if (++*updates == BLOCK_UPDATES) {
+        add_block_sums(first, second, block_first, block_second, C);
+        *updates = 0;
+    }
+}
+
 /* 1 if first[c] and second[c] are finite for every channel c. */
 static inline int all_finite(const double *first, const double *second, int64_t C)
 {

@@ -258,10 +258,7 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
             b1[c] += (double)sum;
             b2[c] += (double)sum_sq;
         }
-        if (blocked && ++updates == BLOCK_UPDATES) {
-            add_block_sums(s1, s2, b1, b2, C);
-            updates = 0;
-        }
+        if (blocked) block_update_done(&updates, s1, s2, b1, b2, C);
     }
     /* the remaining rows (all of them with `exact`), in double */
     #pragma omp for schedule(static)
@@ -273,10 +270,7 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
             b1[c] += d;
             b2[c] += d * d;
         }
-        if (blocked && ++updates == BLOCK_UPDATES) {
-            add_block_sums(s1, s2, b1, b2, C);
-            updates = 0;
-        }
+        if (blocked) block_update_done(&updates, s1, s2, b1, b2, C);
     }
     if (blocked) add_block_sums(s1, s2, b1, b2, C);
 }
@@ -1165,16 +1159,20 @@ static void FN(backward_apply_wide_share)(real *dx, const real *dy, const real *
 
 /* One thread's share of backward_reduce_cl: its rows, summed into its own
  * partials a = sum(dy), b = sum(dy * (x - pivot)) (2C values at partial +
- * stride * thread), the first R4 rows four at a time, each group of four
- * combined in the tensor's own type (as in collect_stats_cl_share), its sums
- * added in double. */
+ * stride * thread; in double, then 2C for the block sums of BLOCK_UPDATES
+ * updates), the first R4 rows four at a time, each group of four combined in
+ * the tensor's own type (as in collect_stats_cl_share), its sums added in
+ * double. */
 static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
                                          const real *dy, const real *x,
                                          const real *restrict pivot, int64_t R, int64_t C,
                                          int64_t R4)
 {
-    double *restrict a = partial + stride * THREAD_ID();
-    double *restrict b = a + C;
+    const int blocked = sizeof(real) == sizeof(double);   /* known when compiled */
+    double *total_a = partial + stride * THREAD_ID(), *total_b = total_a + C;
+    double *restrict a = blocked ? total_a + 2 * C : total_a;   /* in float: the totals */
+    double *restrict b = blocked ? total_a + 3 * C : total_b;
+    int64_t updates = 0;
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R4 / 4; g++) {
         const real *restrict dy0 = dy + 4 * g * C;
@@ -1187,6 +1185,7 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
             b[c] += (double)((dy0[c] * (x0[c] - pivot[c]) + dy1[c] * (x1[c] - pivot[c]))
                              + (dy2[c] * (x2[c] - pivot[c]) + dy3[c] * (x3[c] - pivot[c])));
         }
+        if (blocked) block_update_done(&updates, total_a, total_b, a, b, C);
     }
     /* the remaining rows (all of them when pivot and partials fit in L1) */
     #pragma omp for schedule(static)
@@ -1198,7 +1197,9 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
             a[c] += (double)dy_r[c];
             b[c] += (double)dy_r[c] * ((double)x_r[c] - (double)pivot[c]);
         }
+        if (blocked) block_update_done(&updates, total_a, total_b, a, b, C);
     }
+    if (blocked) add_block_sums(total_a, total_b, a, b, C);
 }
 
 /* The reductions centred on pivot = mean rounded to `real` (the rows and planes
@@ -1227,8 +1228,8 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   const double *mean, const double *invstd,
                                   int64_t R, int64_t C, int nt, int in_double)
 {
-    int64_t stride;
-    double *partial = alloc_partials(nt, 2 * C, &stride);
+    int64_t stride;   /* each thread's partials: 4C in double, 2C in float */
+    double *partial = alloc_partials(nt, (sizeof(real) == sizeof(double) ? 4 : 2) * C, &stride);
     real *pivot = malloc((size_t)C * sizeof(real));
     if (!partial || !pivot) {
         free(partial);
