@@ -354,40 +354,48 @@ static inline void sum_partials(double *restrict first, double *restrict second,
     }
 }
 
-/* Float64 partial sums over many rows are carried in two levels: a block sum
- * (a thread's own 2C doubles) over at most BLOCK_UPDATES updates, then added
- * into the thread's total and restarted (add_block_sums). A double sum of M
- * terms one after the other is off by ~sqrt(M) roundings (float64 variance
- * over 500k rows: up to ~90 eps); two levels of a few hundred additions at
- * most keep it to a few eps, for one more pass over 2C cached doubles per
- * block. Float32 statistics leave in float32 (or, from bn_collect_stats,
- * as doubles of float32 data), far coarser than that: one level. */
+/* Float64 partial sums over many rows are carried in two levels: block sums
+ * (n doubles of a thread's own) over at most BLOCK_UPDATES updates, then
+ * added into the thread's totals with each addition's rounding error kept
+ * apart in `lost` (Knuth's TwoSum), which the totals take back at the end
+ * (finish_block_sums). A double sum of M terms one after the other is off by
+ * ~sqrt(M) roundings (float64 variance over 500k rows: up to ~90 eps); this
+ * way only the 64 terms of a block are, whatever M, for one more pass over
+ * cached doubles per block. Float32 statistics leave in float32 (or, from
+ * bn_collect_stats, as doubles of float32 data), far coarser: one level. */
 #define BLOCK_UPDATES 64
 
-/* total += block, block = 0, for C pairs (first, second): the flush of the
- * two-level sums above. */
-static inline void add_block_sums(double *restrict first, double *restrict second,
-                                  double *restrict block_first, double *restrict block_second,
-                                  int64_t C)
+/* total += block with its rounding error added to lost, then block = 0. */
+static inline void add_block_sums(double *restrict total, double *restrict lost,
+                                  double *restrict block, int64_t n)
 {
     #pragma omp simd
-    for (int64_t c = 0; c < C; c++) {
-        first[c] += block_first[c];
-        second[c] += block_second[c];
-        block_first[c] = 0.0;
-        block_second[c] = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        double sum = total[i] + block[i], block_part = sum - total[i];
+        lost[i] += (total[i] - (sum - block_part)) + (block[i] - block_part);
+        total[i] = sum;
+        block[i] = 0.0;
     }
 }
 
 /* One more update of the block sums done: after BLOCK_UPDATES of them, add
  * the block into the totals and start the next block. */
-static inline void block_update_done(int64_t *updates, double *first, double *second,
-                                     double *block_first, double *block_second, int64_t C)
+static inline void block_update_done(int64_t *updates, double *total, double *lost,
+                                     double *block, int64_t n)
 {
     if (++*updates == BLOCK_UPDATES) {
-        add_block_sums(first, second, block_first, block_second, C);
+        add_block_sums(total, lost, block, n);
         *updates = 0;
     }
+}
+
+/* The last block and the rounding errors added into the totals. */
+static inline void finish_block_sums(double *restrict total, double *restrict lost,
+                                     double *restrict block, int64_t n)
+{
+    add_block_sums(total, lost, block, n);
+    #pragma omp simd
+    for (int64_t i = 0; i < n; i++) total[i] += lost[i];
 }
 
 /* 1 if first[c] and second[c] are finite for every channel c. */

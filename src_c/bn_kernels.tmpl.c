@@ -224,16 +224,16 @@ static inline int64_t FN(rows_per_sum)(void)
 
 /* One thread's share of collect_stats_cl: its rows, summed into its own
  * partials s1, s2 (2C values at partial + stride * thread; in double, then 2C
- * for the block sums b1, b2 of BLOCK_UPDATES updates), shifted by shift[c]
- * (rows_shift), the first R_sum rows rows_per_sum at a time. */
+ * of rounding errors and 2C of block sums b1, b2: BLOCK_UPDATES), shifted by
+ * shift[c] (rows_shift), the first R_sum rows rows_per_sum at a time. */
 static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
                                        const real *restrict shift, const real *x, int64_t R,
                                        int64_t C, int64_t R_sum)
 {
     const int blocked = sizeof(real) == sizeof(double);   /* known when compiled */
-    double *s1 = partial + stride * THREAD_ID(), *s2 = s1 + C;
-    double *restrict b1 = blocked ? s1 + 2 * C : s1;   /* in float: the totals */
-    double *restrict b2 = blocked ? s1 + 3 * C : s2;
+    double *s1 = partial + stride * THREAD_ID(), *lost = s1 + 2 * C;
+    double *restrict b1 = blocked ? s1 + 4 * C : s1;   /* in float: the totals */
+    double *restrict b2 = b1 + C;
     int64_t updates = 0;
     /* Every channel is shifted by a value within its data, so x - shift is
      * exact for data far from zero. Eight or sixteen rows are combined in the tensor's
@@ -258,7 +258,7 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
             b1[c] += (double)sum;
             b2[c] += (double)sum_sq;
         }
-        if (blocked) block_update_done(&updates, s1, s2, b1, b2, C);
+        if (blocked) block_update_done(&updates, s1, lost, b1, 2 * C);
     }
     /* the remaining rows (all of them with `exact`), in double */
     #pragma omp for schedule(static)
@@ -270,9 +270,9 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
             b1[c] += d;
             b2[c] += d * d;
         }
-        if (blocked) block_update_done(&updates, s1, s2, b1, b2, C);
+        if (blocked) block_update_done(&updates, s1, lost, b1, 2 * C);
     }
-    if (blocked) add_block_sums(s1, s2, b1, b2, C);
+    if (blocked) finish_block_sums(s1, lost, b1, 2 * C);
 }
 
 /* Per-channel mean and M2 of a channels-last block: x is R rows of C values.
@@ -284,9 +284,9 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
                                 double *restrict m2,
                                 const real *restrict x, int64_t R, int64_t C, int nt, int exact)
 {
-    int64_t stride;   /* each thread's partials (4C in double, 2C in float), then
+    int64_t stride;   /* each thread's partials (6C in double, 2C in float), then
                          the C shifts and C doubles */
-    double *partial = alloc_partials(nt + 1, (sizeof(real) == sizeof(double) ? 4 : 2) * C,
+    double *partial = alloc_partials(nt + 1, (sizeof(real) == sizeof(double) ? 6 : 2) * C,
                                      &stride);
     if (!partial) return -1;
     real *shift = (real *)(partial + stride * nt);
@@ -1159,8 +1159,8 @@ static void FN(backward_apply_wide_share)(real *dx, const real *dy, const real *
 
 /* One thread's share of backward_reduce_cl: its rows, summed into its own
  * partials a = sum(dy), b = sum(dy * (x - pivot)) (2C values at partial +
- * stride * thread; in double, then 2C for the block sums of BLOCK_UPDATES
- * updates), the first R4 rows four at a time, each group of four combined in
+ * stride * thread; in double, then 2C of rounding errors and 2C of block
+ * sums: BLOCK_UPDATES), the first R4 rows four at a time, each group of four combined in
  * the tensor's own type (as in collect_stats_cl_share), its sums added in
  * double. */
 static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
@@ -1169,9 +1169,9 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
                                          int64_t R4)
 {
     const int blocked = sizeof(real) == sizeof(double);   /* known when compiled */
-    double *total_a = partial + stride * THREAD_ID(), *total_b = total_a + C;
-    double *restrict a = blocked ? total_a + 2 * C : total_a;   /* in float: the totals */
-    double *restrict b = blocked ? total_a + 3 * C : total_b;
+    double *total = partial + stride * THREAD_ID(), *lost = total + 2 * C;
+    double *restrict a = blocked ? total + 4 * C : total;   /* in float: the totals */
+    double *restrict b = a + C;
     int64_t updates = 0;
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R4 / 4; g++) {
@@ -1185,7 +1185,7 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
             b[c] += (double)((dy0[c] * (x0[c] - pivot[c]) + dy1[c] * (x1[c] - pivot[c]))
                              + (dy2[c] * (x2[c] - pivot[c]) + dy3[c] * (x3[c] - pivot[c])));
         }
-        if (blocked) block_update_done(&updates, total_a, total_b, a, b, C);
+        if (blocked) block_update_done(&updates, total, lost, a, 2 * C);
     }
     /* the remaining rows (all of them when pivot and partials fit in L1) */
     #pragma omp for schedule(static)
@@ -1197,9 +1197,9 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
             a[c] += (double)dy_r[c];
             b[c] += (double)dy_r[c] * ((double)x_r[c] - (double)pivot[c]);
         }
-        if (blocked) block_update_done(&updates, total_a, total_b, a, b, C);
+        if (blocked) block_update_done(&updates, total, lost, a, 2 * C);
     }
-    if (blocked) add_block_sums(total_a, total_b, a, b, C);
+    if (blocked) finish_block_sums(total, lost, a, 2 * C);
 }
 
 /* The reductions centred on pivot = mean rounded to `real` (the rows and planes
@@ -1228,8 +1228,8 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   const double *mean, const double *invstd,
                                   int64_t R, int64_t C, int nt, int in_double)
 {
-    int64_t stride;   /* each thread's partials: 4C in double, 2C in float */
-    double *partial = alloc_partials(nt, (sizeof(real) == sizeof(double) ? 4 : 2) * C, &stride);
+    int64_t stride;   /* each thread's partials: 6C in double, 2C in float */
+    double *partial = alloc_partials(nt, (sizeof(real) == sizeof(double) ? 6 : 2) * C, &stride);
     real *pivot = malloc((size_t)C * sizeof(real));
     if (!partial || !pivot) {
         free(partial);
