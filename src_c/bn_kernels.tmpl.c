@@ -429,18 +429,36 @@ static inline void FN(pivot_form)(real *pivot, real *scale, real *offset,
     *offset = (real)(beta + p * alpha);
 }
 
-/* The pivot form of every channel: params holds pivot, scale, offset, C each.
- * Returns NULL if the 3C values cannot be allocated. */
+/* Per-channel parameter arrays are params_span(C) long: the C channels' values,
+ * then the first ones again, wrapping round (param[i] = param[i % C], filled
+ * by repeat_params), so that a streamed block of channels-last rows reads its
+ * parameters from its first channel as one run of known length, wherever in a
+ * row it starts (apply_rows_streaming). */
+static inline int64_t FN(params_span)(int64_t C)
+{
+    return C + STREAM_BLOCK_BYTES / (int64_t)sizeof(real);
+}
+
+static void FN(repeat_params)(real *param, int64_t C)
+{
+    for (int64_t i = C; i < FN(params_span)(C); i++) param[i] = param[i - C];
+}
+
+/* The pivot form of every channel: params holds pivot, scale, offset, each
+ * params_span(C) long. Returns NULL if they cannot be allocated. */
 static real *FN(pivot_forms)(const double *restrict alpha, const double *restrict beta,
                              int64_t C)
 {
-    real *params = malloc((size_t)(3 * C) * sizeof(real));
+    const int64_t span = FN(params_span)(C);
+    real *params = malloc((size_t)(3 * span) * sizeof(real));
     if (!params) return NULL;
-    real *restrict pivot = params, *restrict scale = params + C, *restrict offset = params + 2 * C;
+    real *restrict pivot = params, *restrict scale = params + span;
+    real *restrict offset = params + 2 * span;
     #pragma omp simd
     for (int64_t c = 0; c < C; c++) {
         FN(pivot_form)(&pivot[c], &scale[c], &offset[c], alpha[c], beta[c]);
     }
+    for (int i = 0; i < 3; i++) FN(repeat_params)(params + i * span, C);
     return params;
 }
 
@@ -610,7 +628,8 @@ static void FN(apply_rows_piece)(real *y, const real *x, const real *pivot,
 }
 
 /* `rows` rows of C values with streaming stores: their values in memory order,
- * block by block, each computed by apply_rows_piece into `block` and stored by
+ * block by block, each computed by apply_row into `block` from its first
+ * channel c (the parameters run on past C: params_span) and stored by
  * store_block_streaming; the values before y's first 64-byte line and after
  * its last whole block plainly. (Blocks, not rows: a row rarely starts on a
  * line, since large numpy arrays start 16 bytes past a page.) y may be x. */
@@ -624,13 +643,9 @@ static void FN(apply_rows_streaming)(real *y, const real *x, const real *pivot,
     FN(apply_rows_piece)(y, x, pivot, scale, offset, &c, at, C);
     for (; at + BLOCK <= total; at += BLOCK) {
         _Alignas(64) real block[BLOCK];
-        if (C - c > BLOCK) {   /* within one row: a loop of known length */
-            FN(apply_row)(block, x + at, pivot + c, scale + c, offset + c, BLOCK);
-            c += BLOCK;
-        } else {
-            FN(apply_rows_piece)(block, x + at, pivot, scale, offset, &c, BLOCK, C);
-        }
+        FN(apply_row)(block, x + at, pivot + c, scale + c, offset + c, BLOCK);
         store_block_streaming(y + at, block);
+        c = (c + BLOCK) % C;
     }
     FN(apply_rows_piece)(y + at, x + at, pivot, scale, offset, &c, total - at, C);
 }
@@ -682,7 +697,8 @@ static int FN(apply_on)(real *y, const real *x, const double *alpha, const doubl
 {
     real *params = FN(pivot_forms)(alpha, beta, C);
     if (!params) return -1;
-    const real *pivot = params, *scale = params + C, *offset = params + 2 * C;
+    const int64_t span = FN(params_span)(C);
+    const real *pivot = params, *scale = params + span, *offset = params + 2 * span;
     const int streaming = streams_output(N, C, S, sizeof(real));
     if (S == 1 && streaming) {
         ON_THREADS(nt, FN(apply_cl_streaming_share)(y, x, pivot, scale, offset, N, C));
@@ -1401,15 +1417,10 @@ static void FN(backward_apply_rows_streaming)(real *dx, const real *dy, const re
     FN(backward_apply_rows_piece)(dx, dy, x, k, pivot, q, offset, &c, at, C);
     for (; at + BLOCK <= total; at += BLOCK) {
         _Alignas(64) real block[BLOCK];
-        if (C - c > BLOCK) {   /* within one row: a loop of known length */
-            FN(backward_apply_row)(block, dy + at, x + at, k + c, pivot + c, q + c, offset + c,
-                                   BLOCK);
-            c += BLOCK;
-        } else {
-            FN(backward_apply_rows_piece)(block, dy + at, x + at, k, pivot, q, offset, &c,
-                                          BLOCK, C);
-        }
+        FN(backward_apply_row)(block, dy + at, x + at, k + c, pivot + c, q + c, offset + c,
+                               BLOCK);
         store_block_streaming(dx + at, block);
+        c = (c + BLOCK) % C;
     }
     FN(backward_apply_rows_piece)(dx + at, dy + at, x + at, k, pivot, q, offset, &c,
                                   total - at, C);
@@ -1505,9 +1516,10 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
                                  const double *sum_dy, const double *sum_dy_xhat, double count,
                                  int64_t N, int64_t C, int64_t S, int nt)
 {
-    real *coefficients = malloc((size_t)(4 * C) * sizeof(real));
+    const int64_t span = FN(params_span)(C);
+    real *coefficients = malloc((size_t)(4 * span) * sizeof(real));
     if (!coefficients) return -1;
-    real *k = coefficients, *pivot = k + C, *q = k + 2 * C, *offset = k + 3 * C;
+    real *k = coefficients, *pivot = k + span, *q = k + 2 * span, *offset = k + 3 * span;
     const int streaming = streams_output(N, C, S, sizeof(real));
     int any_wide = 0;
     #pragma omp simd reduction(|:any_wide)
@@ -1517,6 +1529,7 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
                           sum_dy[c], sum_dy_xhat[c], count);
         any_wide |= xhat_term_underflows(w, invstd[c], FN(underflow_limit)());
     }
+    for (int i = 0; i < 4; i++) FN(repeat_params)(coefficients + i * span, C);
     if (any_wide) {   /* in double throughout */
         ON_THREADS(nt, FN(backward_apply_wide_share)(dx, dy, x, weight, mean, invstd, sum_dy,
                                                      sum_dy_xhat, count, N, C, S));
