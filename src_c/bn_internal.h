@@ -365,15 +365,22 @@ static inline void sum_partials(double *restrict first, double *restrict second,
  * bn_collect_stats, as doubles of float32 data), far coarser: one level. */
 #define BLOCK_UPDATES 64
 
+/* *sum += value, the addition's rounding error added to *lost (Knuth's
+ * TwoSum: sum + error is the exact sum of the two doubles). */
+static inline void add_keeping_error(double *sum, double *lost, double value)
+{
+    double total = *sum + value, value_part = total - *sum;
+    *lost += (*sum - (total - value_part)) + (value - value_part);
+    *sum = total;
+}
+
 /* total += block with its rounding error added to lost, then block = 0. */
 static inline void add_block_sums(double *restrict total, double *restrict lost,
                                   double *restrict block, int64_t n)
 {
     #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
-        double sum = total[i] + block[i], block_part = sum - total[i];
-        lost[i] += (total[i] - (sum - block_part)) + (block[i] - block_part);
-        total[i] = sum;
+        add_keeping_error(&total[i], &lost[i], block[i]);
         block[i] = 0.0;
     }
 }
@@ -437,12 +444,13 @@ static inline void shifted_moments(double *mean, double *mean_lo, double *m2, do
     double centred = s2 - s1 * d;
     *mean = shift + d;
     /* mean_lo (when asked): the rounding error of that sum, so mean + mean_lo
-     * is shift + d exactly (Knuth's TwoSum). Data far from zero lose half an ulp
-     * of their offset when the mean is rounded; processes that merge their
-     * statistics need it back (bn_collect_stats). */
+     * is shift + d exactly. Data far from zero lose half an ulp of their
+     * offset when the mean is rounded; processes that merge their statistics
+     * need it back (bn_collect_stats). */
     if (mean_lo) {
-        double d_rounded = *mean - shift;
-        *mean_lo = (shift - (*mean - d_rounded)) + (d - d_rounded);
+        double sum = shift, lost = 0.0;
+        add_keeping_error(&sum, &lost, d);
+        *mean_lo = lost;
     }
     /* clamp rounding below zero, but keep NaN (inf - inf when squares overflow):
      * it is how the caller learns the statistics are not finite */
