@@ -11,10 +11,10 @@ empty ones::
 
 ``sync_batch_norm_train`` and ``sync_batch_norm_backward`` are the functional
 forms. Each training step sends O(C) numbers per rank: a fixed-size header
-and the per-channel (mean, M2) forward, one all-reduce of two per-channel sums
-backward; see ``bnfast.distributed.functional`` for the protocol and how
-faults (NaN on one rank, ranks that disagree on C) end on every rank with the
-same exception instead of a hang.
+and the per-channel (mean, its rounding error, M2) forward, one all-reduce of
+two per-channel sums backward; see ``bnfast.distributed.functional`` for the
+protocol and how faults (NaN on one rank, ranks that disagree on C) end on
+every rank with the same exception instead of a hang.
 
 mpi4py is imported on first use, not by ``import bnfast.distributed``:
 install it with ``pip install 'bnfast[mpi]'`` (mpi4py and the mpich wheel).
