@@ -369,7 +369,7 @@ def _stats_with_mean_error(x, axis):
     from zero needs it (_merge_moments); SyncBatchNorm gathers it."""
     if "cupy" in _modules and _cuda.is_cupy_array(x):
         count, mean, m2 = _cuda.batch_norm_stats(x, axis)
-        return count, mean, mean * 0.0, m2
+        return count, mean, np.zeros_like(mean), m2
     x = V.as_float_array(x, "x")
     axis = V.channel_axis(axis, x.ndim)
     C = x.shape[axis]

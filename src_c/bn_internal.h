@@ -442,16 +442,14 @@ static inline void shifted_moments(double *mean, double *mean_lo, double *m2, do
     }
     double d = s1 / (double)M;
     double centred = s2 - s1 * d;
-    *mean = shift + d;
-    /* mean_lo (when asked): the rounding error of that sum, so mean + mean_lo
-     * is shift + d exactly. Data far from zero lose half an ulp of their
-     * offset when the mean is rounded; processes that merge their statistics
-     * need it back (bn_collect_stats). */
-    if (mean_lo) {
-        double sum = shift, lost = 0.0;
-        add_keeping_error(&sum, &lost, d);
-        *mean_lo = lost;
-    }
+    /* mean = shift + d, and mean_lo (when asked) the rounding error of that
+     * sum, so mean + mean_lo is shift + d exactly. Data far from zero lose
+     * half an ulp of their offset when the mean is rounded; processes that
+     * merge their statistics need it back (bn_collect_stats). */
+    double sum = shift, lost = 0.0;
+    add_keeping_error(&sum, &lost, d);
+    *mean = sum;
+    if (mean_lo) *mean_lo = lost;
     /* clamp rounding below zero, but keep NaN (inf - inf when squares overflow):
      * it is how the caller learns the statistics are not finite */
     *m2 = centred < 0.0 ? 0.0 : centred;

@@ -44,6 +44,21 @@
 /* statistics                                                          */
 /* ------------------------------------------------------------------ */
 
+/* sum = sum(x - k), sum_sq = sum((x - k)^2) over n values, in double. */
+static inline void FN(chunk_sums_double)(double *sum, double *sum_sq, const real *x_nc,
+                                          double k, int64_t n)
+{
+    double part = 0.0, part_sq = 0.0;
+    #pragma omp simd reduction(+:part, part_sq)
+    for (int64_t s = 0; s < n; s++) {
+        double d = (double)x_nc[s] - k;
+        part += d;
+        part_sq += d * d;
+    }
+    *sum = part;
+    *sum_sq = part_sq;
+}
+
 /* Shifted sums of one slice of S values in double: s1 += sum(x - k),
  * s2 += sum((x - k)^2). The exact statistics (bn_collect_stats) and the
  * fallback of add_slice_sums. SUM_CHUNK values at a time, the chunks' sums
@@ -53,27 +68,18 @@
 static inline void FN(add_slice_sums_double)(double *s1, double *s2, const real *x_nc, double k,
                                              int64_t S)
 {
-    double sum = 0.0, sum_lost = 0.0, sum_sq = 0.0, sum_sq_lost = 0.0;
+    double sum, sum_sq, sum_lost = 0.0, sum_sq_lost = 0.0;
     if (S <= SUM_CHUNK) {   /* one chunk (short slices: 7x7 maps, BN1d's L) */
-        #pragma omp simd reduction(+:sum, sum_sq)
-        for (int64_t s = 0; s < S; s++) {
-            double d = (double)x_nc[s] - k;
-            sum += d;
-            sum_sq += d * d;
-        }
+        FN(chunk_sums_double)(&sum, &sum_sq, x_nc, k, S);
         *s1 += sum;
         *s2 += sum_sq;
         return;
     }
+    sum = sum_sq = 0.0;
     for (int64_t s0 = 0; s0 < S; s0 += SUM_CHUNK) {
-        const int64_t end = s0 + SUM_CHUNK < S ? s0 + SUM_CHUNK : S;
-        double part = 0.0, part_sq = 0.0;
-        #pragma omp simd reduction(+:part, part_sq)
-        for (int64_t s = s0; s < end; s++) {
-            double d = (double)x_nc[s] - k;
-            part += d;
-            part_sq += d * d;
-        }
+        double part, part_sq;
+        FN(chunk_sums_double)(&part, &part_sq, x_nc + s0, k,
+                              S - s0 < SUM_CHUNK ? S - s0 : SUM_CHUNK);
         add_keeping_error(&sum, &sum_lost, part);
         add_keeping_error(&sum_sq, &sum_sq_lost, part_sq);
     }
@@ -236,6 +242,20 @@ static void FN(rows_shift)(real *restrict shift, double *restrict mean, const re
     }
 }
 
+/* Channels-last partial sums (collect_stats_cl_share, backward_reduce_cl_share):
+ * each thread has 2C totals; in double, whose sums go in blocks of
+ * BLOCK_UPDATES, also 2C rounding errors and then 2C block sums after them.
+ * In float the updates go straight into the totals. */
+static inline int FN(sums_in_blocks)(void)
+{
+    return sizeof(real) == sizeof(double);
+}
+
+static inline int64_t FN(row_partials)(int64_t C)
+{
+    return (FN(sums_in_blocks)() ? 6 : 2) * C;
+}
+
 /* Rows combined in the tensor's own type per double update of the partials
  * (collect_stats_cl_share): sixteen in float, eight in double. */
 static inline int64_t FN(rows_per_sum)(void)
@@ -251,7 +271,7 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
                                        const real *restrict shift, const real *x, int64_t R,
                                        int64_t C, int64_t R_sum)
 {
-    const int blocked = sizeof(real) == sizeof(double);   /* known when compiled */
+    const int blocked = FN(sums_in_blocks)();   /* known when compiled */
     double *s1 = partial + stride * THREAD_ID(), *lost = s1 + 2 * C;
     double *restrict b1 = blocked ? s1 + 4 * C : s1;   /* in float: the totals */
     double *restrict b2 = b1 + C;
@@ -297,7 +317,7 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
 }
 
 /* Per-channel mean and M2 of a channels-last block: x is R rows of C values.
- * Each thread sums its rows into private partials of size 2C, shifted by rows_shift,
+ * Each thread sums its rows into private partials (row_partials), shifted by rows_shift,
  * then the partials are added over threads; `exact` as in group_moments_cf
  * (every row in double), else rows_per_sum rows at a time combined in `real`.
  * Returns -1 if scratch fails. */
@@ -305,10 +325,8 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
                                 double *restrict m2,
                                 const real *restrict x, int64_t R, int64_t C, int nt, int exact)
 {
-    int64_t stride;   /* each thread's partials (6C in double, 2C in float), then
-                         the C shifts and C doubles */
-    double *partial = alloc_partials(nt + 1, (sizeof(real) == sizeof(double) ? 6 : 2) * C,
-                                     &stride);
+    int64_t stride;   /* each thread's row_partials, then the C shifts and C doubles */
+    double *partial = alloc_partials(nt + 1, FN(row_partials)(C), &stride);
     if (!partial) return -1;
     real *shift = (real *)(partial + stride * nt);
     FN(rows_shift)(shift, partial + stride * nt + C, x, R, C);
@@ -1205,7 +1223,7 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
                                          const real *restrict pivot, int64_t R, int64_t C,
                                          int64_t R4)
 {
-    const int blocked = sizeof(real) == sizeof(double);   /* known when compiled */
+    const int blocked = FN(sums_in_blocks)();   /* known when compiled */
     double *total = partial + stride * THREAD_ID(), *lost = total + 2 * C;
     double *restrict a = blocked ? total + 4 * C : total;   /* in float: the totals */
     double *restrict b = a + C;
@@ -1265,8 +1283,8 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   const double *mean, const double *invstd,
                                   int64_t R, int64_t C, int nt, int in_double)
 {
-    int64_t stride;   /* each thread's partials: 6C in double, 2C in float */
-    double *partial = alloc_partials(nt, (sizeof(real) == sizeof(double) ? 6 : 2) * C, &stride);
+    int64_t stride;
+    double *partial = alloc_partials(nt, FN(row_partials)(C), &stride);
     real *pivot = malloc((size_t)C * sizeof(real));
     if (!partial || !pivot) {
         free(partial);
