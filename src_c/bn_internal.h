@@ -286,6 +286,14 @@ static inline double nonzero_or_one(double a)
     return a;
 }
 
+/* isfinite(v) as one comparison (NaN compares false): a per-channel loop that
+ * calls isfinite or isinf does not vectorise with GCC 12, one that compares
+ * does. A float argument is widened exactly, so this is isfinite for it too. */
+static inline int is_finite(double v)
+{
+    return fabs(v) <= DBL_MAX;
+}
+
 /* invstd = 1 / sqrt(var + eps) */
 static inline double invstd_of(double var, double eps)
 {
@@ -318,7 +326,7 @@ static inline int spans_the_range(double mean, double invstd, double weight, dou
 {
     const double third = half_max / 3;
     return !(fabs(mean) <= third) | !(m2 <= third * third)
-           | !(fabs(bias) <= third * fabs(weight * invstd) || weight * invstd == 0.0);
+           | !((fabs(bias) <= third * fabs(weight * invstd)) | (weight * invstd == 0.0));
 }
 
 /* The dx pass, dx = dy * k - (x - pivot) * q - offset (dx_pivot_form): q =
@@ -329,7 +337,7 @@ static inline int spans_the_range(double mean, double invstd, double weight, dou
 static inline int xhat_term_underflows(double weight, double invstd, double limit)
 {
     double c = fabs(weight) * invstd * invstd;
-    return c > 0.0 && c < limit;
+    return (c > 0.0) & (c < limit);
 }
 
 /* Sums over threads of per-thread partials: `partial` holds, for each of nt
@@ -409,7 +417,7 @@ static inline void finish_block_sums(double *restrict total, double *restrict lo
 static inline int all_finite(const double *first, const double *second, int64_t C)
 {
     int finite = 1;
-    for (int64_t c = 0; c < C; c++) finite &= isfinite(first[c]) & isfinite(second[c]);
+    for (int64_t c = 0; c < C; c++) finite &= is_finite(first[c]) & is_finite(second[c]);
     return finite;
 }
 
@@ -428,31 +436,26 @@ static inline void dx_coefficients(double *k, double *k_mean_dy, double *k_invst
 }
 
 /* Mean and M2 = sum((x - mean)^2) from sums shifted by one value of the channel:
- * s1 = sum(x - shift), s2 = sum((x - shift)^2). Because the shift is a data
- * point, (mean - shift)^2 <= M2, so the subtraction below loses at most a
- * factor M of double precision, and in practice almost none. */
-static inline void shifted_moments(double *mean, double *mean_lo, double *m2, double shift,
-                                   double s1, double s2, int64_t M)
+ * s1 = sum(x - shift), s2 = sum((x - shift)^2) over count > 0 values. Because
+ * the shift is a data point, (mean - shift)^2 <= M2, so the subtraction below
+ * loses at most a factor count of double precision, and in practice almost
+ * none. Returns the mean's rounding error: mean + the error is
+ * shift + s1 / count exactly. Data far from zero lose half an ulp of their
+ * offset when the mean is rounded; processes that merge their statistics need
+ * it back (bn_collect_stats). (Branch-free, and count a double: GCC 12
+ * vectorises a loop over channels of this only so.) */
+static inline double shifted_moments(double *mean, double *m2, double shift, double s1,
+                                     double s2, double count)
 {
-    if (M == 0) {
-        *mean = 0.0;
-        *m2 = 0.0;
-        if (mean_lo) *mean_lo = 0.0;
-        return;
-    }
-    double d = s1 / (double)M;
+    double d = s1 / count;
     double centred = s2 - s1 * d;
-    /* mean = shift + d, and mean_lo (when asked) the rounding error of that
-     * sum, so mean + mean_lo is shift + d exactly. Data far from zero lose
-     * half an ulp of their offset when the mean is rounded; processes that
-     * merge their statistics need it back (bn_collect_stats). */
     double sum = shift, lost = 0.0;
     add_keeping_error(&sum, &lost, d);
     *mean = sum;
-    if (mean_lo) *mean_lo = lost;
     /* clamp rounding below zero, but keep NaN (inf - inf when squares overflow):
      * it is how the caller learns the statistics are not finite */
     *m2 = centred < 0.0 ? 0.0 : centred;
+    return lost;
 }
 
 #endif

@@ -161,8 +161,9 @@ static void FN(group_moments_cf)(double *mean, double *mean_lo, double *m2, cons
                                           (double)shift[j], S);
             }
         }
-        shifted_moments(&mean[c0 + j], mean_lo ? &mean_lo[c0 + j] : NULL, &m2[c0 + j],
-                        (double)shift[j], s1[j], s2[j], N * S);
+        double lo = shifted_moments(&mean[c0 + j], &m2[c0 + j], (double)shift[j], s1[j], s2[j],
+                                    (double)(N * S));
+        if (mean_lo) mean_lo[c0 + j] = lo;
     }
 }
 
@@ -205,6 +206,26 @@ static inline real FN(eight_rows_sum_sq)(const real *x_g, int64_t C, int64_t c, 
     return ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7));
 }
 
+/* Every channel's mean and M2 from its sums shifted by shift[c] over M > 0
+ * values (shifted_moments): mean and m2 hold s1 and s2 on entry; the means'
+ * rounding errors go to mean_lo unless it is NULL. */
+static void FN(centre_on_shifts)(double *restrict mean, double *restrict mean_lo,
+                                 double *restrict m2, const real *restrict shift, int64_t M,
+                                 int64_t C)
+{
+    const double count = (double)M;
+    if (mean_lo) {
+        for (int64_t c = 0; c < C; c++) {
+            mean_lo[c] = shifted_moments(&mean[c], &m2[c], (double)shift[c], mean[c], m2[c],
+                                         count);
+        }
+    } else {
+        for (int64_t c = 0; c < C; c++) {
+            shifted_moments(&mean[c], &m2[c], (double)shift[c], mean[c], m2[c], count);
+        }
+    }
+}
+
 /* Each channel's shift for the channels-last sums: of its values in the first
  * rows (SHIFT_ROWS in double, all R if fewer; in float only row 0, whose
  * cancellation in the double sums stays far below float's rounding and which
@@ -223,10 +244,9 @@ static void FN(rows_shift)(real *restrict shift, double *restrict mean, const re
     const int64_t rows = sizeof(real) < sizeof(double) ? 1 : SHIFT_ROWS;
     const int64_t n = R < rows ? R : rows;
     const double share = 1.0 / (double)n;
-    for (int64_t c = 0; c < C; c++) {
-        mean[c] = 0.0;
-        shift[c] = x[c];
-    }
+    for (int64_t c = 0; c < C; c++) shift[c] = x[c];
+    if (n < 2) return;   /* float, or one row: row 0 */
+    for (int64_t c = 0; c < C; c++) mean[c] = 0.0;
     for (int64_t r = 0; r < n; r++) {
         const real *restrict x_r = x + r * C;
         #pragma omp simd
@@ -345,12 +365,7 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
         sum_partials(mean, m2, partial, stride, nt, C);
     }
 
-    /* centre the sums on the shifts */
-    #pragma omp simd
-    for (int64_t c = 0; c < C; c++) {
-        shifted_moments(&mean[c], mean_lo ? &mean_lo[c] : NULL, &m2[c], (double)shift[c],
-                        mean[c], m2[c], R);
-    }
+    FN(centre_on_shifts)(mean, mean_lo, m2, shift, R, C);
     free(partial);
     return 0;
 }
@@ -402,11 +417,7 @@ static int FN(collect_stats_planes)(double *mean, double *mean_lo, double *m2, c
         sum_partials(mean, m2, partial, stride, nt, C);
     }
 
-    /* centre the sums on the shifts */
-    for (int64_t c = 0; c < C; c++) {
-        shifted_moments(&mean[c], mean_lo ? &mean_lo[c] : NULL, &m2[c], (double)shift[c],
-                        mean[c], m2[c], N * S);
-    }
+    FN(centre_on_shifts)(mean, mean_lo, m2, shift, N * S, C);
     free(partial);
     return 0;
 }
@@ -481,6 +492,18 @@ static inline int64_t FN(params_span)(int64_t C)
 static void FN(repeat_params)(real *param, int64_t C)
 {
     for (int64_t i = C; i < FN(params_span)(C); i++) param[i] = param[i - C];
+}
+
+/* dst = param, or `otherwise` in every channel where param is NULL (no
+ * weight, no bias), so that the per-channel loops which read dst have no
+ * branch and vectorise. */
+static void FN(param_or)(real *dst, const real *param, real otherwise, int64_t C)
+{
+    if (param) {
+        memcpy(dst, param, (size_t)C * sizeof(real));
+    } else {
+        for (int64_t c = 0; c < C; c++) dst[c] = otherwise;
+    }
 }
 
 /* The pivot form of every channel: params holds pivot, scale, offset, each
@@ -779,7 +802,7 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
     #pragma omp simd reduction(+:n_bad)
     for (int64_t c = 0; c < C; c++) {
         double mean = running_mean[c], var = running_var[c];
-        n_bad += !(isfinite(mean) & isfinite(var) & (var + eps > 0.0));
+        n_bad += !(is_finite(mean) & is_finite(var) & (var + eps > 0.0));
     }
     if (n_bad) return n_bad;
 
@@ -823,9 +846,9 @@ static int FN(update_running_stats)(real *running_mean, real *running_var,
     #pragma omp simd reduction(+:n_bad)
     for (int64_t c = 0; c < C; c++) {
         /* invstd = 1 / sqrt(var + eps) is finite in double where var + eps > 0 */
-        int ok = isfinite(batch_mean[c]) & isfinite(batch_var[c])
-                 & !(isinf(save_invstd[c]) & (batch_var[c] + eps > 0.0))
-                 & (var_unchecked | isfinite((real)(unbias * batch_var[c])));
+        int ok = is_finite(batch_mean[c]) & is_finite(batch_var[c])
+                 & !(!is_finite(save_invstd[c]) & (batch_var[c] + eps > 0.0))
+                 & (var_unchecked | is_finite((real)(unbias * batch_var[c])));
         n_bad += !ok;
     }
     if (n_bad || !running_mean) return n_bad;
@@ -853,13 +876,12 @@ static inline int FN(stats_in_double)(double eps)
  * the channel spans_the_range (then it is normalised in double). */
 static inline int FN(finish_channel)(double *alpha, double *beta, real *save_mean,
                                      real *save_invstd, const double *batch_mean,
-                                     double *batch_var, const real *weight, const real *bias,
-                                     int64_t c, int64_t M, double eps)
+                                     double *batch_var, double w, double b, int64_t c,
+                                     int64_t M, double eps)
 {
     double m2 = batch_var[c];
     batch_var[c] = m2 / (double)M;
     double invstd = invstd_of(batch_var[c], eps);
-    double w = weight ? (double)weight[c] : 1.0, b = bias ? (double)bias[c] : 0.0;
     save_mean[c] = (real)batch_mean[c];
     save_invstd[c] = (real)invstd;
     channel_scale_shift(alpha, beta, w, b, batch_mean[c], invstd);
@@ -890,7 +912,8 @@ static void FN(forward_train_cf_share)(real *y, real *save_mean, real *save_invs
         int wide[MAX_GROUP], any_wide = 0;
         for (int64_t c = c0, i = 0; c < c1; c++, i++) {
             wide[i] = FN(finish_channel)(&alpha[i], &beta, save_mean, save_invstd, batch_mean,
-                                         batch_var, weight, bias, c, M, eps);
+                                         batch_var, weight ? (double)weight[c] : 1.0,
+                                         bias ? (double)bias[c] : 0.0, c, M, eps);
             any_wide |= wide[i];
             FN(pivot_form)(&pivot[i], &scale[i], &offset[i], alpha[i], beta);
         }
@@ -941,20 +964,24 @@ static int FN(forward_train_two_pass)(real *y, real *save_mean, real *save_invst
                                       int64_t N, int64_t C, int64_t S, double eps,
                                       int nt)
 {
-    double *alpha = malloc((size_t)(2 * C) * sizeof(double));
+    double *alpha = malloc((size_t)(2 * C) * (sizeof(double) + sizeof(real)));
     if (!alpha) return -1;
     double *beta = alpha + C;
+    real *w = (real *)(beta + C), *b = w + C;
 
     /* mean and biased variance over N and S */
     if (FN(moments)(batch_mean, NULL, batch_var, x, N, C, S, nt, FN(stats_in_double)(eps)) != 0) {
         free(alpha);
         return -1;
     }
+    FN(param_or)(w, weight, 1, C);
+    FN(param_or)(b, bias, 0, C);
+    /* (no `omp simd` here: with it GCC 12 leaves this loop scalar, without it
+     * vectorises it) */
     int any_wide = 0;
-    #pragma omp simd reduction(|:any_wide)
     for (int64_t c = 0; c < C; c++) {
         any_wide |= FN(finish_channel)(&alpha[c], &beta[c], save_mean, save_invstd, batch_mean,
-                                       batch_var, weight, bias, c, N * S, eps);
+                                       batch_var, w[c], b[c], c, N * S, eps);
     }
 
     /* normalise (in double throughout if some channel spans the range) */
@@ -1560,10 +1587,10 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
     if (!coefficients) return -1;
     real *k = coefficients, *pivot = k + span, *q = k + 2 * span, *offset = k + 3 * span;
     const int streaming = streams_output(N, C, S, sizeof(real));
+    FN(param_or)(k, weight, 1, C);   /* k holds the weight until it is computed */
     int any_wide = 0;
-    #pragma omp simd reduction(|:any_wide)
-    for (int64_t c = 0; c < C; c++) {
-        double w = weight ? (double)weight[c] : 1.0;
+    for (int64_t c = 0; c < C; c++) {   /* (vectorised without `omp simd`, as finish_channel's) */
+        double w = (double)k[c];
         FN(dx_pivot_form)(&k[c], &pivot[c], &q[c], &offset[c], w, mean[c], invstd[c],
                           sum_dy[c], sum_dy_xhat[c], count);
         any_wide |= xhat_term_underflows(w, invstd[c], FN(underflow_limit)());
