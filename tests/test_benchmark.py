@@ -248,6 +248,29 @@ def test_floor_compares_medians_over_rounds_not_single_rounds():
     assert record["seconds"] == {floor.NUMPY_1.name: 5.0, floor.NUMPY_2.name: 2.0}
 
 
+@pytest.mark.parametrize("shape, layout", [((2, 6, 4, 5), CF), ((2, 6, 4, 5), CL),
+                                           ((7, 3), NC), ((3, 5, 9), CF)])
+def test_empty_on_line_starts_on_a_line_in_the_memory_order_of_its_model(shape, layout):
+    x, _ = cases.make_arrays(shape, layout, np.float32)
+    for _ in range(8):    # numpy's own allocations land anywhere on 16 bytes
+        out = floor.empty_on_line(x)
+        assert out.__array_interface__["data"][0] % floor.LINE_BYTES == 0
+        assert (out.shape, out.strides, out.dtype) == (x.shape, x.strides, x.dtype)
+
+
+def test_floor_copies_and_bnfast_outputs_are_written_to_buffers_on_a_line():
+    t = cases.make_tensors(Case((4, 6, 5, 5), CL, "float64"))
+    kept = []     # alive, so that each try gets new memory (anywhere on 16 bytes)
+    for _ in range(6):
+        kept.append((floor.copy_calls(t.x)[floor.NUMPY_2], contestants.bnfast_calls(t)))
+        halves, calls = kept[-1]
+        assert halves.first[0].__array_interface__["data"][0] % floor.LINE_BYTES == 0
+        y = calls[("inference", PRE)]()
+        dx, _, _ = calls[("backward", PRE)]()
+        for out in (y, dx):
+            assert out.__array_interface__["data"][0] % floor.LINE_BYTES == 0
+
+
 def test_two_thread_copy_reads_channels_last_memory_without_a_copy():
     x, _ = cases.make_arrays((2, 6, 4, 5), CL, np.float32)
     flat = floor.memory_order_flat(x)

@@ -7,6 +7,16 @@ copying one half of the memory (numpy releases the GIL), or PyTorch's `copy_`
 on its own threads (about twice numpy's bandwidth on tensors that fit in
 cache). All that are available are timed beside the contestants, and the floor
 is the fastest of them, so a ratio to it is never flattered by a slow copy.
+
+Where the destination starts matters as much as who copies: torch's `copy_`
+of (256, 1024) float32 took 19-23 us into a buffer that starts on a 64-byte
+line and 43-52 us into one 16, 32 or 48 bytes past a line (numpy's allocations
+start anywhere on 16 bytes; measured in one process, medians of 15 rounds),
+so a floor copied into `np.empty_like(x)` moved by 2x from run to run with
+where the allocator happened to put it. The copies therefore write into a
+buffer on a line (empty_on_line), as torch's allocator places its tensors,
+and so do the preallocated outputs of the contestants (bnfast.bench.contestants):
+the floor is the fast copy, and it holds from run to run.
 """
 import concurrent.futures
 import dataclasses
@@ -29,6 +39,20 @@ NUMPY_2 = Copy("numpy copyto, 2 threads", "2t", 2)
 
 def torch_copy(threads):
     return Copy("torch copy_", "torch", threads)
+
+
+LINE_BYTES = 64
+
+
+def empty_on_line(like):
+    """An uninitialised array of `like`'s shape, dtype and memory order (the
+    strides np.empty_like would give) whose data starts on a 64-byte line."""
+    order = sorted(range(like.ndim), key=lambda i: -like.strides[i])   # axes in memory order
+    raw = np.empty(like.nbytes + LINE_BYTES, np.uint8)
+    start = -raw.__array_interface__["data"][0] % LINE_BYTES
+    stored = raw[start:start + like.nbytes].view(like.dtype).reshape([like.shape[i]
+                                                                       for i in order])
+    return stored.transpose(np.argsort(order))
 
 
 def memory_order_flat(a):
@@ -64,10 +88,11 @@ class HalvesCopy:
 
 
 def copy_calls(x, torch=None, torch_threads=1):
-    """{Copy: callable} copying x into a touched buffer of its memory order:
-    numpy on 1 and 2 threads, and torch's copy_ when the `torch` module is
-    given (on `torch_threads`, set by the caller)."""
-    dst = np.empty_like(x)     # same memory order as x
+    """{Copy: callable} copying x into a touched buffer of its memory order
+    that starts on a 64-byte line (empty_on_line): numpy on 1 and 2 threads,
+    and torch's copy_ when the `torch` module is given (on `torch_threads`,
+    set by the caller)."""
+    dst = empty_on_line(x)     # same memory order as x
     np.copyto(dst, x)          # touched before timing
     calls = {NUMPY_1: lambda: np.copyto(dst, x), NUMPY_2: HalvesCopy(dst, x)}
     if torch is not None:

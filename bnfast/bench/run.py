@@ -182,7 +182,8 @@ def method(plan, torch, rows):
             "calls (a round's figure is the block's median), then the next. Every figure is "
             "median time / copy floor, with the min-max over rounds in brackets. Copy floor: "
             "the fastest copy of the same tensor into an already-touched buffer in memory "
-            f"order, timed in the same rounds, of {copies}"
+            "order that starts on a 64-byte line (as do the preallocated outputs of bnfast "
+            f"and onnxruntime, and torch's own), timed in the same rounds, of {copies}"
             + (f"; the fastest was {winners}" if winners else "")
             + f". Every library on {plan.threads} threads.")
 
