@@ -214,15 +214,9 @@ static void FN(centre_on_shifts)(double *restrict mean, double *restrict mean_lo
                                  int64_t C)
 {
     const double count = (double)M;
-    if (mean_lo) {
-        for (int64_t c = 0; c < C; c++) {
-            mean_lo[c] = shifted_moments(&mean[c], &m2[c], (double)shift[c], mean[c], m2[c],
-                                         count);
-        }
-    } else {
-        for (int64_t c = 0; c < C; c++) {
-            shifted_moments(&mean[c], &m2[c], (double)shift[c], mean[c], m2[c], count);
-        }
+    for (int64_t c = 0; c < C; c++) {
+        double lo = shifted_moments(&mean[c], &m2[c], (double)shift[c], mean[c], m2[c], count);
+        if (mean_lo) mean_lo[c] = lo;
     }
 }
 
@@ -489,9 +483,15 @@ static inline int64_t FN(params_span)(int64_t C)
     return C + STREAM_BLOCK_BYTES / (int64_t)sizeof(real);
 }
 
-static void FN(repeat_params)(real *param, int64_t C)
+/* Each of n per-channel arrays, params_span(C) apart from `params` on, run on
+ * past C with its first values again. */
+static void FN(repeat_params)(real *params, int n, int64_t C)
 {
-    for (int64_t i = C; i < FN(params_span)(C); i++) param[i] = param[i - C];
+    const int64_t span = FN(params_span)(C);
+    for (int k = 0; k < n; k++) {
+        real *param = params + k * span;
+        for (int64_t i = C; i < span; i++) param[i] = param[i - C];
+    }
 }
 
 /* dst = param, or `otherwise` in every channel where param is NULL (no
@@ -520,7 +520,7 @@ static real *FN(pivot_forms)(const double *restrict alpha, const double *restric
     for (int64_t c = 0; c < C; c++) {
         FN(pivot_form)(&pivot[c], &scale[c], &offset[c], alpha[c], beta[c]);
     }
-    for (int i = 0; i < 3; i++) FN(repeat_params)(params + i * span, C);
+    FN(repeat_params)(params, 3, C);
     return params;
 }
 
@@ -818,13 +818,13 @@ static void FN(infer_share)(real *y, const real *x, real *params, int64_t span,
         FN(pivot_form)(&pivot[c], &scale[c], &offset[c], alpha, beta);
     }
     #pragma omp single
-    for (int i = 0; i < 3; i++) FN(repeat_params)(params + i * span, C);
+    FN(repeat_params)(params, 3, C);
     FN(apply_share)(y, x, pivot, scale, offset, N, C, S);
 }
 
-/* y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, folded first
- * into alpha, beta so each element costs one multiply-add (ONNX
- * BatchNormalization, inference). y, x: (N, C, S); parameters: (C,), weight and
+/* y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, folded per
+ * channel into its pivot form first (infer_share), so each element costs a
+ * subtraction and a multiply-add (ONNX BatchNormalization, inference). y, x: (N, C, S); parameters: (C,), weight and
  * bias may be NULL. Running statistics that describe no distribution (a
  * non-finite mean or variance, or running_var + eps <= 0) are refused before
  * anything is written: returns the count of such channels. */
@@ -1625,7 +1625,7 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
                           sum_dy[c], sum_dy_xhat[c], count);
         any_wide |= xhat_term_underflows(w, invstd[c], FN(underflow_limit)());
     }
-    for (int i = 0; i < 4; i++) FN(repeat_params)(coefficients + i * span, C);
+    FN(repeat_params)(coefficients, 4, C);
     if (any_wide) {   /* in double throughout */
         ON_THREADS(nt, FN(backward_apply_wide_share)(dx, dy, x, weight, mean, invstd, sum_dy,
                                                      sum_dy_xhat, count, N, C, S));
