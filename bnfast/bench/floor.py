@@ -16,7 +16,9 @@ so a floor copied into `np.empty_like(x)` moved by 2x from run to run with
 where the allocator happened to put it. The copies therefore write into a
 buffer on a line (empty_on_line), as torch's allocator places its tensors,
 and so do the preallocated outputs of the contestants (bnfast.bench.contestants):
-the floor is the fast copy, and it holds from run to run.
+the floor is the fast copy, and no longer moves with where the allocator put
+the buffer. (It still moves with the machine: a shared VM that runs every copy
+2-3x slower for a while slows the floor too.)
 """
 import concurrent.futures
 import dataclasses
