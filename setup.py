@@ -117,7 +117,7 @@ def extensions():
     ext = Extension(
         "bnfast._kernels",
         sources=["bnfast/_kernels.pyx", "src_c/bn.c", "src_c/bn_kernels_baseline.c",
-                 "src_c/bn_kernels_avx2.c"],
+                 "src_c/bn_kernels_avx2.c", "src_c/bn_kernels_avx512.c"],
         include_dirs=["src_c", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,

@@ -28,7 +28,7 @@ cnp.import_array()
 
 
 cdef extern from "bn.h" nogil:
-    int BN_ISA_BASELINE, BN_ISA_AVX2
+    int BN_ISA_BASELINE, BN_ISA_AVX2, BN_ISA_AVX512
     int bn_isa_supported(int isa)
     int bn_best_isa()
     int bn_get_isa()
@@ -129,7 +129,7 @@ cdef void* optional(object a, int typenum, int64_t size, bint writeable) except?
     return NULL if a is None else buffer(a, typenum, size, writeable)
 
 
-ISA_CODES = {"baseline": BN_ISA_BASELINE, "avx2": BN_ISA_AVX2}
+ISA_CODES = {"baseline": BN_ISA_BASELINE, "avx2": BN_ISA_AVX2, "avx512": BN_ISA_AVX512}
 
 
 def isa_supported(int isa):

@@ -7,9 +7,11 @@ every thread of the process (threadpoolctl's limit covers only the thread that
 set it).
 
 Instruction set. The kernels are compiled for the baseline of the target
-architecture and, on x86-64, again for AVX2 + FMA. The best one the CPU
-supports is used; ``BNFAST_ISA=baseline`` in the environment (read at import)
-or ``set_isa("baseline")`` forces the portable one.
+architecture and, on x86-64, again for AVX2 + FMA and, in float32 only, for
+AVX-512 ("avx512": float32 rows, S == 1, in 512-bit vectors; everything else
+as "avx2", src_c/bn.c says why). The best one the CPU supports is used;
+``BNFAST_ISA=avx2`` (or ``baseline``) in the environment (read at import) or
+``set_isa("avx2")`` forces a narrower one.
 """
 import os
 
@@ -68,13 +70,13 @@ def available_isas():
 
 
 def get_isa():
-    """The instruction set the kernels use now: "baseline" or "avx2"."""
+    """The instruction set the kernels use now: "baseline", "avx2" or "avx512"."""
     code = _kernels.get_isa()
     return next(name for name, c in _kernels.ISA_CODES.items() if c == code)
 
 
 def set_isa(name=None):
-    """Use the kernels compiled for ``name`` ("baseline", "avx2"); None picks the
+    """Use the kernels compiled for ``name`` ("baseline", "avx2", "avx512"); None picks the
     best this CPU supports. Raises ValueError for one it cannot run."""
     if name is None:
         _kernels.set_isa(_kernels.best_isa())

@@ -39,14 +39,18 @@
 
 #include <stdint.h>
 
-/* Instruction sets the kernels are compiled for. The AVX2 build exists on
- * x86-64 with GCC or clang; bn_set_isa refuses one the CPU lacks (-1). */
+/* Instruction sets the kernels are compiled for. The AVX2 and AVX-512 builds
+ * exist on x86-64 with GCC or clang; bn_set_isa refuses one the CPU lacks (-1).
+ * BN_ISA_AVX512 runs float32 rows in 512-bit vectors and the rest as
+ * BN_ISA_AVX2 (bn.c). */
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define BN_HAVE_AVX2_BUILD 1
+#define BN_HAVE_AVX512_BUILD 1
 #else
 #define BN_HAVE_AVX2_BUILD 0
+#define BN_HAVE_AVX512_BUILD 0
 #endif
-enum { BN_ISA_BASELINE = 0, BN_ISA_AVX2 = 1 };
+enum { BN_ISA_BASELINE = 0, BN_ISA_AVX2 = 1, BN_ISA_AVX512 = 2 };
 int bn_isa_supported(int isa);
 int bn_best_isa(void);
 int bn_get_isa(void);

@@ -1,7 +1,8 @@
 /*
  * A TEMPLATE, not a header: the kernel bodies, written once against an element
- * type `real`. No include guard, on purpose. It is instantiated four times,
- * for float and double in each of bn_kernels_baseline.c and bn_kernels_avx2.c:
+ * type `real`. No include guard, on purpose. It is instantiated five times,
+ * for float and double in each of bn_kernels_baseline.c and bn_kernels_avx2.c,
+ * and for float in bn_kernels_avx512.c:
  *
  *     #define real float
  *     #define FN(name) name##_f32_avx2      element-type and instruction-set suffix

@@ -89,7 +89,7 @@ def torch():
 
 @pytest.fixture(params=_runtime.available_isas())
 def isa(request):
-    """Run a test once per instruction set this CPU can run (baseline, avx2)."""
+    """Run a test once per instruction set this CPU can run (baseline, avx2, avx512)."""
     before = _runtime.get_isa()
     _runtime.set_isa(request.param)
     yield request.param

@@ -1,6 +1,7 @@
 """Threads and instruction sets: OMP_NUM_THREADS, threadpoolctl, set_num_threads,
 BNFAST_ISA; results agree whatever runs them."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -132,20 +133,57 @@ def test_set_num_threads_covers_other_python_threads():
     assert seen == [1]
 
 
-def test_results_agree_across_thread_counts_and_instruction_sets():
-    x = random_input((16, 8, 30, 30), np.float32, offset=2.0)
+@pytest.mark.parametrize("shape, axis", [((16, 8, 30, 30), 1), ((512, 96), 1),
+                                         ((4, 5, 6, 40), -1)],
+                         ids=["slices", "rows", "channels-last"])
+def test_results_agree_across_thread_counts_and_instruction_sets(shape, axis):
+    x = random_input(shape, np.float32, offset=2.0)
+    dy = random_input(shape, np.float32)
     results = []
     for isa in _runtime.available_isas():
         for n in (1, 2):
             _runtime.set_isa(isa)
             bnfast.set_num_threads(n)
             try:
-                results.append(bnfast.batch_norm_train(x)[0])
+                y, mean, invstd = bnfast.batch_norm_train(x, axis=axis)
+                dx = bnfast.batch_norm_backward(dy, x, None, mean, invstd, axis=axis)[0]
+                results.append((y, dx))
             finally:
                 bnfast.set_num_threads(None)
                 _runtime.set_isa(None)
-    for y in results[1:]:
-        np.testing.assert_allclose(y, results[0], rtol=1e-6, atol=1e-6)
+    for y, dx in results[1:]:
+        np.testing.assert_allclose(y, results[0][0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(dx, results[0][1], rtol=1e-5, atol=1e-5)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f
+                         if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not _cpu_flags(),
+                    reason="needs an x86-64 CPU whose flags /proc/cpuinfo lists")
+def test_instruction_sets_offered_are_those_the_cpu_has():
+    flags = set(_cpu_flags())
+    expected = ["baseline"]
+    if {"avx2", "fma"} <= flags:
+        expected.append("avx2")
+        if {"avx512f", "avx512vl", "avx512dq", "avx512bw"} <= flags:
+            expected.append("avx512")
+    assert _runtime.available_isas() == expected
+    _runtime.set_isa(None)
+    assert _runtime.get_isa() == expected[-1]   # the widest is picked at import
+
+
+def test_bnfast_isa_environment_variable_forces_avx2_where_avx512_is_picked():
+    if "avx2" not in _runtime.available_isas():
+        pytest.skip("this CPU has no AVX2")
+    assert _run_python("from bnfast import _runtime; print(_runtime.get_isa())",
+                       BNFAST_ISA="avx2") == "avx2"
 
 
 def test_bnfast_isa_environment_variable_forces_baseline():
