@@ -172,12 +172,12 @@ static inline void streaming_done(void)
  * those arrays spill from L1 and loses to the plain row walk (fewer streams,
  * kinder to the prefetcher) while they fit (inference on (4096, 512) 10-17 %
  * slower by four). The fused reductions take rows by sixteen or eight
- * (statistics, float or double) or four (backward sums) whatever C: each pass
- * loads and stores their double partials, so more rows per pass cut that
+ * (statistics, float or double) or eight (backward sums) whatever C: each
+ * pass loads and stores their double partials, so more rows per pass cut that
  * traffic (four: 2-2.5x faster than one on C = 64 to 512; eight: 5-12 %
- * faster again for the statistics; sixteen: float32 3-16 % faster again on
- * tensors in memory, float64 5-9 % slower; interleaved A/B runs,
- * docs/performance-notes.md). */
+ * faster again for the statistics, 4-8 % for float32 backward sums; sixteen:
+ * float32 statistics 3-16 % faster again on tensors in memory, float64 5-9 %
+ * slower; interleaved A/B runs, docs/performance-notes.md). */
 static inline int64_t rows_by_four(int64_t R, int64_t C, int64_t channel_bytes)
 {
     return C * channel_bytes > PARAMS_IN_L1_BYTES ? R - R % 4 : 0;

@@ -19,7 +19,7 @@
  *     rows     S == 1 (channels-last, BatchNorm1d): N rows of C values,
  *              parallel over rows, vectorised over C, per-thread partial sums
  *              of size 2C; rows sixteen or eight (statistics: float,
- *              double) or four (backward)
+ *              double) or eight (backward)
  *              at a time
  *     planes   walk_planes(): short slices (S <= SHORT_SLICE) in a block that
  *              fits PLANES_CACHE_BYTES, or too few
@@ -1270,16 +1270,34 @@ static void FN(backward_apply_wide_share)(real *dx, const real *dy, const real *
     }
 }
 
+/* For channel c of the eight rows at dy_g and x_g (C values apart): the sum of
+ * the eight dy, and of the eight dy * (x - pivot), pairwise in the tensor's
+ * own type. */
+static inline real FN(eight_rows_dy_sum)(const real *dy_g, int64_t C, int64_t c)
+{
+    return ((dy_g[c] + dy_g[C + c]) + (dy_g[2 * C + c] + dy_g[3 * C + c]))
+           + ((dy_g[4 * C + c] + dy_g[5 * C + c]) + (dy_g[6 * C + c] + dy_g[7 * C + c]));
+}
+
+static inline real FN(eight_rows_products)(const real *dy_g, const real *x_g, int64_t C,
+                                           int64_t c, real pivot)
+{
+    real p[8];
+    for (int k = 0; k < 8; k++) p[k] = dy_g[k * C + c] * (x_g[k * C + c] - pivot);
+    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
 /* One thread's share of backward_reduce_cl: its rows, summed into its own
  * partials a = sum(dy), b = sum(dy * (x - pivot)) (2C values at partial +
  * stride * thread; in double, then 2C of rounding errors and 2C of block
- * sums: BLOCK_UPDATES), the first R4 rows four at a time, each group of four combined in
- * the tensor's own type (as in collect_stats_cl_share), its sums added in
- * double. */
+ * sums: BLOCK_UPDATES), the first R8 rows eight at a time, each group of
+ * eight combined in the tensor's own type (as in collect_stats_cl_share), its
+ * sums added in double. (Eight rather than four: float32 backward 4-8 %
+ * faster on rows in cache, float64 the same; docs/performance-notes.md.) */
 static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
                                          const real *dy, const real *x,
                                          const real *restrict pivot, int64_t R, int64_t C,
-                                         int64_t R4)
+                                         int64_t R8)
 {
     const int blocked = FN(sums_in_blocks)();   /* known when compiled */
     double *total = partial + stride * THREAD_ID(), *lost = total + 2 * C;
@@ -1287,22 +1305,18 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
     double *restrict b = a + C;
     int64_t updates = 0;
     #pragma omp for schedule(static)
-    for (int64_t g = 0; g < R4 / 4; g++) {
-        const real *restrict dy0 = dy + 4 * g * C;
-        const real *restrict dy1 = dy0 + C, *restrict dy2 = dy1 + C, *restrict dy3 = dy2 + C;
-        const real *restrict x0 = x + 4 * g * C;
-        const real *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
+    for (int64_t g = 0; g < R8 / 8; g++) {
+        const real *dy_g = dy + 8 * g * C, *x_g = x + 8 * g * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-            a[c] += (double)((dy0[c] + dy1[c]) + (dy2[c] + dy3[c]));
-            b[c] += (double)((dy0[c] * (x0[c] - pivot[c]) + dy1[c] * (x1[c] - pivot[c]))
-                             + (dy2[c] * (x2[c] - pivot[c]) + dy3[c] * (x3[c] - pivot[c])));
+            a[c] += (double)FN(eight_rows_dy_sum)(dy_g, C, c);
+            b[c] += (double)FN(eight_rows_products)(dy_g, x_g, C, c, pivot[c]);
         }
         if (blocked) block_update_done(&updates, total, lost, a, 2 * C);
     }
     /* the remaining rows (all of them when pivot and partials fit in L1) */
     #pragma omp for schedule(static)
-    for (int64_t r = R4; r < R; r++) {
+    for (int64_t r = R8; r < R; r++) {
         const real *restrict dy_r = dy + r * C;
         const real *restrict x_r = x + r * C;
         #pragma omp simd
@@ -1332,7 +1346,7 @@ static inline void FN(products_to_the_mean)(double *restrict sum_dy_xhat,
 }
 
 /* Channels-last reductions: per-thread partials of size 2C, then added over
- * threads; every row in double with `in_double`, else four rows at a time
+ * threads; every row in double with `in_double`, else eight rows at a time
  * combined in `real`. The products are centred on pivot = mean rounded to
  * `real` (exact x - pivot for data far from zero, even in float), then moved
  * to the mean: sum(dy * (x - mean)) = sum(dy * (x - pivot)) + (pivot - mean) * sum(dy). */
@@ -1351,14 +1365,14 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     }
     #pragma omp simd
     for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
-    /* four rows per pass, whatever C (rows_by_four says why) */
-    const int64_t R4 = in_double ? 0 : R - R % 4;
-    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, R4));
+    /* eight rows per pass, whatever C (rows_by_four says why) */
+    const int64_t R8 = in_double ? 0 : R - R % 8;
+    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, R8));
     sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
 
-    /* as in collect_stats_cl: a float combination of four rows can overflow
+    /* as in collect_stats_cl: a float combination of eight rows can overflow
      * where double would not; if so, sum again with every row in double */
-    if (R4 > 0 && sizeof(real) < sizeof(double) && !all_finite(sum_dy, sum_dy_xhat, C)) {
+    if (R8 > 0 && sizeof(real) < sizeof(double) && !all_finite(sum_dy, sum_dy_xhat, C)) {
         memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
         ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, 0));
         sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
