@@ -91,110 +91,58 @@ struct kernel_table {
     __typeof__(bn_backward_f64)        *backward_f64;
 };
 
-/* The variants defined by bn_kernels_baseline.c (from bn_kernels.tmpl.c). */
-__typeof__(bn_collect_stats_f32)   bn_collect_stats_f32_baseline;
-__typeof__(bn_forward_train_f32)   bn_forward_train_f32_baseline;
-__typeof__(bn_forward_infer_f32)   bn_forward_infer_f32_baseline;
-__typeof__(bn_apply_f32)           bn_apply_f32_baseline;
-__typeof__(bn_backward_reduce_f32) bn_backward_reduce_f32_baseline;
-__typeof__(bn_backward_apply_f32)  bn_backward_apply_f32_baseline;
-__typeof__(bn_backward_f32)        bn_backward_f32_baseline;
-__typeof__(bn_collect_stats_f64)   bn_collect_stats_f64_baseline;
-__typeof__(bn_forward_train_f64)   bn_forward_train_f64_baseline;
-__typeof__(bn_forward_infer_f64)   bn_forward_infer_f64_baseline;
-__typeof__(bn_apply_f64)           bn_apply_f64_baseline;
-__typeof__(bn_backward_reduce_f64) bn_backward_reduce_f64_baseline;
-__typeof__(bn_backward_apply_f64)  bn_backward_apply_f64_baseline;
-__typeof__(bn_backward_f64)        bn_backward_f64_baseline;
+/* The variants of one precision (f32, f64) of one build (baseline, avx2,
+ * avx512), defined by bn_kernels_<build>.c from bn_kernels.tmpl.c: declared,
+ * each of its public kernel's type, and listed as the entries of a table. */
+#define DECLARE_VARIANTS(t, build)                                         \
+    __typeof__(bn_collect_stats_##t)   bn_collect_stats_##t##_##build;   \
+    __typeof__(bn_forward_train_##t)   bn_forward_train_##t##_##build;   \
+    __typeof__(bn_forward_infer_##t)   bn_forward_infer_##t##_##build;   \
+    __typeof__(bn_apply_##t)           bn_apply_##t##_##build;           \
+    __typeof__(bn_backward_reduce_##t) bn_backward_reduce_##t##_##build; \
+    __typeof__(bn_backward_apply_##t)  bn_backward_apply_##t##_##build;  \
+    __typeof__(bn_backward_##t)        bn_backward_##t##_##build;
 
+#define TABLE_ENTRIES(t, build)                                            \
+    .collect_stats_##t   = bn_collect_stats_##t##_##build,               \
+    .forward_train_##t   = bn_forward_train_##t##_##build,               \
+    .forward_infer_##t   = bn_forward_infer_##t##_##build,               \
+    .apply_##t           = bn_apply_##t##_##build,                       \
+    .backward_reduce_##t = bn_backward_reduce_##t##_##build,             \
+    .backward_apply_##t  = bn_backward_apply_##t##_##build,              \
+    .backward_##t        = bn_backward_##t##_##build
+
+DECLARE_VARIANTS(f32, baseline)
+DECLARE_VARIANTS(f64, baseline)
 static const struct kernel_table baseline_kernels = {
-    .collect_stats_f32   = bn_collect_stats_f32_baseline,
-    .forward_train_f32   = bn_forward_train_f32_baseline,
-    .forward_infer_f32   = bn_forward_infer_f32_baseline,
-    .apply_f32           = bn_apply_f32_baseline,
-    .backward_reduce_f32 = bn_backward_reduce_f32_baseline,
-    .backward_apply_f32  = bn_backward_apply_f32_baseline,
-    .backward_f32        = bn_backward_f32_baseline,
-    .collect_stats_f64   = bn_collect_stats_f64_baseline,
-    .forward_train_f64   = bn_forward_train_f64_baseline,
-    .forward_infer_f64   = bn_forward_infer_f64_baseline,
-    .apply_f64           = bn_apply_f64_baseline,
-    .backward_reduce_f64 = bn_backward_reduce_f64_baseline,
-    .backward_apply_f64  = bn_backward_apply_f64_baseline,
-    .backward_f64        = bn_backward_f64_baseline,
+    TABLE_ENTRIES(f32, baseline), TABLE_ENTRIES(f64, baseline)
 };
 
 #if BN_HAVE_AVX2_BUILD
-/* The variants defined by bn_kernels_avx2.c (from bn_kernels.tmpl.c). */
-__typeof__(bn_collect_stats_f32)   bn_collect_stats_f32_avx2;
-__typeof__(bn_forward_train_f32)   bn_forward_train_f32_avx2;
-__typeof__(bn_forward_infer_f32)   bn_forward_infer_f32_avx2;
-__typeof__(bn_apply_f32)           bn_apply_f32_avx2;
-__typeof__(bn_backward_reduce_f32) bn_backward_reduce_f32_avx2;
-__typeof__(bn_backward_apply_f32)  bn_backward_apply_f32_avx2;
-__typeof__(bn_backward_f32)        bn_backward_f32_avx2;
-__typeof__(bn_collect_stats_f64)   bn_collect_stats_f64_avx2;
-__typeof__(bn_forward_train_f64)   bn_forward_train_f64_avx2;
-__typeof__(bn_forward_infer_f64)   bn_forward_infer_f64_avx2;
-__typeof__(bn_apply_f64)           bn_apply_f64_avx2;
-__typeof__(bn_backward_reduce_f64) bn_backward_reduce_f64_avx2;
-__typeof__(bn_backward_apply_f64)  bn_backward_apply_f64_avx2;
-__typeof__(bn_backward_f64)        bn_backward_f64_avx2;
-
+DECLARE_VARIANTS(f32, avx2)
+DECLARE_VARIANTS(f64, avx2)
 static const struct kernel_table avx2_kernels = {
-    .collect_stats_f32   = bn_collect_stats_f32_avx2,
-    .forward_train_f32   = bn_forward_train_f32_avx2,
-    .forward_infer_f32   = bn_forward_infer_f32_avx2,
-    .apply_f32           = bn_apply_f32_avx2,
-    .backward_reduce_f32 = bn_backward_reduce_f32_avx2,
-    .backward_apply_f32  = bn_backward_apply_f32_avx2,
-    .backward_f32        = bn_backward_f32_avx2,
-    .collect_stats_f64   = bn_collect_stats_f64_avx2,
-    .forward_train_f64   = bn_forward_train_f64_avx2,
-    .forward_infer_f64   = bn_forward_infer_f64_avx2,
-    .apply_f64           = bn_apply_f64_avx2,
-    .backward_reduce_f64 = bn_backward_reduce_f64_avx2,
-    .backward_apply_f64  = bn_backward_apply_f64_avx2,
-    .backward_f64        = bn_backward_f64_avx2,
+    TABLE_ENTRIES(f32, avx2), TABLE_ENTRIES(f64, avx2)
 };
 #endif
 
 #if BN_HAVE_AVX512_BUILD
-/* The float32 variants defined by bn_kernels_avx512.c (from bn_kernels.tmpl.c). */
-__typeof__(bn_collect_stats_f32)   bn_collect_stats_f32_avx512;
-__typeof__(bn_forward_train_f32)   bn_forward_train_f32_avx512;
-__typeof__(bn_forward_infer_f32)   bn_forward_infer_f32_avx512;
-__typeof__(bn_apply_f32)           bn_apply_f32_avx512;
-__typeof__(bn_backward_reduce_f32) bn_backward_reduce_f32_avx512;
-__typeof__(bn_backward_apply_f32)  bn_backward_apply_f32_avx512;
-__typeof__(bn_backward_f32)        bn_backward_f32_avx512;
+DECLARE_VARIANTS(f32, avx512)   /* float only (bn_kernels_avx512.c) */
 
 /* The AVX-512 set's kernels for rows (S == 1: channels-last blocks,
  * BatchNorm1d): float32 in 512-bit vectors, float64 as AVX2. Channel slices
  * run the AVX2 table. The bits are AVX2's: a row walk vectorises across
  * channels, so each channel's values are summed in the same order at any
- * vector width (3,316 outputs compared bit for bit). Measured against AVX2 (A/B of two builds in one process,
- * 2 threads, docs/performance-notes.md): float32 rows in cache 0.85-0.97 of
- * the time ((256, 1024): training forward 0.90, backward 0.85, inference
- * 0.86), rows in memory 0.98-1.03; but short channel slices 1.05-1.33
- * ((32, 64, 7, 7), (64, 128, 100): a 49- or 100-value slice is 3 or 6
- * vectors and a remainder, its horizontal sums twice as wide), and float64
- * rows mixed (training forward 0.92-0.95, backward up to 1.15). */
+ * vector width (3,316 outputs compared bit for bit). Measured against AVX2
+ * (A/B of two builds in one process, 2 threads, docs/performance-notes.md):
+ * float32 rows in cache 0.85-0.97 of the time ((256, 1024): training forward
+ * 0.91-0.97, backward 0.91-0.96, inference 0.92-0.95), rows in memory
+ * 0.93-1.04; but short channel slices 1.05-1.33 ((32, 64, 7, 7),
+ * (64, 128, 100): a 49- or 100-value slice is 3 or 6 vectors and a
+ * remainder, its horizontal sums twice as wide), and float64 rows mixed
+ * (training forward 0.92-0.95, backward up to 1.15). */
 static const struct kernel_table avx512_rows_kernels = {
-    .collect_stats_f32   = bn_collect_stats_f32_avx512,
-    .forward_train_f32   = bn_forward_train_f32_avx512,
-    .forward_infer_f32   = bn_forward_infer_f32_avx512,
-    .apply_f32           = bn_apply_f32_avx512,
-    .backward_reduce_f32 = bn_backward_reduce_f32_avx512,
-    .backward_apply_f32  = bn_backward_apply_f32_avx512,
-    .backward_f32        = bn_backward_f32_avx512,
-    .collect_stats_f64   = bn_collect_stats_f64_avx2,
-    .forward_train_f64   = bn_forward_train_f64_avx2,
-    .forward_infer_f64   = bn_forward_infer_f64_avx2,
-    .apply_f64           = bn_apply_f64_avx2,
-    .backward_reduce_f64 = bn_backward_reduce_f64_avx2,
-    .backward_apply_f64  = bn_backward_apply_f64_avx2,
-    .backward_f64        = bn_backward_f64_avx2,
+    TABLE_ENTRIES(f32, avx512), TABLE_ENTRIES(f64, avx2)
 };
 #endif
 
