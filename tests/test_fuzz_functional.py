@@ -644,6 +644,12 @@ def backward_tolerance(dy64, x64, w, mean, invstd, axis, dtype):
                 np.abs(invstd), nd, axis) * (np.abs(x64) + per_channel(np.abs(mean), nd, axis)) \
             + K * tiny_of(dtype)
         dx_tol = dx_tol + K * EPS64 * M * wi * per_channel(s1 / M, nd, axis)
+        # on the subnormal grid, the per-channel means and the difference in the
+        # parentheses are rounded to it (an absolute error of up to tiny each) before
+        # weight * invstd multiplies them, in the reference as in bnfast; so is bnfast's
+        # q = weight invstd^2 mean(dy xhat) before x - mean multiplies it
+        dx_tol = dx_tol + K * tiny_of(dtype) * (
+            wi * (2 + np.abs(xhat)) + np.abs(x64 - per_channel(mean, nd, axis)))
         sum_tol = (K * e + K * EPS64 * M) * np.stack([s2, s1]) + K * tiny_of(dtype)
         # x - mean in double: off by eps64 * |x| before the multiplication by invstd
         sum_tol[0] += K * EPS64 * np.abs(invstd) * (np.abs(dy64) * (
@@ -976,6 +982,24 @@ def test_backward_apply_matches_reference_or_fails_cleanly(case, count_case):
             - xhat * per_channel(sum_dy_xhat / count, nd, axis))
     dx_tol, _ = backward_tolerance(dy64, x64, w, m64, i64, axis, dtype)
     assert_close("dx", dx, dx_ref, dx_tol * max(1, M / count))
+
+
+def test_backward_apply_of_subnormal_gradients_matches_reference():
+    """Gradients of 1e-310 (float64 subnormals, as the fuzzer drew): dx lies on the
+    subnormal grid, where the reference's own roundings, multiplied by weight *
+    invstd, are tens of grid steps; the tolerance allows for them."""
+    rng = np.random.default_rng(0)
+    C = 4000
+    x = 8 + 1.3 * rng.standard_normal((C, 2))
+    dy = rng.standard_normal((C, 2)) * 1e-310
+    w, mean, invstd = rng.uniform(0.9, 1.4, C), rng.uniform(6, 10, C), rng.uniform(0.5, 6, C)
+    _, sum_dy_xhat, sum_dy = ref.backward(dy, x, None, mean, invstd, axis=0)
+    dx = F.batch_norm_backward_apply(dy, x, mean, invstd, w, sum_dy, sum_dy_xhat, 2, axis=0)
+    xhat = (x - mean[:, None]) * invstd[:, None]
+    dx_ref = (w * invstd)[:, None] * (dy - (sum_dy / 2)[:, None]
+                                      - xhat * (sum_dy_xhat / 2)[:, None])
+    dx_tol, _ = backward_tolerance(dy, x, w, mean, invstd, 0, np.dtype(np.float64))
+    assert_close("dx", dx, dx_ref, dx_tol)
 
 
 # --------------------------------------------------------------------------
