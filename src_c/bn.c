@@ -16,8 +16,9 @@
  * bnfast/_runtime.py); bn_set_isa changes it (BNFAST_ISA, tests).
  *
  * Adding a kernel: its prototypes in bn.h, its body in bn_kernels.tmpl.c, and
- * here a table entry, the two variants' declarations and table slots, and the
- * public function; then its wrapper in bnfast/_kernels.pyx.
+ * here its two slots in struct kernel_table, a line in each of DECLARE_VARIANTS
+ * and TABLE_ENTRIES, and the public function; then its wrapper in
+ * bnfast/_kernels.pyx.
  *
  * Without OpenMP the same source builds serially: `omp parallel` pragmas are
  * ignored and `omp simd` still vectorises under -fopenmp-simd.

@@ -1271,14 +1271,8 @@ static void FN(backward_apply_wide_share)(real *dx, const real *dy, const real *
 }
 
 /* For channel c of the eight rows at dy_g and x_g (C values apart): the sum of
- * the eight dy, and of the eight dy * (x - pivot), pairwise in the tensor's
- * own type. */
-static inline real FN(eight_rows_dy_sum)(const real *dy_g, int64_t C, int64_t c)
-{
-    return ((dy_g[c] + dy_g[C + c]) + (dy_g[2 * C + c] + dy_g[3 * C + c]))
-           + ((dy_g[4 * C + c] + dy_g[5 * C + c]) + (dy_g[6 * C + c] + dy_g[7 * C + c]));
-}
-
+ * the eight dy * (x - pivot), pairwise in the tensor's own type (the sum of
+ * the eight dy is eight_rows_sum's, with no shift). */
 static inline real FN(eight_rows_products)(const real *dy_g, const real *x_g, int64_t C,
                                            int64_t c, real pivot)
 {
@@ -1309,7 +1303,7 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
         const real *dy_g = dy + 8 * g * C, *x_g = x + 8 * g * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-            a[c] += (double)FN(eight_rows_dy_sum)(dy_g, C, c);
+            a[c] += (double)FN(eight_rows_sum)(dy_g, C, c, 0);
             b[c] += (double)FN(eight_rows_products)(dy_g, x_g, C, c, pivot[c]);
         }
         if (blocked) block_update_done(&updates, total, lost, a, 2 * C);
