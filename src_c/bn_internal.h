@@ -205,14 +205,24 @@ static inline double *alloc_partials(int nt, int64_t per_thread, int64_t *stride
  * would be N runs of S values 4*C*S bytes apart, too short for the hardware
  * prefetcher at ResNet sizes (3136 floats = 12 KB): grouping reads (32, 256,
  * 56, 56) 1.3x faster. g grows until a run is RUN_BYTES long, but the group
- * must stay in cache (GROUP_CACHE_BYTES, about a core's share of L2 + L3) and
- * each thread must get several groups. */
+ * must stay in its core's L2 between the passes, with the output it writes
+ * (GROUP_CACHE_BYTES: the tensors a walk touches, read and written, of one
+ * group), and each thread must get several groups. (The budget was 2 MB of
+ * the tensors read alone, a whole L2 of this VM's cores; then a backward group
+ * of (32, 1024, 14, 14) was 2 MB of dy and x and 1 MB of dx, and spilled.
+ * 1.5 MB of all three: backward 0.82x the time on that shape in float32, 0.89x
+ * on (32, 2048, 7, 7) and 0.94x on (32, 512, 28, 28) in float64, training
+ * forward 0.95x on the first, the rest within 0.99-1.02; 1 MB and 512 KB
+ * were no better, and cost float64 (32, 1024, 14, 14), whose runs from
+ * memory then grow short, up to 5 %.) */
 #define RUN_BYTES (32 * 1024)
-#define GROUP_CACHE_BYTES (2 * 1024 * 1024)
+#define GROUP_CACHE_BYTES (1536 * 1024)
 #define MAX_GROUP 64
 
-/* Channels per group for a walk that reads `arrays` tensors of value_bytes
- * per value (x for training; x and dy for backward) with nt threads. */
+/* Channels per group for a walk that touches `arrays` tensors of value_bytes
+ * per value with nt threads: reads and writes (x and y for the training
+ * forward; dy, x and dx for the backward; x for the statistics alone; dy and
+ * x for the reductions alone). */
 static inline int64_t channels_per_group(int64_t N, int64_t C, int64_t S, int64_t value_bytes,
                                          int arrays, int nt)
 {

@@ -981,7 +981,7 @@ static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
                                  const real *x, const real *weight, const real *bias,
                                  int64_t N, int64_t C, int64_t S, double eps, int nt)
 {
-    int64_t g = channels_per_group(N, C, S, sizeof(real), 1, nt);
+    int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
     const int streaming = streams_output(N, C, S, sizeof(real));
     ON_THREADS(nt, FN(forward_train_cf_share)(y, save_mean, save_invstd, batch_mean, batch_var,
                                               x, weight, bias, N, C, S, g, eps, streaming));
@@ -1758,7 +1758,7 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
     } else {
         /* channels-first, long slices: each channel group reduced and written
          * while in cache */
-        int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
+        int64_t g = channels_per_group(N, C, S, sizeof(real), 3, nt);
         const int streaming = streams_output(N, C, S, sizeof(real));
         ON_THREADS(nt, FN(backward_cf_share)(dx, sum_dy, sum_dy_xhat, dy, x, weight, mean,
                                              invstd, N, C, S, g, streaming));
