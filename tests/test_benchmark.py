@@ -189,6 +189,25 @@ def test_work_a_device_does_after_the_call_is_timed_through_sync():
     assert not pending
 
 
+def test_the_calls_after_a_switch_that_pay_for_it_are_not_timed():
+    """Each contestant's first calls after another one's cost 20 ms (caches
+    refilled after a switch); they fall in the untimed warm-up, not the block."""
+    last = []
+
+    def contestant(name):
+        def call():
+            if last[-timing.WARMUP:] != [name] * timing.WARMUP:
+                time.sleep(0.02)
+            last.append(name)
+        return call
+
+    seconds = timing.time_interleaved({"a": contestant("a"), "b": contestant("b")}, rounds=2)
+    assert max(seconds["a"] + seconds["b"]) < 0.01
+    with_none = timing.time_interleaved({"a": contestant("a"), "b": contestant("b")},
+                                        rounds=2, warmup=0)
+    assert min(with_none["a"]) >= 0.02        # the median of the block paid for the switch
+
+
 def test_interleaved_timing_refuses_zero_rounds():
     with pytest.raises(ValueError, match="at least 1"):
         timing.time_interleaved({"a": lambda: None}, rounds=0)
@@ -196,7 +215,7 @@ def test_interleaved_timing_refuses_zero_rounds():
 
 def test_short_cases_take_more_rounds_until_they_have_run_min_seconds():
     seconds = timing.time_interleaved({"a": lambda: time.sleep(1e-3)}, rounds=2, block=1,
-                                      min_seconds=0.05)
+                                      min_seconds=0.05, warmup=0)
     assert 2 < len(seconds["a"]) <= 2 * timing.MAX_ROUND_FACTOR
     assert sum(seconds["a"]) >= 0.04          # the rounds ran about min_seconds
 

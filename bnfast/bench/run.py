@@ -2,7 +2,7 @@
 
 For every case the copies of the floor, bnfast and the fast peers are timed
 interleaved in the same rounds (bnfast.bench.timing), then numpy, which is
-slow, in fewer rounds of one call. A tiny tensor measures call overhead in
+slow, in fewer rounds of one call and no untimed ones. A tiny tensor measures call overhead in
 time per call (each block after timing.SETTLE_S of busy idling, so no
 runtime's spinning threads are left over), and a few cases time bnfast and
 the copy on 1 and 2 threads. Every library runs on the plan's thread count;
@@ -93,7 +93,7 @@ def measure_case(case, peers, plan, torch=None, settle_s=0.0):
                                       min_seconds=plan.min_case_s)
     if plan.with_numpy:
         seconds.update(timing.time_interleaved(keyed("numpy", contestants.numpy_calls(t)),
-                                               plan.numpy_rounds, block=1))
+                                               plan.numpy_rounds, block=1, warmup=0))
     copies = {k: s for k, s in seconds.items() if isinstance(k, floor.Copy)}
     timed = {k: s for k, s in seconds.items() if not isinstance(k, floor.Copy)}
     return results.case_rows(case, results.copy_record(copies), timed)
@@ -178,8 +178,9 @@ def method(plan, torch, rows):
             if plan.min_case_s else "")
     return (f"Medians of {plan.rounds} rounds{more} (numpy: "
             f"{plan.numpy_rounds if plan.with_numpy else 0} rounds of one call). "
-            f"Contestants take turns: in each round each one runs a block of {timing.BLOCK} "
-            "calls (a round's figure is the block's median), then the next. Every figure is "
+            f"Contestants take turns: in each round each one runs {timing.WARMUP} untimed "
+            f"calls, to bring its own buffers back into cache, and a block of {timing.BLOCK} "
+            "timed calls (a round's figure is the block's median), then the next. Every figure is "
             "median time / copy floor, with the min-max over rounds in brackets. Copy floor: "
             "the fastest copy of the same tensor into an already-touched buffer in memory "
             "order that starts on a 64-byte line (as do the preallocated outputs of bnfast "
@@ -219,7 +220,7 @@ def metadata(plan, peers, torch, load):
                      **{m: version_of(m) for m in modules}},
         "openmp": bnfast.openmp_enabled(), "threads": plan.threads, "dtype": plan.dtype,
         "quick": plan.quick, "rounds": plan.rounds, "min_case_s": plan.min_case_s,
-        "block": timing.BLOCK,
+        "block": timing.BLOCK, "warmup": timing.WARMUP,
         "numpy_rounds": plan.numpy_rounds if plan.with_numpy else 0,
         "foreign_load_cores": load,
     }

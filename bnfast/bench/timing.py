@@ -1,10 +1,17 @@
 """How calls are timed: interleaved rounds of blocks, and the machine's foreign load.
 
-Contestants take turns: in each round every contestant runs a block of BLOCK
-calls, then the next one does, so all of them see the same drift in a shared
-machine's load. A round's figure is the median of its block, which drops the
-first call after a switch (it pays for the previous library's OpenMP threads
-still spinning); calls shorter than MIN_SAMPLE_S are timed in runs of several.
+Contestants take turns: in each round every contestant runs WARMUP untimed
+calls and then a block of BLOCK timed ones, then the next one does, so all of
+them see the same drift in a shared machine's load. The untimed calls bring
+the contestant's own buffers back into cache after a switch: on (32, 1024,
+14, 14) float32, 25.7 MB, which this VM's L3 holds, a call after another
+contestant's took up to 1.4x its steady time and needed three calls to
+recover, while the copies of the floor, which share their buffers and run one
+after another, did not pay it (with WARMUP 0, bnfast's inference of it came
+out at 1.54x the floor, with 3 at 1.01x; torch's at 1.57x and 1.09x). A
+round's figure is the median of its block, which also drops a call that pays
+for the previous library's OpenMP threads still spinning; calls shorter than
+MIN_SAMPLE_S are timed in runs of several.
 
 Nothing here knows what a call does. A device that runs calls asynchronously
 (a GPU) passes `sync`, called before the clock is read, so a sample covers the
@@ -19,7 +26,8 @@ import os
 import statistics
 import time
 
-BLOCK = 4                     # calls per contestant per round
+BLOCK = 4                     # timed calls per contestant per round
+WARMUP = 3                    # untimed calls before each block
 MIN_SAMPLE_S = 2e-4           # shorter calls are timed in runs of several
 FOREIGN_LOAD_WARNING = 0.2    # average busy cores of other processes
 SETTLE_S = 0.02               # idle time before each block of the call-overhead case
@@ -55,10 +63,11 @@ def time_block(fn, block, inner, sync=_nothing):
 
 
 def time_interleaved(calls, rounds, block=BLOCK, prepare=None, settle_s=0.0, sync=None,
-                     min_seconds=0.0):
+                     min_seconds=0.0, warmup=WARMUP):
     """Seconds per call of each contestant in `calls` ({key: callable}), one
-    figure per round: in each round every contestant runs a block, then the
-    next. At least `rounds` rounds; with `min_seconds`, more until the rounds
+    figure per round: in each round every contestant runs `warmup` untimed
+    samples and a timed block, then the next. At least `rounds` rounds; with
+    `min_seconds`, more until the rounds
     have run that long (at most MAX_ROUND_FACTOR times `rounds`), so that the
     median of a case whose rounds take milliseconds does not hang on one
     burst of a shared machine's load.
@@ -68,8 +77,9 @@ def time_interleaved(calls, rounds, block=BLOCK, prepare=None, settle_s=0.0, syn
     while, and on a small machine they take the core that the next library's
     single-threaded tiny call runs on (seen as +0.5 to 1.5 us per call).
     `sync` (a callable) waits for asynchronous work before each clock reading."""
-    if rounds < 1 or block < 1:
-        raise ValueError(f"rounds and block must be at least 1, got {rounds} and {block}")
+    if rounds < 1 or block < 1 or warmup < 0:
+        raise ValueError(f"rounds and block must be at least 1 and warmup at least 0, got "
+                         f"{rounds}, {block} and {warmup}")
     prepare = prepare or {}
     sync = sync or _nothing
     inner = {}
@@ -87,6 +97,8 @@ def time_interleaved(calls, rounds, block=BLOCK, prepare=None, settle_s=0.0, syn
             prepare.get(key, _nothing)()
             if settle_s:
                 settle(settle_s)
+            for _ in range(warmup * inner[key]):
+                fn()
             per_round[key].append(time_block(fn, block, inner[key], sync))
     return per_round
 
