@@ -252,7 +252,7 @@ int bn_forward_train_f32(float *y, float *save_mean, float *save_invstd,
                          double eps, double momentum, int n_threads)
 {
     return kernels_for(S)->forward_train_f32(y, save_mean, save_invstd, running_mean, running_var,
-                                      x, weight, bias, N, C, S, eps, momentum, n_threads);
+                                             x, weight, bias, N, C, S, eps, momentum, n_threads);
 }
 
 int bn_forward_infer_f32(float *y, const float *x, const float *weight, const float *bias,
@@ -260,7 +260,7 @@ int bn_forward_infer_f32(float *y, const float *x, const float *weight, const fl
                          int64_t N, int64_t C, int64_t S, double eps, int n_threads)
 {
     return kernels_for(S)->forward_infer_f32(y, x, weight, bias, running_mean, running_var,
-                                      N, C, S, eps, n_threads);
+                                             N, C, S, eps, n_threads);
 }
 
 int bn_apply_f32(float *y, const float *x, const double *alpha, const double *beta,
@@ -275,7 +275,7 @@ int bn_backward_reduce_f32(double *sum_dy, double *sum_dy_xhat,
                            int64_t N, int64_t C, int64_t S, int n_threads)
 {
     return kernels_for(S)->backward_reduce_f32(sum_dy, sum_dy_xhat, dy, x, mean, invstd,
-                                        N, C, S, n_threads);
+                                               N, C, S, n_threads);
 }
 
 int bn_backward_apply_f32(float *dx, const float *dy, const float *x,
@@ -284,7 +284,7 @@ int bn_backward_apply_f32(float *dx, const float *dy, const float *x,
                           int64_t N, int64_t C, int64_t S, int n_threads)
 {
     return kernels_for(S)->backward_apply_f32(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
-                                       count, N, C, S, n_threads);
+                                              count, N, C, S, n_threads);
 }
 
 int bn_backward_f32(float *dx, float *dweight, float *dbias,
@@ -293,7 +293,7 @@ int bn_backward_f32(float *dx, float *dweight, float *dbias,
                     int64_t N, int64_t C, int64_t S, int n_threads)
 {
     return kernels_for(S)->backward_f32(dx, dweight, dbias, dy, x, weight, save_mean, save_invstd,
-                                 N, C, S, n_threads);
+                                        N, C, S, n_threads);
 }
 
 int bn_collect_stats_f64(double *mean, double *mean_lo, double *m2, const double *x,
@@ -309,7 +309,7 @@ int bn_forward_train_f64(double *y, double *save_mean, double *save_invstd,
                          double eps, double momentum, int n_threads)
 {
     return kernels_for(S)->forward_train_f64(y, save_mean, save_invstd, running_mean, running_var,
-                                      x, weight, bias, N, C, S, eps, momentum, n_threads);
+                                             x, weight, bias, N, C, S, eps, momentum, n_threads);
 }
 
 int bn_forward_infer_f64(double *y, const double *x, const double *weight, const double *bias,
@@ -317,7 +317,7 @@ int bn_forward_infer_f64(double *y, const double *x, const double *weight, const
                          int64_t N, int64_t C, int64_t S, double eps, int n_threads)
 {
     return kernels_for(S)->forward_infer_f64(y, x, weight, bias, running_mean, running_var,
-                                      N, C, S, eps, n_threads);
+                                             N, C, S, eps, n_threads);
 }
 
 int bn_apply_f64(double *y, const double *x, const double *alpha, const double *beta,
@@ -332,7 +332,7 @@ int bn_backward_reduce_f64(double *sum_dy, double *sum_dy_xhat,
                            int64_t N, int64_t C, int64_t S, int n_threads)
 {
     return kernels_for(S)->backward_reduce_f64(sum_dy, sum_dy_xhat, dy, x, mean, invstd,
-                                        N, C, S, n_threads);
+                                               N, C, S, n_threads);
 }
 
 int bn_backward_apply_f64(double *dx, const double *dy, const double *x,
@@ -341,7 +341,7 @@ int bn_backward_apply_f64(double *dx, const double *dy, const double *x,
                           int64_t N, int64_t C, int64_t S, int n_threads)
 {
     return kernels_for(S)->backward_apply_f64(dx, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
-                                       count, N, C, S, n_threads);
+                                              count, N, C, S, n_threads);
 }
 
 int bn_backward_f64(double *dx, double *dweight, double *dbias,
@@ -350,5 +350,5 @@ int bn_backward_f64(double *dx, double *dweight, double *dbias,
                     int64_t N, int64_t C, int64_t S, int n_threads)
 {
     return kernels_for(S)->backward_f64(dx, dweight, dbias, dy, x, weight, save_mean, save_invstd,
-                                 N, C, S, n_threads);
+                                        N, C, S, n_threads);
 }

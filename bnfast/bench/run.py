@@ -2,10 +2,10 @@
 
 For every case the copies of the floor, bnfast and the fast peers are timed
 interleaved in the same rounds (bnfast.bench.timing), then numpy, which is
-slow, in fewer rounds of one call and no untimed ones. A tiny tensor measures call overhead in
-time per call (each block after timing.SETTLE_S of busy idling, so no
-runtime's spinning threads are left over), and a few cases time bnfast and
-the copy on 1 and 2 threads. Every library runs on the plan's thread count;
+slow, in fewer rounds of one call and no untimed ones. A tiny tensor
+measures call overhead in time per call (each block after timing.SETTLE_S of
+busy idling, so no runtime's spinning threads are left over), and a few cases
+time bnfast and the copy on 1 and 2 threads. Every library runs on the plan's thread count;
 each one's setting is restored afterwards.
 """
 import collections

@@ -67,10 +67,10 @@ def time_interleaved(calls, rounds, block=BLOCK, prepare=None, settle_s=0.0, syn
     """Seconds per call of each contestant in `calls` ({key: callable}), one
     figure per round: in each round every contestant runs `warmup` untimed
     samples and a timed block, then the next. At least `rounds` rounds; with
-    `min_seconds`, more until the rounds
-    have run that long (at most MAX_ROUND_FACTOR times `rounds`), so that the
-    median of a case whose rounds take milliseconds does not hang on one
-    burst of a shared machine's load.
+    `min_seconds`, more until the rounds have run that long (at most
+    MAX_ROUND_FACTOR times `rounds`), so that the median of a case whose
+    rounds take milliseconds does not hang on one burst of a shared machine's
+    load.
     `prepare` ({key: callable}) runs untimed before that key's calls.
     With `settle_s`, the machine idles that long before each block: after its
     last parallel region an OpenMP runtime keeps its threads spinning for a
