@@ -278,6 +278,27 @@ static inline int64_t FN(rows_per_sum)(void)
     return sizeof(real) < sizeof(double) ? 16 : 8;
 }
 
+/* Channels c0 to c1 of one group of rows_per_sum rows at x_g (C values
+ * apart), d = x - shift: the sums of the d and of the d^2 over the group, in
+ * `real`, added to b1 and b2 in double. */
+static inline void FN(add_row_group_sums)(double *restrict b1, double *restrict b2,
+                                          const real *x_g, const real *restrict shift,
+                                          int64_t C, int64_t c0, int64_t c1)
+{
+    const real *x8 = x_g + 8 * C;
+    #pragma omp simd
+    for (int64_t c = c0; c < c1; c++) {
+        real sum = FN(eight_rows_sum)(x_g, C, c, shift[c]);
+        real sum_sq = FN(eight_rows_sum_sq)(x_g, C, c, shift[c]);
+        if (FN(rows_per_sum)() == 16) {   /* known when compiled */
+            sum += FN(eight_rows_sum)(x8, C, c, shift[c]);
+            sum_sq += FN(eight_rows_sum_sq)(x8, C, c, shift[c]);
+        }
+        b1[c] += (double)sum;
+        b2[c] += (double)sum_sq;
+    }
+}
+
 /* One thread's share of collect_stats_cl: its rows, summed into its own
  * partials s1, s2 (2C values at partial + stride * thread; in double, then 2C
  * of rounding errors and 2C of block sums b1, b2: BLOCK_UPDATES), shifted by
@@ -299,21 +320,13 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
      * that are independent from group to group. (Eight rows: the training
      * forward 5-12 % faster than four, which was 2x faster than one; sixteen:
      * float32 3-16 % faster again on tensors in memory, float64 5-9 % slower.) */
-    const int64_t rows = FN(rows_per_sum)();
+    const int64_t rows = FN(rows_per_sum)(), head = row_head(x, C, sizeof(real));
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R_sum / rows; g++) {
-        const real *x0 = x + rows * g * C, *x8 = x0 + 8 * C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            real sum = FN(eight_rows_sum)(x0, C, c, shift[c]);
-            real sum_sq = FN(eight_rows_sum_sq)(x0, C, c, shift[c]);
-            if (rows == 16) {   /* known when compiled */
-                sum += FN(eight_rows_sum)(x8, C, c, shift[c]);
-                sum_sq += FN(eight_rows_sum_sq)(x8, C, c, shift[c]);
-            }
-            b1[c] += (double)sum;
-            b2[c] += (double)sum_sq;
-        }
+        /* the channels before x's rows reach a line, then the rest (the
+         * partials are in step with x: row_head) */
+        FN(add_row_group_sums)(b1, b2, x + rows * g * C, shift, C, 0, head);
+        FN(add_row_group_sums)(b1, b2, x + rows * g * C, shift, C, head, C);
         if (blocked) block_update_done(&updates, s1, lost, b1, 2 * C);
     }
     /* the remaining rows (all of them with `exact`), in double */
@@ -341,7 +354,9 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
                                 const real *restrict x, int64_t R, int64_t C, int nt, int exact)
 {
     int64_t stride;   /* each thread's row_partials, then the C shifts and C doubles */
-    double *partial = alloc_partials(nt + 1, FN(row_partials)(C), &stride);
+    void *block;
+    double *partial = alloc_partials(nt + 1, FN(row_partials)(C), row_head(x, C, sizeof(real)),
+                                     &stride, &block);
     if (!partial) return -1;
     real *shift = (real *)(partial + stride * nt);
     FN(rows_shift)(shift, partial + stride * nt + C, x, R, C);
@@ -361,7 +376,7 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
     }
 
     FN(centre_on_shifts)(mean, mean_lo, m2, shift, R, C);
-    free(partial);
+    free(block);
     return 0;
 }
 
@@ -397,7 +412,8 @@ static int FN(collect_stats_planes)(double *mean, double *mean_lo, double *m2, c
                                     int64_t N, int64_t C, int64_t S, int nt, int exact)
 {
     int64_t stride;   /* each thread's 2C partials, then the C shifts */
-    double *partial = alloc_partials(nt + 1, 2 * C, &stride);
+    void *block;
+    double *partial = alloc_partials(nt + 1, 2 * C, 0, &stride, &block);
     if (!partial) return -1;
     real *shift = (real *)(partial + stride * nt);
     for (int64_t c = 0; c < C; c++) shift[c] = FN(slice_mean)(x + c * S, S);
@@ -413,7 +429,7 @@ static int FN(collect_stats_planes)(double *mean, double *mean_lo, double *m2, c
     }
 
     FN(centre_on_shifts)(mean, mean_lo, m2, shift, N * S, C);
-    free(partial);
+    free(block);
     return 0;
 }
 
@@ -508,12 +524,13 @@ static void FN(param_or)(real *dst, const real *param, real otherwise, int64_t C
 }
 
 /* The pivot form of every channel: params holds pivot, scale, offset, each
- * params_span(C) long. Returns NULL if they cannot be allocated. */
+ * params_span(C) long, in step with rows of row_head `head` (alloc_in_step;
+ * *block: what to free). Returns NULL if they cannot be allocated. */
 static real *FN(pivot_forms)(const double *restrict alpha, const double *restrict beta,
-                             int64_t C)
+                             int64_t C, int64_t head, void **block)
 {
     const int64_t span = FN(params_span)(C);
-    real *params = malloc((size_t)(3 * span) * sizeof(real));
+    real *params = alloc_in_step((size_t)(3 * span) * sizeof(real), head, sizeof(real), block);
     if (!params) return NULL;
     real *restrict pivot = params, *restrict scale = params + span;
     real *restrict offset = params + 2 * span;
@@ -728,6 +745,23 @@ static void FN(apply_cl_streaming_share)(real *y, const real *x, const real *piv
     streaming_done();
 }
 
+/* Channels c0 to c1 of the four rows at y0 and x0 (C values apart),
+ * y = (x - pivot) * scale + offset. */
+static inline void FN(apply_four_rows)(real *y0, const real *x0, const real *restrict pivot,
+                                       const real *restrict scale, const real *restrict offset,
+                                       int64_t c0, int64_t c1, int64_t C)
+{
+    real *y1 = y0 + C, *y2 = y1 + C, *y3 = y2 + C;
+    const real *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+    #pragma omp simd
+    for (int64_t c = c0; c < c1; c++) {
+        y0[c] = (x0[c] - pivot[c]) * scale[c] + offset[c];
+        y1[c] = (x1[c] - pivot[c]) * scale[c] + offset[c];
+        y2[c] = (x2[c] - pivot[c]) * scale[c] + offset[c];
+        y3[c] = (x3[c] - pivot[c]) * scale[c] + offset[c];
+    }
+}
+
 /* One thread's share of apply_cl: its rows, y = (x - pivot) * scale + offset. */
 static void FN(apply_cl_share)(real *y, const real *x, const real *restrict pivot,
                                const real *restrict scale, const real *restrict offset,
@@ -737,20 +771,39 @@ static void FN(apply_cl_share)(real *y, const real *x, const real *restrict pivo
     const int64_t R4 = rows_by_four(R, C, 3 * sizeof(real));
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R4 / 4; g++) {
-        real *y0 = y + 4 * g * C, *y1 = y0 + C, *y2 = y1 + C, *y3 = y2 + C;
-        const real *x0 = x + 4 * g * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            y0[c] = (x0[c] - pivot[c]) * scale[c] + offset[c];
-            y1[c] = (x1[c] - pivot[c]) * scale[c] + offset[c];
-            y2[c] = (x2[c] - pivot[c]) * scale[c] + offset[c];
-            y3[c] = (x3[c] - pivot[c]) * scale[c] + offset[c];
-        }
+        FN(apply_four_rows)(y + 4 * g * C, x + 4 * g * C, pivot, scale, offset, 0, C, C);
     }
     /* the remaining rows (all of them when the parameters fit in L1) */
     #pragma omp for schedule(static)
     for (int64_t r = R4; r < R; r++) {
         FN(apply_row)(y + r * C, x + r * C, pivot, scale, offset, C);
+    }
+}
+
+/* apply_cl_share for rows whose first `head` values come before a line
+ * (row_head > 0): those values apart, then the rest of the row from its line
+ * on (the parameters are in step with y's rows). A function of its own: with
+ * both walks in one, GCC's code for the plain one ran up to 8 % slower. */
+static void FN(apply_cl_in_step_share)(real *y, const real *x, const real *restrict pivot,
+                                       const real *restrict scale,
+                                       const real *restrict offset, int64_t R, int64_t C,
+                                       int64_t head)
+{
+    const int64_t R4 = rows_by_four(R, C, 3 * sizeof(real));
+    #pragma omp for schedule(static)
+    for (int64_t g = 0; g < R4 / 4; g++) {
+        real *y0 = y + 4 * g * C;
+        const real *x0 = x + 4 * g * C;
+        FN(apply_four_rows)(y0, x0, pivot, scale, offset, 0, head, C);
+        FN(apply_four_rows)(y0, x0, pivot, scale, offset, head, C, C);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t r = R4; r < R; r++) {
+        real *y_r = y + r * C;
+        const real *x_r = x + r * C;
+        FN(apply_row)(y_r, x_r, pivot, scale, offset, head);
+        FN(apply_row)(y_r + head, x_r + head, pivot + head, scale + head, offset + head,
+                      C - head);
     }
 }
 
@@ -760,8 +813,11 @@ static void FN(apply_share)(real *y, const real *x, const real *pivot, const rea
                             const real *offset, int64_t N, int64_t C, int64_t S)
 {
     const int streaming = streams_output(N, C, S, sizeof(real));
+    const int64_t head = S == 1 ? row_head(y, C, sizeof(real)) : 0;
     if (S == 1 && streaming) {
         FN(apply_cl_streaming_share)(y, x, pivot, scale, offset, N, C);
+    } else if (S == 1 && head) {
+        FN(apply_cl_in_step_share)(y, x, pivot, scale, offset, N, C, head);
     } else if (S == 1) {
         FN(apply_cl_share)(y, x, pivot, scale, offset, N, C);
     } else if (streaming && short_slices(S, sizeof(real))) {
@@ -775,12 +831,14 @@ static void FN(apply_share)(real *y, const real *x, const real *pivot, const rea
 static int FN(apply_on)(real *y, const real *x, const double *alpha, const double *beta,
                         int64_t N, int64_t C, int64_t S, int nt)
 {
-    real *params = FN(pivot_forms)(alpha, beta, C);
+    void *block;
+    real *params = FN(pivot_forms)(alpha, beta, C, S == 1 ? row_head(y, C, sizeof(real)) : 0,
+                                   &block);
     if (!params) return -1;
     const int64_t span = FN(params_span)(C);
     const real *pivot = params, *scale = params + span, *offset = params + 2 * span;
     ON_THREADS(nt, FN(apply_share)(y, x, pivot, scale, offset, N, C, S));
-    free(params);
+    free(block);
     return 0;
 }
 
@@ -825,10 +883,11 @@ static void FN(infer_share)(real *y, const real *x, real *params, int64_t span,
 
 /* y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, folded per
  * channel into its pivot form first (infer_share), so each element costs a
- * subtraction and a multiply-add (ONNX BatchNormalization, inference). y, x: (N, C, S); parameters: (C,), weight and
- * bias may be NULL. Running statistics that describe no distribution (a
- * non-finite mean or variance, or running_var + eps <= 0) are refused before
- * anything is written: returns the count of such channels. */
+ * subtraction and a multiply-add (ONNX BatchNormalization, inference).
+ * y, x: (N, C, S); parameters: (C,), weight and bias may be NULL. Running
+ * statistics that describe no distribution (a non-finite mean or variance, or
+ * running_var + eps <= 0) are refused before anything is written: returns the
+ * count of such channels. */
 int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real *bias,
                          const real *running_mean, const real *running_var,
                          int64_t N, int64_t C, int64_t S, double eps, int n_threads)
@@ -842,7 +901,9 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
     if (n_bad) return n_bad;
 
     const int64_t span = FN(params_span)(C);
-    real *params = malloc((size_t)(3 * span + 2 * C) * sizeof(real));
+    void *block;
+    real *params = alloc_in_step((size_t)(3 * span + 2 * C) * sizeof(real),
+                                 S == 1 ? row_head(y, C, sizeof(real)) : 0, sizeof(real), &block);
     if (!params) return -1;
     real *w = params + 3 * span, *b = w + C;
     FN(param_or)(w, weight, 1, C);
@@ -851,7 +912,7 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
     int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_APPLY);
     ON_THREADS(nt, FN(infer_share)(y, x, params, span, w, b, running_mean, running_var, eps,
                                    N, C, S));
-    free(params);
+    free(block);
     return 0;
 }
 
@@ -1281,6 +1342,21 @@ static inline real FN(eight_rows_products)(const real *dy_g, const real *x_g, in
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
+/* Channels c0 to c1 of eight rows at dy_g and x_g (C values apart): the sums
+ * of dy and of dy * (x - pivot) over them, in `real`, added to a and b in
+ * double. */
+static inline void FN(add_row_group_products)(double *restrict a, double *restrict b,
+                                              const real *dy_g, const real *x_g,
+                                              const real *restrict pivot, int64_t C, int64_t c0,
+                                              int64_t c1)
+{
+    #pragma omp simd
+    for (int64_t c = c0; c < c1; c++) {
+        a[c] += (double)FN(eight_rows_sum)(dy_g, C, c, 0);
+        b[c] += (double)FN(eight_rows_products)(dy_g, x_g, C, c, pivot[c]);
+    }
+}
+
 /* One thread's share of backward_reduce_cl: its rows, summed into its own
  * partials a = sum(dy), b = sum(dy * (x - pivot)) (2C values at partial +
  * stride * thread; in double, then 2C of rounding errors and 2C of block
@@ -1298,14 +1374,13 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
     double *restrict a = blocked ? total + 4 * C : total;   /* in float: the totals */
     double *restrict b = a + C;
     int64_t updates = 0;
+    const int64_t head = row_head(x, C, sizeof(real));
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R8 / 8; g++) {
+        /* as in collect_stats_cl_share: in step with x */
         const real *dy_g = dy + 8 * g * C, *x_g = x + 8 * g * C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            a[c] += (double)FN(eight_rows_sum)(dy_g, C, c, 0);
-            b[c] += (double)FN(eight_rows_products)(dy_g, x_g, C, c, pivot[c]);
-        }
+        FN(add_row_group_products)(a, b, dy_g, x_g, pivot, C, 0, head);
+        FN(add_row_group_products)(a, b, dy_g, x_g, pivot, C, head, C);
         if (blocked) block_update_done(&updates, total, lost, a, 2 * C);
     }
     /* the remaining rows (all of them when pivot and partials fit in L1) */
@@ -1350,11 +1425,13 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
                                   int64_t R, int64_t C, int nt, int in_double)
 {
     int64_t stride;
-    double *partial = alloc_partials(nt, FN(row_partials)(C), &stride);
-    real *pivot = malloc((size_t)C * sizeof(real));
+    void *block, *pivot_block;
+    const int64_t head = row_head(x, C, sizeof(real));
+    double *partial = alloc_partials(nt, FN(row_partials)(C), head, &stride, &block);
+    real *pivot = alloc_in_step((size_t)C * sizeof(real), head, sizeof(real), &pivot_block);
     if (!partial || !pivot) {
-        free(partial);
-        free(pivot);
+        free(block);
+        free(pivot_block);
         return -1;
     }
     #pragma omp simd
@@ -1373,8 +1450,8 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     }
 
     FN(products_to_the_mean)(sum_dy_xhat, sum_dy, pivot, mean, invstd, C);
-    free(pivot);
-    free(partial);
+    free(pivot_block);
+    free(block);
     return 0;
 }
 
@@ -1412,7 +1489,8 @@ static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
                                       int64_t N, int64_t C, int64_t S, int nt, int in_double)
 {
     int64_t stride;   /* each thread's 2C partials, then the C pivots */
-    double *partial = alloc_partials(nt + 1, 2 * C, &stride);
+    void *block;
+    double *partial = alloc_partials(nt + 1, 2 * C, 0, &stride, &block);
     if (!partial) return -1;
     real *pivot = (real *)(partial + stride * nt);
     #pragma omp simd
@@ -1431,7 +1509,7 @@ static int FN(backward_reduce_planes)(double *sum_dy, double *sum_dy_xhat,
     }
 
     FN(products_to_the_mean)(sum_dy_xhat, sum_dy, pivot, mean, invstd, C);
-    free(partial);
+    free(block);
     return 0;
 }
 
@@ -1547,6 +1625,27 @@ static void FN(backward_apply_cl_streaming_share)(real *dx, const real *dy, cons
     streaming_done();
 }
 
+/* Channels c0 to c1 of the four rows at dx0, dy0 and x0 (C values apart),
+ * dx = dy * k - (x - pivot) * q - offset. */
+static inline void FN(backward_apply_four_rows)(real *dx0, const real *dy0, const real *x0,
+                                                const real *restrict k,
+                                                const real *restrict pivot,
+                                                const real *restrict q,
+                                                const real *restrict offset,
+                                                int64_t c0, int64_t c1, int64_t C)
+{
+    real *dx1 = dx0 + C, *dx2 = dx1 + C, *dx3 = dx2 + C;
+    const real *dy1 = dy0 + C, *dy2 = dy1 + C, *dy3 = dy2 + C;
+    const real *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+    #pragma omp simd
+    for (int64_t c = c0; c < c1; c++) {
+        dx0[c] = dy0[c] * k[c] - (x0[c] - pivot[c]) * q[c] - offset[c];
+        dx1[c] = dy1[c] * k[c] - (x1[c] - pivot[c]) * q[c] - offset[c];
+        dx2[c] = dy2[c] * k[c] - (x2[c] - pivot[c]) * q[c] - offset[c];
+        dx3[c] = dy3[c] * k[c] - (x3[c] - pivot[c]) * q[c] - offset[c];
+    }
+}
+
 /* One thread's share of backward_apply_cl: its rows of
  *   dx = dy * k - (x - pivot) * q - offset. */
 static void FN(backward_apply_cl_share)(real *dx, const real *dy, const real *x,
@@ -1558,21 +1657,38 @@ static void FN(backward_apply_cl_share)(real *dx, const real *dy, const real *x,
     const int64_t R4 = rows_by_four(R, C, 4 * sizeof(real));
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R4 / 4; g++) {
-        real *dx0 = dx + 4 * g * C, *dx1 = dx0 + C, *dx2 = dx1 + C, *dx3 = dx2 + C;
-        const real *dy0 = dy + 4 * g * C, *dy1 = dy0 + C, *dy2 = dy1 + C, *dy3 = dy2 + C;
-        const real *x0 = x + 4 * g * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            dx0[c] = dy0[c] * k[c] - (x0[c] - pivot[c]) * q[c] - offset[c];
-            dx1[c] = dy1[c] * k[c] - (x1[c] - pivot[c]) * q[c] - offset[c];
-            dx2[c] = dy2[c] * k[c] - (x2[c] - pivot[c]) * q[c] - offset[c];
-            dx3[c] = dy3[c] * k[c] - (x3[c] - pivot[c]) * q[c] - offset[c];
-        }
+        const int64_t at = 4 * g * C;
+        FN(backward_apply_four_rows)(dx + at, dy + at, x + at, k, pivot, q, offset, 0, C, C);
     }
     /* the remaining rows (all of them when the coefficients fit in L1) */
     #pragma omp for schedule(static)
     for (int64_t r = R4; r < R; r++) {
         FN(backward_apply_row)(dx + r * C, dy + r * C, x + r * C, k, pivot, q, offset, C);
+    }
+}
+
+/* backward_apply_cl_share for rows of row_head `head` > 0, as
+ * apply_cl_in_step_share (the coefficients are in step with dx's rows). */
+static void FN(backward_apply_cl_in_step_share)(real *dx, const real *dy, const real *x,
+                                                const real *restrict k,
+                                                const real *restrict pivot,
+                                                const real *restrict q,
+                                                const real *restrict offset, int64_t R,
+                                                int64_t C, int64_t head)
+{
+    const int64_t R4 = rows_by_four(R, C, 4 * sizeof(real)), h = head;
+    #pragma omp for schedule(static)
+    for (int64_t g = 0; g < R4 / 4; g++) {
+        const int64_t at = 4 * g * C;
+        FN(backward_apply_four_rows)(dx + at, dy + at, x + at, k, pivot, q, offset, 0, h, C);
+        FN(backward_apply_four_rows)(dx + at, dy + at, x + at, k, pivot, q, offset, h, C, C);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t r = R4; r < R; r++) {
+        const int64_t at = r * C;
+        FN(backward_apply_row)(dx + at, dy + at, x + at, k, pivot, q, offset, h);
+        FN(backward_apply_row)(dx + at + h, dy + at + h, x + at + h, k + h, pivot + h, q + h,
+                               offset + h, C - h);
     }
 }
 
@@ -1622,7 +1738,10 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
                                  int64_t N, int64_t C, int64_t S, int nt)
 {
     const int64_t span = FN(params_span)(C);
-    real *coefficients = malloc((size_t)(4 * span) * sizeof(real));
+    const int64_t head = S == 1 ? row_head(dx, C, sizeof(real)) : 0;
+    void *block;
+    real *coefficients = alloc_in_step((size_t)(4 * span) * sizeof(real), head, sizeof(real),
+                                       &block);
     if (!coefficients) return -1;
     real *k = coefficients, *pivot = k + span, *q = k + 2 * span, *offset = k + 3 * span;
     const int streaming = streams_output(N, C, S, sizeof(real));
@@ -1641,6 +1760,9 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
     } else if (S == 1 && streaming) {
         ON_THREADS(nt, FN(backward_apply_cl_streaming_share)(dx, dy, x, k, pivot, q, offset,
                                                              N, C));
+    } else if (S == 1 && head) {
+        ON_THREADS(nt, FN(backward_apply_cl_in_step_share)(dx, dy, x, k, pivot, q, offset,
+                                                            N, C, head));
     } else if (S == 1) {
         ON_THREADS(nt, FN(backward_apply_cl_share)(dx, dy, x, k, pivot, q, offset, N, C));
     } else if (streaming && short_slices(S, sizeof(real))) {
@@ -1650,7 +1772,7 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
         ON_THREADS(nt, FN(backward_apply_cf_share)(dx, dy, x, k, pivot, q, offset, N, C, S,
                                                    streaming));
     }
-    free(coefficients);
+    free(block);
     return 0;
 }
 

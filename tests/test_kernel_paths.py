@@ -128,3 +128,55 @@ def test_batch_with_nan_is_refused_on_every_walk(shape, layout, isa):
         bnfast.batch_norm_train(x, running_mean=running_mean,
                                 running_var=np.ones(shape[1], np.float32))
     assert np.all(running_mean == 0)
+
+
+# Channels-last rows whose length is a multiple of 64 bytes (and at least
+# ROW_HEAD_MIN_BYTES, 2 KB) are walked in step with their lines: each row's
+# values before its first line apart, the rest from the line on
+# (src_c/bn_internal.h, row_head). C = 512 and 1024 are rows of 2 and 4 KB in
+# float32 (1024: 8 KB in float64), C = 2560 takes four rows at a time, and
+# C = 100 and C = 256 in float32 keep the plain walk (400 bytes, or under 2 KB).
+IN_STEP_ROWS = [(64, 512), (128, 1024), (16, 2560), (96, 100), (64, 256)]
+
+
+def _placed(a, offset):
+    """A copy of `a` that starts `offset` bytes past a 64-byte line."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    placed = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    placed[...] = a
+    return placed
+
+
+def _rows_results(x, dy, weight, bias, offsets):
+    """Training forward, backward and inference with x, the outputs and dy
+    placed at offsets = (x, outputs, dy) bytes past a line."""
+    x = _placed(x, offsets[0])
+    dy = _placed(dy, offsets[2])
+    y, dx, y_infer = (_placed(np.zeros_like(x), offsets[1]) for _ in range(3))
+    C = x.shape[1]
+    running_mean, running_var = np.zeros(C, x.dtype), np.ones(C, x.dtype)
+    _, mean, invstd = bnfast.batch_norm_train(x, weight, bias, running_mean=running_mean,
+                                              running_var=running_var, out=y)
+    _, dweight, dbias = bnfast.batch_norm_backward(dy, x, weight, mean, invstd, out=dx)
+    bnfast.batch_norm_infer(x, weight, bias, running_mean, running_var, out=y_infer)
+    return [y, mean, invstd, running_mean, running_var, dx, dweight, dbias, y_infer]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,C", IN_STEP_ROWS)
+def test_rows_off_a_line_give_the_bits_of_rows_on_one(N, C, dtype, isa):
+    size = np.dtype(dtype).itemsize
+    rng = np.random.default_rng(C)
+    x = (1e4 + 3 * rng.standard_normal((N, C))).astype(dtype)
+    dy = rng.standard_normal((N, C)).astype(dtype)
+    weight = rng.uniform(0.5, 2, C).astype(dtype)
+    bias = rng.standard_normal(C).astype(dtype)
+    on_lines = _rows_results(x, dy, weight, bias, (0, 0, 0))
+    # in step (every row 1 value, then 3 values, past a line), and out of step
+    for offsets in [(size,) * 3, (3 * size,) * 3, (2 * size, 6 * size, 4 * size)]:
+        placed = _rows_results(x, dy, weight, bias, offsets)
+        names = "y mean invstd running_mean running_var dx dweight dbias y_infer".split()
+        for name, expected, got in zip(names, on_lines, placed):
+            differ = np.count_nonzero(got.view(np.uint8) != expected.view(np.uint8))
+            assert differ == 0, f"{name}, offsets {offsets}: {differ} bytes differ"
