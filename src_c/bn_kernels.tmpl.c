@@ -783,7 +783,7 @@ static void FN(apply_cl_share)(real *y, const real *x, const real *restrict pivo
 /* apply_cl_share for rows whose first `head` values come before a line
  * (row_head > 0): those values apart, then the rest of the row from its line
  * on (the parameters are in step with y's rows). A function of its own: with
- * both walks in one, GCC's code for the plain one ran up to 8 % slower. */
+ * both walks in one, GCC's code for the plain one ran up to 9 % slower. */
 static void FN(apply_cl_in_step_share)(real *y, const real *x, const real *restrict pivot,
                                        const real *restrict scale,
                                        const real *restrict offset, int64_t R, int64_t C,
