@@ -183,10 +183,12 @@ static inline int64_t row_head(const void *y, int64_t C, int64_t value_bytes)
     return values_before_line(y, value_bytes, C);
 }
 
-/* `bytes` of scratch for per-channel arrays of value_bytes per value (each a
- * multiple of 64 bytes long, or starting at channel 0 when head is 0), placed
- * so that channel `head` of each starts a 64-byte line (row_head). Returns the
- * arrays' start, and in *block what to free(); NULL if it cannot be allocated. */
+/* `bytes` of scratch for per-channel arrays of value_bytes per value, placed
+ * so that channel `head` (row_head) of the first starts a 64-byte line; so
+ * does that of each array after it when their lengths are multiples of 64
+ * bytes, as they are whenever head > 0 (C * value_bytes is then a multiple of
+ * 64). Returns the arrays' start, and in *block what to free(); NULL if it
+ * cannot be allocated. */
 static inline void *alloc_in_step(size_t bytes, int64_t head, int64_t value_bytes, void **block)
 {
     /* malloc and a shift: aligned_alloc costs ~0.1 us more, 1 % of small calls */

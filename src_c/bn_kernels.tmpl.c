@@ -18,9 +18,9 @@
  *   statistics, backward reductions (bn_collect_stats, bn_backward_reduce)
  *     rows     S == 1 (channels-last, BatchNorm1d): N rows of C values,
  *              parallel over rows, vectorised over C, per-thread partial sums
- *              of size 2C; rows sixteen or eight (statistics: float,
- *              double) or eight (backward)
- *              at a time
+ *              of size 2C; rows sixteen or eight (statistics: float, double)
+ *              or eight (backward) at a time; in step with x's 64-byte lines
+ *              (row_head)
  *     planes   walk_planes(): short slices (S <= SHORT_SLICE) in a block that
  *              fits PLANES_CACHE_BYTES, or too few
  *              channels to share among the threads: (C, S) planes in memory
@@ -29,7 +29,7 @@
  *              parallel over groups, unit stride over S
  *   apply, inference, dx pass (bn_apply, bn_forward_infer, bn_backward_apply)
  *     rows     S == 1, four at a time once the per-channel arrays outgrow
- *              L1 (rows_by_four)
+ *              L1 (rows_by_four); in step with the output's lines (row_head)
  *     slices   S > 1: parallel over the N * C slices of S values
  *   training forward, backward (bn_forward_train, bn_backward)
  *     walk_planes(): the statistics (reductions), then the apply (dx pass),
