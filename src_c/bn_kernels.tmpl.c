@@ -302,10 +302,11 @@ static inline void FN(add_row_group_sums)(double *restrict b1, double *restrict 
 /* One thread's share of collect_stats_cl: its rows, summed into its own
  * partials s1, s2 (2C values at partial + stride * thread; in double, then 2C
  * of rounding errors and 2C of block sums b1, b2: BLOCK_UPDATES), shifted by
- * shift[c] (rows_shift), the first R_sum rows rows_per_sum at a time. */
+ * shift[c] (rows_shift), the first R_sum rows rows_per_sum at a time, in
+ * step with x's rows of row_head `head` (the partials are placed for it). */
 static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
                                        const real *restrict shift, const real *x, int64_t R,
-                                       int64_t C, int64_t R_sum)
+                                       int64_t C, int64_t R_sum, int64_t head)
 {
     const int blocked = FN(sums_in_blocks)();   /* known when compiled */
     double *s1 = partial + stride * THREAD_ID(), *lost = s1 + 2 * C;
@@ -320,11 +321,10 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
      * that are independent from group to group. (Eight rows: the training
      * forward 5-12 % faster than four, which was 2x faster than one; sixteen:
      * float32 3-16 % faster again on tensors in memory, float64 5-9 % slower.) */
-    const int64_t rows = FN(rows_per_sum)(), head = row_head(x, C, sizeof(real));
+    const int64_t rows = FN(rows_per_sum)();
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R_sum / rows; g++) {
-        /* the channels before x's rows reach a line, then the rest (the
-         * partials are in step with x: row_head) */
+        /* the channels before x's rows reach a line, then the rest */
         FN(add_row_group_sums)(b1, b2, x + rows * g * C, shift, C, 0, head);
         FN(add_row_group_sums)(b1, b2, x + rows * g * C, shift, C, head, C);
         if (blocked) block_update_done(&updates, s1, lost, b1, 2 * C);
@@ -355,14 +355,15 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
 {
     int64_t stride;   /* each thread's row_partials, then the C shifts and C doubles */
     void *block;
-    double *partial = alloc_partials(nt + 1, FN(row_partials)(C), row_head(x, C, sizeof(real)),
-                                     &stride, &block);
+    const int64_t head = row_head(x, C, sizeof(real));
+    double *partial = alloc_partials(nt + 1, FN(row_partials)(C), head, &stride, &block);
     if (!partial) return -1;
     real *shift = (real *)(partial + stride * nt);
     FN(rows_shift)(shift, partial + stride * nt + C, x, R, C);
     /* rows_per_sum rows per pass, whatever C (rows_by_four says why) */
     const int64_t R_sum = exact ? 0 : R - R % FN(rows_per_sum)();
-    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C, R_sum));
+    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C, R_sum,
+                                              head));
     sum_partials(mean, m2, partial, stride, nt, C);
 
     /* In float, sixteen squares can overflow (values beyond ~1e19) where their
@@ -371,7 +372,7 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
      * statistics does not depend on C. Non-finite data pay this second pass. */
     if (R_sum > 0 && sizeof(real) < sizeof(double) && !all_finite(mean, m2, C)) {
         memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
-        ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C, 0));
+        ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C, 0, head));
         sum_partials(mean, m2, partial, stride, nt, C);
     }
 
@@ -808,12 +809,14 @@ static void FN(apply_cl_in_step_share)(real *y, const real *x, const real *restr
 }
 
 /* One thread's share of y = (x - pivot) * scale + offset over the block, in
- * the walk that suits it: rows (S == 1) or slices, streamed or not. */
+ * the walk that suits it: rows (S == 1) or slices, streamed or not; rows in
+ * step with y's lines when `head` (apply_head) is not 0, the parameters then
+ * placed for it. */
 static void FN(apply_share)(real *y, const real *x, const real *pivot, const real *scale,
-                            const real *offset, int64_t N, int64_t C, int64_t S)
+                            const real *offset, int64_t N, int64_t C, int64_t S,
+                            int64_t head)
 {
     const int streaming = streams_output(N, C, S, sizeof(real));
-    const int64_t head = S == 1 ? row_head(y, C, sizeof(real)) : 0;
     if (S == 1 && streaming) {
         FN(apply_cl_streaming_share)(y, x, pivot, scale, offset, N, C);
     } else if (S == 1 && head) {
@@ -827,17 +830,24 @@ static void FN(apply_share)(real *y, const real *x, const real *pivot, const rea
     }
 }
 
+/* The row_head of an element-wise pass writing y: that of its rows (S == 1),
+ * else 0. */
+static inline int64_t FN(apply_head)(const real *y, int64_t C, int64_t S)
+{
+    return S == 1 ? row_head(y, C, sizeof(real)) : 0;
+}
+
 /* bn_apply on a team of nt threads. */
 static int FN(apply_on)(real *y, const real *x, const double *alpha, const double *beta,
                         int64_t N, int64_t C, int64_t S, int nt)
 {
     void *block;
-    real *params = FN(pivot_forms)(alpha, beta, C, S == 1 ? row_head(y, C, sizeof(real)) : 0,
-                                   &block);
+    const int64_t head = FN(apply_head)(y, C, S);
+    real *params = FN(pivot_forms)(alpha, beta, C, head, &block);
     if (!params) return -1;
     const int64_t span = FN(params_span)(C);
     const real *pivot = params, *scale = params + span, *offset = params + 2 * span;
-    ON_THREADS(nt, FN(apply_share)(y, x, pivot, scale, offset, N, C, S));
+    ON_THREADS(nt, FN(apply_share)(y, x, pivot, scale, offset, N, C, S, head));
     free(block);
     return 0;
 }
@@ -862,11 +872,11 @@ int FN(bn_apply)(real *y, const real *x, const double *alpha, const double *beta
  * With two threads each computes half the channels' square roots and
  * divisions, which on rows of 1024 channels take as long as a tenth of the
  * block, and the team starts once rather than waiting while one thread does
- * them all. w, b: the weight and bias (param_or). */
+ * them all. w, b: the weight and bias (param_or); head: apply_share's. */
 static void FN(infer_share)(real *y, const real *x, real *params, int64_t span,
                             const real *w, const real *b, const real *running_mean,
                             const real *running_var, double eps, int64_t N, int64_t C,
-                            int64_t S)
+                            int64_t S, int64_t head)
 {
     real *pivot = params, *scale = params + span, *offset = params + 2 * span;
     #pragma omp for simd schedule(static)
@@ -878,7 +888,7 @@ static void FN(infer_share)(real *y, const real *x, real *params, int64_t span,
     }
     #pragma omp single
     FN(repeat_params)(params, 3, C);
-    FN(apply_share)(y, x, pivot, scale, offset, N, C, S);
+    FN(apply_share)(y, x, pivot, scale, offset, N, C, S, head);
 }
 
 /* y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, folded per
@@ -902,8 +912,9 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
 
     const int64_t span = FN(params_span)(C);
     void *block;
-    real *params = alloc_in_step((size_t)(3 * span + 2 * C) * sizeof(real),
-                                 S == 1 ? row_head(y, C, sizeof(real)) : 0, sizeof(real), &block);
+    const int64_t head = FN(apply_head)(y, C, S);
+    real *params = alloc_in_step((size_t)(3 * span + 2 * C) * sizeof(real), head, sizeof(real),
+                                 &block);
     if (!params) return -1;
     real *w = params + 3 * span, *b = w + C;
     FN(param_or)(w, weight, 1, C);
@@ -911,7 +922,7 @@ int FN(bn_forward_infer)(real *y, const real *x, const real *weight, const real 
 
     int nt = team_size(n_threads, N * C * S * (int64_t)sizeof(real), TEAM_BYTES_APPLY);
     ON_THREADS(nt, FN(infer_share)(y, x, params, span, w, b, running_mean, running_var, eps,
-                                   N, C, S));
+                                   N, C, S, head));
     free(block);
     return 0;
 }
@@ -1363,21 +1374,20 @@ static inline void FN(add_row_group_products)(double *restrict a, double *restri
  * sums: BLOCK_UPDATES), the first R8 rows eight at a time, each group of
  * eight combined in the tensor's own type (as in collect_stats_cl_share), its
  * sums added in double. (Eight rather than four: float32 backward 4-8 %
- * faster on rows in cache, float64 the same; docs/performance-notes.md.) */
+ * faster on rows in cache, float64 the same; docs/performance-notes.md.) In
+ * step with x's rows of row_head `head`, as collect_stats_cl_share. */
 static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
                                          const real *dy, const real *x,
                                          const real *restrict pivot, int64_t R, int64_t C,
-                                         int64_t R8)
+                                         int64_t R8, int64_t head)
 {
     const int blocked = FN(sums_in_blocks)();   /* known when compiled */
     double *total = partial + stride * THREAD_ID(), *lost = total + 2 * C;
     double *restrict a = blocked ? total + 4 * C : total;   /* in float: the totals */
     double *restrict b = a + C;
     int64_t updates = 0;
-    const int64_t head = row_head(x, C, sizeof(real));
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R8 / 8; g++) {
-        /* as in collect_stats_cl_share: in step with x */
         const real *dy_g = dy + 8 * g * C, *x_g = x + 8 * g * C;
         FN(add_row_group_products)(a, b, dy_g, x_g, pivot, C, 0, head);
         FN(add_row_group_products)(a, b, dy_g, x_g, pivot, C, head, C);
@@ -1438,14 +1448,16 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
     /* eight rows per pass, whatever C (rows_by_four says why) */
     const int64_t R8 = in_double ? 0 : R - R % 8;
-    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, R8));
+    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, R8,
+                                                head));
     sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
 
     /* as in collect_stats_cl: a float combination of eight rows can overflow
      * where double would not; if so, sum again with every row in double */
     if (R8 > 0 && sizeof(real) < sizeof(double) && !all_finite(sum_dy, sum_dy_xhat, C)) {
         memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
-        ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, 0));
+        ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, 0,
+                                                    head));
         sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
     }
 
@@ -1738,7 +1750,7 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
                                  int64_t N, int64_t C, int64_t S, int nt)
 {
     const int64_t span = FN(params_span)(C);
-    const int64_t head = S == 1 ? row_head(dx, C, sizeof(real)) : 0;
+    const int64_t head = FN(apply_head)(dx, C, S);
     void *block;
     real *coefficients = alloc_in_step((size_t)(4 * span) * sizeof(real), head, sizeof(real),
                                        &block);
