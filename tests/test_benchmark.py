@@ -275,6 +275,9 @@ def test_empty_on_line_starts_on_a_line_in_the_memory_order_of_its_model(shape, 
         out = floor.empty_on_line(x)
         assert out.__array_interface__["data"][0] % floor.LINE_BYTES == 0
         assert (out.shape, out.strides, out.dtype) == (x.shape, x.strides, x.dtype)
+        past = floor.empty_on_line(x, past=20)     # the tests' placements off a line
+        assert past.__array_interface__["data"][0] % floor.LINE_BYTES == 20
+        assert (past.shape, past.strides) == (x.shape, x.strides)
 
 
 def test_floor_copies_and_bnfast_outputs_are_written_to_buffers_on_a_line():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import bnfast
+from bnfast.bench.floor import empty_on_line
 
 # float32 values up to 1.5e19: differences up to 3e19, squares up to 9e38
 # (float32 holds 3.4e38); the variance, 7.5e37, and every result are finite.
@@ -141,9 +142,7 @@ IN_STEP_ROWS = [(64, 512), (128, 1024), (16, 2560), (96, 100), (64, 256)]
 
 def _placed(a, offset):
     """A copy of `a` that starts `offset` bytes past a 64-byte line."""
-    raw = np.empty(a.nbytes + 128, np.uint8)
-    start = (-raw.ctypes.data) % 64 + offset
-    placed = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    placed = empty_on_line(a, past=offset)
     placed[...] = a
     return placed
 

@@ -46,12 +46,13 @@ def torch_copy(threads):
 LINE_BYTES = 64
 
 
-def empty_on_line(like):
+def empty_on_line(like, past=0):
     """An uninitialised array of `like`'s shape, dtype and memory order (the
-    strides np.empty_like would give) whose data starts on a 64-byte line."""
+    strides np.empty_like would give) whose data starts on a 64-byte line, or
+    `past` bytes (0 to 63) after one."""
     order = sorted(range(like.ndim), key=lambda i: -like.strides[i])   # axes in memory order
-    raw = np.empty(like.nbytes + LINE_BYTES, np.uint8)
-    start = -raw.__array_interface__["data"][0] % LINE_BYTES
+    raw = np.empty(like.nbytes + 2 * LINE_BYTES, np.uint8)
+    start = -raw.__array_interface__["data"][0] % LINE_BYTES + past
     stored = raw[start:start + like.nbytes].view(like.dtype).reshape([like.shape[i]
                                                                        for i in order])
     return stored.transpose(np.argsort(order))
