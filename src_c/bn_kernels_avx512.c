@@ -30,6 +30,7 @@
 
 /* streaming stores 32 bytes at a time, as in the AVX2 build */
 #define BN_STREAM_256 1
+#define BN_VECTOR_REGISTERS 32
 #include "bn_internal.h"
 
 #define real float
