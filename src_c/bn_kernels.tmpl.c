@@ -18,9 +18,10 @@
  *   statistics, backward reductions (bn_collect_stats, bn_backward_reduce)
  *     rows     S == 1 (channels-last, BatchNorm1d): N rows of C values,
  *              parallel over rows, vectorised over C, per-thread partial sums
- *              of size 2C; rows sixteen or eight (statistics: float, double)
- *              or eight (backward) at a time; in step with x's 64-byte lines
- *              (row_head)
+ *              of size 2C; rows_per_sum rows (statistics) or eight
+ *              (backward) at a time; in step with x's 64-byte lines
+ *              (row_head); on short rows, each group's lines asked for
+ *              ahead (prefetch_ahead)
  *     planes   walk_planes(): short slices (S <= SHORT_SLICE) in a block that
  *              fits PLANES_CACHE_BYTES, or too few
  *              channels to share among the threads: (C, S) planes in memory

@@ -1,9 +1,8 @@
 """The outcome of a kernel does not depend on the walk it takes through the block.
 
 The C kernels walk an (N, C, S) block in different ways (src_c/bn_kernels.tmpl.c
-lists them): channels-last rows, taken four at a time once C is large enough
-that the per-channel arrays outgrow L1 (C >= 683 for the statistics, C >= 820
-for the backward reductions, in float32), planes for short slices, channel
+lists them): channels-last rows, asking for each row group's lines ahead on
+rows of at most 256 bytes (prefetch_ahead), planes for short slices, channel
 groups for long ones. Each walk must give the float64 answer for float32 data
 whose squares (or products dy * x) overflow float32 but not double: such a
 batch has finite statistics whatever C is.
@@ -20,6 +19,7 @@ HUGE = 1.5e19
 
 # (name, shape as (N, C, spatial...), layout); channels_last stores N, spatial..., C
 STATS_WALKS = [
+    ("channels-last-short-rows-asked-ahead-C64", (8, 64, 4, 4), "channels_last"),
     ("channels-last-rows-C682", (8, 682, 4, 4), "channels_last"),
     ("channels-last-four-rows-C683", (8, 683, 4, 4), "channels_last"),
     ("bn1d-rows-C682", (128, 682), "channels_first"),
@@ -28,6 +28,7 @@ STATS_WALKS = [
     ("channels-first-groups", (4, 16, 20, 20), "channels_first"),      # S = 400 > 256
 ]
 BACKWARD_WALKS = [
+    ("channels-last-short-rows-asked-ahead-C64", (8, 64, 4, 4), "channels_last"),
     ("channels-last-rows-C819", (8, 819, 4, 4), "channels_last"),
     ("channels-last-four-rows-C820", (8, 820, 4, 4), "channels_last"),
     ("bn1d-rows-C819", (128, 819), "channels_first"),
