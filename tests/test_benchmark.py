@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pathlib
+import platform
 import sys
 import time
 
@@ -559,3 +560,19 @@ def test_cli_repeat_below_one_is_a_usage_error(capsys, nothing_is_measured):
         main(["bench", "--repeat", "0"])
     assert exit_.value.code == 2
     assert "--repeat: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cpu_model_names_family_and_model_of_the_first_cpu(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n"
+                       "model\t\t: 1\nmodel name\t: AMD EPYC\n\n"
+                       "processor\t: 1\ncpu family\t: 6\nmodel\t\t: 207\n"
+                       "model name\t: Other\n")
+    assert run.cpu_model(cpuinfo) == "AMD EPYC (family 25, model 1)"
+
+
+def test_cpu_model_without_numbers_is_the_name_alone(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert run.cpu_model(cpuinfo) == "Some CPU"
+    assert run.cpu_model(tmp_path / "absent") == (platform.processor() or "unknown")

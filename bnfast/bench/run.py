@@ -189,15 +189,26 @@ def method(plan, torch, rows):
             + f". Every library on {plan.threads} threads.")
 
 
-def cpu_model():
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name, with its family and model numbers where the OS
+    gives them: a VM may name only the vendor ("AMD EPYC"), and the numbers
+    tell the generation (family 25, model 1: Zen 3)."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, sep, value = line.partition(":")
+                if not sep:
+                    if fields:
+                        break        # the end of the first CPU's block
+                    continue
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def version_of(module):
