@@ -324,15 +324,14 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
      * and only their sums are added in double: each double partial is loaded
      * and stored once per group, for a few roundings of 1e-7 (float) per group
      * that are independent from group to group. (Eight rows: the training
-     * forward 5-12 % faster than four, which was 2x faster than one; sixteen:
-     * float32 3-16 % faster again on tensors in memory, float64 5-9 % slower.) */
+     * forward 5-12 % faster than four, which was 2x faster than one; sixteen,
+     * on the Xeon with AVX-512: float32 3-16 % faster again on tensors in
+     * memory, float64 5-9 % slower; rows_per_sum says where eight stays.) */
     const int64_t rows = FN(rows_per_sum)();
     const int64_t ahead = prefetch_ahead(C, sizeof(real));
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R_sum / rows; g++) {
-        if (ahead && (g + 1) * rows * C + ahead <= R * C) {   /* within x */
-            prefetch_lines(x + rows * g * C + ahead, rows * C * (int64_t)sizeof(real));
-        }
+        prefetch_group_ahead(x, rows * g * C, rows * C, ahead, R * C, sizeof(real));
         /* the channels before x's rows reach a line, then the rest */
         FN(add_row_group_sums)(b1, b2, x + rows * g * C, shift, C, 0, head);
         FN(add_row_group_sums)(b1, b2, x + rows * g * C, shift, C, head, C);
@@ -1399,10 +1398,8 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < R8 / 8; g++) {
         const real *dy_g = dy + 8 * g * C, *x_g = x + 8 * g * C;
-        if (ahead && (g + 1) * 8 * C + ahead <= R * C) {   /* within dy and x */
-            prefetch_lines(dy_g + ahead, 8 * C * (int64_t)sizeof(real));
-            prefetch_lines(x_g + ahead, 8 * C * (int64_t)sizeof(real));
-        }
+        prefetch_group_ahead(dy, 8 * g * C, 8 * C, ahead, R * C, sizeof(real));
+        prefetch_group_ahead(x, 8 * g * C, 8 * C, ahead, R * C, sizeof(real));
         FN(add_row_group_products)(a, b, dy_g, x_g, pivot, C, 0, head);
         FN(add_row_group_products)(a, b, dy_g, x_g, pivot, C, head, C);
         if (blocked) block_update_done(&updates, total, lost, a, 2 * C);
