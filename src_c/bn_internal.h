@@ -189,36 +189,74 @@ static inline int64_t row_head(const void *y, int64_t C, int64_t value_bytes)
 #define BN_VECTOR_REGISTERS 16
 #endif
 
-/* Channels-last row groups on short rows, asked for ahead. The reductions
- * (collect_stats_cl_share, backward_reduce_cl_share) read a group of rows a
- * channel vector at a time, so on short rows each vector touches lines a
- * row apart, out of memory order, and a stream prefetcher may miss the
- * stream. On a 2-core Zen 3 EPYC (AVX2), a C probe of the sums over float32
- * rows of 64 values, 100 MB in memory, ran at 7-8 GB/s where a plain read
- * ran at 20; in groups of eight rows, each asking for the lines 4 KB ahead,
- * at 13-15 GB/s. In the kernels, on (32, 64, 112, 112) channels-last, the
- * training forward took 0.65-0.74x the time; on (64, 128, 100), rows of 512
- * bytes in cache, 1.21x, so rows of more than PREFETCH_ROW_BYTES are left to
- * the hardware. prefetch_ahead returns the distance in values of
- * value_bytes, or 0. */
-#ifndef PREFETCH_ROW_BYTES
-#define PREFETCH_ROW_BYTES 256
-#endif
-#define PREFETCH_AHEAD_BYTES 4096
-static inline int64_t prefetch_ahead(int64_t C, int64_t value_bytes)
+/* Row streams. The channels-last reductions (collect_stats_cl_share,
+ * backward_reduce_cl_share) add up a group of rows a channel vector at a
+ * time. Eight consecutive rows of 1 KB lie in two 4 KB pages, and the group
+ * reads lines a row apart, out of memory order: on a 2-core Zen 3 EPYC a C
+ * probe of the float32 sums, 100 MB in memory, read rows of 64 to 512 values
+ * that way at 0.5-0.65x a plain read's speed, and asking for lines ahead won
+ * back only part of it. So each thread cuts its rows into as many equal
+ * streams as a group has rows, and group j takes row j of every stream: each
+ * stream is read in memory order. The same probe then read every C from 64
+ * to 2048 at 1.0-1.3x a plain read's speed (docs/performance-notes.md,
+ * eleventh pass).
+ *
+ * Streams a multiple of 4 KB apart put a group's lines in one L1 set (L1
+ * sets repeat every 4 KB on current x86 cores: 64 sets of 64-byte lines).
+ * The float32 backward over 4096 rows of 256 values took 1.7x the time with
+ * streams 4 to 32 KB apart than with them 1 KB off a multiple of 4 KB, and
+ * over 25088 rows of 64 values (streams 392 KB apart), 1.8x that over 25000.
+ * So a stream may hold a few rows fewer than it could, where that spreads
+ * the streams' starts over more L1 sets (sets_of_streams). Spreading them
+ * over L2 sets as well (streams a multiple of 64 KB apart, as rows of 4 KB
+ * make them) changed nothing measurable. */
+#define L1_SET_PERIOD_BYTES 4096
+
+/* How many L1 sets the starts of `streams` streams, stream_bytes apart, fall
+ * in (L1_SET_PERIOD_BYTES / 64 = 64 sets). */
+static inline int64_t sets_of_streams(int64_t stream_bytes, int64_t streams)
 {
-    return C * value_bytes <= PREFETCH_ROW_BYTES ? PREFETCH_AHEAD_BYTES / value_bytes : 0;
+    uint64_t sets = 0;   /* bit i: some stream starts in set i */
+    for (int64_t k = 0; k < streams; k++) {
+        sets |= (uint64_t)1 << (k * stream_bytes % L1_SET_PERIOD_BYTES / 64);
+    }
+    int64_t count = 0;
+    for (; sets; sets &= sets - 1) count++;
+    return count;
 }
 
-/* Ask for the 64-byte lines of values start + ahead to start + ahead + n of
- * the array at a (n_all values of value_bytes), if they lie within it and
- * ahead (prefetch_ahead) is not 0. A hint, which never faults. */
-static inline void prefetch_group_ahead(const void *a, int64_t start, int64_t n,
-                                        int64_t ahead, int64_t n_all, int64_t value_bytes)
+/* The calling thread's rows of R (rows of row_bytes) in `streams` streams:
+ * its rows are [*first, *end) (contiguous, near-equal parts in thread order;
+ * all R outside a team); stream k holds the *per_stream rows from *first + k *
+ * *per_stream on; the rows from *first + streams * *per_stream to *end are
+ * left over. *per_stream is the one of (*end - *first) / streams and the 63
+ * below it (down to 1) whose streams start in the most L1 sets
+ * (sets_of_streams), the largest such. */
+static inline void thread_row_streams(int64_t R, int64_t streams, int64_t row_bytes,
+                                      int64_t *first, int64_t *per_stream, int64_t *end)
 {
-    if (!ahead || start + ahead + n > n_all) return;
-    const char *p = (const char *)a + (start + ahead) * value_bytes;
-    for (int64_t k = 0; k < n * value_bytes; k += 64) __builtin_prefetch(p + k);
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int64_t t = 0, nt = 1;
+#endif
+    *first = R * t / nt;
+    *end = R * (t + 1) / nt;
+    const int64_t most = (*end - *first) / streams;
+    /* stream starts lie on multiples of gcd(row_bytes, 4 KB): no more sets than that allows */
+    int64_t step = 64;
+    while (step < L1_SET_PERIOD_BYTES && row_bytes % (2 * step) == 0) step *= 2;
+    const int64_t sets_possible = L1_SET_PERIOD_BYTES / step < streams
+                                      ? L1_SET_PERIOD_BYTES / step : streams;
+    int64_t best_sets = sets_of_streams(most * row_bytes, streams);
+    *per_stream = most;
+    for (int64_t p = most - 1; p > 0 && p > most - 64 && best_sets < sets_possible; p--) {
+        const int64_t sets = sets_of_streams(p * row_bytes, streams);
+        if (sets > best_sets) {
+            best_sets = sets;
+            *per_stream = p;
+        }
+    }
 }
 
 /* `bytes` of scratch for per-channel arrays of value_bytes per value, placed

@@ -19,9 +19,9 @@
  *     rows     S == 1 (channels-last, BatchNorm1d): N rows of C values,
  *              parallel over rows, vectorised over C, per-thread partial sums
  *              of size 2C; rows_per_sum rows (statistics) or eight
- *              (backward) at a time; in step with x's 64-byte lines
- *              (row_head); on short rows, each group's lines asked for
- *              ahead (prefetch_ahead)
+ *              (backward) at a time, one from each of the thread's row
+ *              streams (thread_row_streams); in step with x's 64-byte lines
+ *              (row_head)
  *     planes   walk_planes(): short slices (S <= SHORT_SLICE) in a block that
  *              fits PLANES_CACHE_BYTES, or too few
  *              channels to share among the threads: (C, S) planes in memory
@@ -188,23 +188,24 @@ static void FN(collect_stats_cf)(double *mean, double *mean_lo, double *m2, cons
     ON_THREADS(nt, FN(collect_stats_cf_share)(mean, mean_lo, m2, x, N, C, S, g, exact));
 }
 
-/* For channel c of the eight rows at x_g (C values apart), d = x - shift: the
- * sum of the eight d, and of the eight d^2, pairwise in the tensor's own type. */
-static inline real FN(eight_rows_sum)(const real *x_g, int64_t C, int64_t c, real shift)
+/* For channel c of the eight rows at x_g (`apart` values apart), d = x -
+ * shift: the sum of the eight d, and of the eight d^2, pairwise in the
+ * tensor's own type. */
+static inline real FN(eight_rows_sum)(const real *x_g, int64_t apart, int64_t c, real shift)
 {
-    real d0 = x_g[c] - shift, d1 = x_g[C + c] - shift;
-    real d2 = x_g[2 * C + c] - shift, d3 = x_g[3 * C + c] - shift;
-    real d4 = x_g[4 * C + c] - shift, d5 = x_g[5 * C + c] - shift;
-    real d6 = x_g[6 * C + c] - shift, d7 = x_g[7 * C + c] - shift;
+    real d0 = x_g[c] - shift, d1 = x_g[apart + c] - shift;
+    real d2 = x_g[2 * apart + c] - shift, d3 = x_g[3 * apart + c] - shift;
+    real d4 = x_g[4 * apart + c] - shift, d5 = x_g[5 * apart + c] - shift;
+    real d6 = x_g[6 * apart + c] - shift, d7 = x_g[7 * apart + c] - shift;
     return ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7));
 }
 
-static inline real FN(eight_rows_sum_sq)(const real *x_g, int64_t C, int64_t c, real shift)
+static inline real FN(eight_rows_sum_sq)(const real *x_g, int64_t apart, int64_t c, real shift)
 {
-    real d0 = x_g[c] - shift, d1 = x_g[C + c] - shift;
-    real d2 = x_g[2 * C + c] - shift, d3 = x_g[3 * C + c] - shift;
-    real d4 = x_g[4 * C + c] - shift, d5 = x_g[5 * C + c] - shift;
-    real d6 = x_g[6 * C + c] - shift, d7 = x_g[7 * C + c] - shift;
+    real d0 = x_g[c] - shift, d1 = x_g[apart + c] - shift;
+    real d2 = x_g[2 * apart + c] - shift, d3 = x_g[3 * apart + c] - shift;
+    real d4 = x_g[4 * apart + c] - shift, d5 = x_g[5 * apart + c] - shift;
+    real d6 = x_g[6 * apart + c] - shift, d7 = x_g[7 * apart + c] - shift;
     return ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7));
 }
 
@@ -283,21 +284,21 @@ static inline int64_t FN(rows_per_sum)(void)
     return sizeof(real) < sizeof(double) && BN_VECTOR_REGISTERS >= 32 ? 16 : 8;
 }
 
-/* Channels c0 to c1 of one group of rows_per_sum rows at x_g (C values
+/* Channels c0 to c1 of one group of rows_per_sum rows at x_g (`apart` values
  * apart), d = x - shift: the sums of the d and of the d^2 over the group, in
  * `real`, added to b1 and b2 in double. */
 static inline void FN(add_row_group_sums)(double *restrict b1, double *restrict b2,
-                                          const real *x_g, const real *restrict shift,
-                                          int64_t C, int64_t c0, int64_t c1)
+                                          const real *x_g, int64_t apart,
+                                          const real *restrict shift, int64_t c0, int64_t c1)
 {
-    const real *x8 = x_g + 8 * C;
+    const real *x8 = x_g + 8 * apart;
     #pragma omp simd
     for (int64_t c = c0; c < c1; c++) {
-        real sum = FN(eight_rows_sum)(x_g, C, c, shift[c]);
-        real sum_sq = FN(eight_rows_sum_sq)(x_g, C, c, shift[c]);
+        real sum = FN(eight_rows_sum)(x_g, apart, c, shift[c]);
+        real sum_sq = FN(eight_rows_sum_sq)(x_g, apart, c, shift[c]);
         if (FN(rows_per_sum)() == 16) {   /* known when compiled */
-            sum += FN(eight_rows_sum)(x8, C, c, shift[c]);
-            sum_sq += FN(eight_rows_sum_sq)(x8, C, c, shift[c]);
+            sum += FN(eight_rows_sum)(x8, apart, c, shift[c]);
+            sum_sq += FN(eight_rows_sum_sq)(x8, apart, c, shift[c]);
         }
         b1[c] += (double)sum;
         b2[c] += (double)sum_sq;
@@ -307,11 +308,13 @@ static inline void FN(add_row_group_sums)(double *restrict b1, double *restrict 
 /* One thread's share of collect_stats_cl: its rows, summed into its own
  * partials s1, s2 (2C values at partial + stride * thread; in double, then 2C
  * of rounding errors and 2C of block sums b1, b2: BLOCK_UPDATES), shifted by
- * shift[c] (rows_shift), the first R_sum rows rows_per_sum at a time, in
- * step with x's rows of row_head `head` (the partials are placed for it). */
+ * shift[c] (rows_shift). With `grouped`, rows_per_sum rows at a time, one from
+ * each of its row streams (thread_row_streams), then the rows left over; else
+ * (`exact`) every row in double. In step with x's rows of row_head `head` (the
+ * partials are placed for it). */
 static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
                                        const real *restrict shift, const real *x, int64_t R,
-                                       int64_t C, int64_t R_sum, int64_t head)
+                                       int64_t C, int grouped, int64_t head)
 {
     const int blocked = FN(sums_in_blocks)();   /* known when compiled */
     double *s1 = partial + stride * THREAD_ID(), *lost = s1 + 2 * C;
@@ -328,18 +331,18 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
      * on the Xeon with AVX-512: float32 3-16 % faster again on tensors in
      * memory, float64 5-9 % slower; rows_per_sum says where eight stays.) */
     const int64_t rows = FN(rows_per_sum)();
-    const int64_t ahead = prefetch_ahead(C, sizeof(real));
-    #pragma omp for schedule(static)
-    for (int64_t g = 0; g < R_sum / rows; g++) {
-        prefetch_group_ahead(x, rows * g * C, rows * C, ahead, R * C, sizeof(real));
+    int64_t first, per_stream, end;
+    thread_row_streams(R, rows, C * (int64_t)sizeof(real), &first, &per_stream, &end);
+    if (!grouped) per_stream = 0;
+    const real *x_t = x + first * C;
+    for (int64_t j = 0; j < per_stream; j++) {
         /* the channels before x's rows reach a line, then the rest */
-        FN(add_row_group_sums)(b1, b2, x + rows * g * C, shift, C, 0, head);
-        FN(add_row_group_sums)(b1, b2, x + rows * g * C, shift, C, head, C);
+        FN(add_row_group_sums)(b1, b2, x_t + j * C, per_stream * C, shift, 0, head);
+        FN(add_row_group_sums)(b1, b2, x_t + j * C, per_stream * C, shift, head, C);
         if (blocked) block_update_done(&updates, s1, lost, b1, 2 * C);
     }
-    /* the remaining rows (all of them with `exact`), in double */
-    #pragma omp for schedule(static)
-    for (int64_t r = R_sum; r < R; r++) {
+    /* the rows left over (all of them with `exact`), in double */
+    for (int64_t r = first + rows * per_stream; r < end; r++) {
         const real *restrict x_r = x + r * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
@@ -369,16 +372,14 @@ static int FN(collect_stats_cl)(double *restrict mean, double *restrict mean_lo,
     real *shift = (real *)(partial + stride * nt);
     FN(rows_shift)(shift, partial + stride * nt + C, x, R, C);
     /* rows_per_sum rows per pass, whatever C (rows_by_four says why) */
-    const int64_t R_sum = exact ? 0 : R - R % FN(rows_per_sum)();
-    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C, R_sum,
-                                              head));
+    ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C, !exact, head));
     sum_partials(mean, m2, partial, stride, nt, C);
 
     /* In float, sixteen squares can overflow (values beyond ~1e19) where their
      * double sums would not: if any channel's sums came out non-finite, sum
      * again with every row in double, so that whether a batch has finite
      * statistics does not depend on C. Non-finite data pay this second pass. */
-    if (R_sum > 0 && sizeof(real) < sizeof(double) && !all_finite(mean, m2, C)) {
+    if (!exact && sizeof(real) < sizeof(double) && !all_finite(mean, m2, C)) {
         memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
         ON_THREADS(nt, FN(collect_stats_cl_share)(partial, stride, shift, x, R, C, 0, head));
         sum_partials(mean, m2, partial, stride, nt, C);
@@ -1350,63 +1351,64 @@ static void FN(backward_apply_wide_share)(real *dx, const real *dy, const real *
     }
 }
 
-/* For channel c of the eight rows at dy_g and x_g (C values apart): the sum of
- * the eight dy * (x - pivot), pairwise in the tensor's own type (the sum of
- * the eight dy is eight_rows_sum's, with no shift). */
-static inline real FN(eight_rows_products)(const real *dy_g, const real *x_g, int64_t C,
+/* For channel c of the eight rows at dy_g and x_g (`apart` values apart): the
+ * sum of the eight dy * (x - pivot), pairwise in the tensor's own type (the
+ * sum of the eight dy is eight_rows_sum's, with no shift). */
+static inline real FN(eight_rows_products)(const real *dy_g, const real *x_g, int64_t apart,
                                            int64_t c, real pivot)
 {
     real p[8];
-    for (int k = 0; k < 8; k++) p[k] = dy_g[k * C + c] * (x_g[k * C + c] - pivot);
+    for (int k = 0; k < 8; k++) p[k] = dy_g[k * apart + c] * (x_g[k * apart + c] - pivot);
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
-/* Channels c0 to c1 of eight rows at dy_g and x_g (C values apart): the sums
- * of dy and of dy * (x - pivot) over them, in `real`, added to a and b in
+/* Channels c0 to c1 of eight rows at dy_g and x_g (`apart` values apart): the
+ * sums of dy and of dy * (x - pivot) over them, in `real`, added to a and b in
  * double. */
 static inline void FN(add_row_group_products)(double *restrict a, double *restrict b,
-                                              const real *dy_g, const real *x_g,
-                                              const real *restrict pivot, int64_t C, int64_t c0,
+                                              const real *dy_g, const real *x_g, int64_t apart,
+                                              const real *restrict pivot, int64_t c0,
                                               int64_t c1)
 {
     #pragma omp simd
     for (int64_t c = c0; c < c1; c++) {
-        a[c] += (double)FN(eight_rows_sum)(dy_g, C, c, 0);
-        b[c] += (double)FN(eight_rows_products)(dy_g, x_g, C, c, pivot[c]);
+        a[c] += (double)FN(eight_rows_sum)(dy_g, apart, c, 0);
+        b[c] += (double)FN(eight_rows_products)(dy_g, x_g, apart, c, pivot[c]);
     }
 }
 
 /* One thread's share of backward_reduce_cl: its rows, summed into its own
  * partials a = sum(dy), b = sum(dy * (x - pivot)) (2C values at partial +
  * stride * thread; in double, then 2C of rounding errors and 2C of block
- * sums: BLOCK_UPDATES), the first R8 rows eight at a time, each group of
- * eight combined in the tensor's own type (as in collect_stats_cl_share), its
- * sums added in double. (Eight rather than four: float32 backward 4-8 %
- * faster on rows in cache, float64 the same; docs/performance-notes.md.) In
- * step with x's rows of row_head `head`, as collect_stats_cl_share. */
+ * sums: BLOCK_UPDATES). With `grouped`, eight rows at a time, one from each
+ * of its eight row streams (thread_row_streams), each group combined in the
+ * tensor's own type (as in collect_stats_cl_share) and its sums added in
+ * double, then the rows left over; else every row in double. (Eight rather
+ * than four: float32 backward 4-8 % faster on rows in cache, float64 the
+ * same; docs/performance-notes.md.) In step with x's rows of row_head
+ * `head`, as collect_stats_cl_share. */
 static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
                                          const real *dy, const real *x,
                                          const real *restrict pivot, int64_t R, int64_t C,
-                                         int64_t R8, int64_t head)
+                                         int grouped, int64_t head)
 {
     const int blocked = FN(sums_in_blocks)();   /* known when compiled */
     double *total = partial + stride * THREAD_ID(), *lost = total + 2 * C;
     double *restrict a = blocked ? total + 4 * C : total;   /* in float: the totals */
     double *restrict b = a + C;
     int64_t updates = 0;
-    const int64_t ahead = prefetch_ahead(C, sizeof(real));
-    #pragma omp for schedule(static)
-    for (int64_t g = 0; g < R8 / 8; g++) {
-        const real *dy_g = dy + 8 * g * C, *x_g = x + 8 * g * C;
-        prefetch_group_ahead(dy, 8 * g * C, 8 * C, ahead, R * C, sizeof(real));
-        prefetch_group_ahead(x, 8 * g * C, 8 * C, ahead, R * C, sizeof(real));
-        FN(add_row_group_products)(a, b, dy_g, x_g, pivot, C, 0, head);
-        FN(add_row_group_products)(a, b, dy_g, x_g, pivot, C, head, C);
+    int64_t first, per_stream, end;
+    thread_row_streams(R, 8, C * (int64_t)sizeof(real), &first, &per_stream, &end);
+    if (!grouped) per_stream = 0;
+    const real *dy_t = dy + first * C, *x_t = x + first * C;
+    for (int64_t j = 0; j < per_stream; j++) {
+        const real *dy_g = dy_t + j * C, *x_g = x_t + j * C;
+        FN(add_row_group_products)(a, b, dy_g, x_g, per_stream * C, pivot, 0, head);
+        FN(add_row_group_products)(a, b, dy_g, x_g, per_stream * C, pivot, head, C);
         if (blocked) block_update_done(&updates, total, lost, a, 2 * C);
     }
-    /* the remaining rows (all of them when pivot and partials fit in L1) */
-    #pragma omp for schedule(static)
-    for (int64_t r = R8; r < R; r++) {
+    /* the rows left over (all of them with in_double), in double */
+    for (int64_t r = first + 8 * per_stream; r < end; r++) {
         const real *restrict dy_r = dy + r * C;
         const real *restrict x_r = x + r * C;
         #pragma omp simd
@@ -1458,14 +1460,13 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     #pragma omp simd
     for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
     /* eight rows per pass, whatever C (rows_by_four says why) */
-    const int64_t R8 = in_double ? 0 : R - R % 8;
-    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, R8,
-                                                head));
+    ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C,
+                                                !in_double, head));
     sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
 
     /* as in collect_stats_cl: a float combination of eight rows can overflow
      * where double would not; if so, sum again with every row in double */
-    if (R8 > 0 && sizeof(real) < sizeof(double) && !all_finite(sum_dy, sum_dy_xhat, C)) {
+    if (!in_double && sizeof(real) < sizeof(double) && !all_finite(sum_dy, sum_dy_xhat, C)) {
         memset(partial, 0, (size_t)(stride * nt) * sizeof(double));
         ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C, 0,
                                                     head));

@@ -1,9 +1,9 @@
 """The outcome of a kernel does not depend on the walk it takes through the block.
 
 The C kernels walk an (N, C, S) block in different ways (src_c/bn_kernels.tmpl.c
-lists them): channels-last rows, asking for each row group's lines ahead on
-rows of at most 256 bytes (prefetch_ahead), planes for short slices, channel
-groups for long ones. Each walk must give the float64 answer for float32 data
+lists them): channels-last rows, whose reductions take each group of rows one
+from each of a thread's row streams (thread_row_streams), planes for short
+slices, channel groups for long ones. Each walk must give the float64 answer for float32 data
 whose squares (or products dy * x) overflow float32 but not double: such a
 batch has finite statistics whatever C is.
 """
@@ -19,7 +19,7 @@ HUGE = 1.5e19
 
 # (name, shape as (N, C, spatial...), layout); channels_last stores N, spatial..., C
 STATS_WALKS = [
-    ("channels-last-short-rows-asked-ahead-C64", (8, 64, 4, 4), "channels_last"),
+    ("channels-last-short-rows-C64", (8, 64, 4, 4), "channels_last"),
     ("channels-last-rows-C682", (8, 682, 4, 4), "channels_last"),
     ("channels-last-four-rows-C683", (8, 683, 4, 4), "channels_last"),
     ("bn1d-rows-C682", (128, 682), "channels_first"),
@@ -28,7 +28,7 @@ STATS_WALKS = [
     ("channels-first-groups", (4, 16, 20, 20), "channels_first"),      # S = 400 > 256
 ]
 BACKWARD_WALKS = [
-    ("channels-last-short-rows-asked-ahead-C64", (8, 64, 4, 4), "channels_last"),
+    ("channels-last-short-rows-C64", (8, 64, 4, 4), "channels_last"),
     ("channels-last-rows-C819", (8, 819, 4, 4), "channels_last"),
     ("channels-last-four-rows-C820", (8, 820, 4, 4), "channels_last"),
     ("bn1d-rows-C819", (128, 819), "channels_first"),
@@ -180,3 +180,37 @@ def test_rows_off_a_line_give_the_bits_of_rows_on_one(N, C, dtype, isa):
         for name, expected, got in zip(names, on_lines, placed):
             differ = np.count_nonzero(got.view(np.uint8) != expected.view(np.uint8))
             assert differ == 0, f"{name}, offsets {offsets}: {differ} bytes differ"
+
+
+# The channels-last reductions cut each thread's rows into eight (or sixteen)
+# streams and take a group one row from each; each thread's last rows % 8 are
+# left over and summed in double, and streams a multiple of 4 KB apart are cut
+# a few rows shorter, leaving more over (src_c/bn_internal.h,
+# thread_row_streams). Row r holds r + 1 in every channel, and dy = r + 1: a
+# row dropped or counted twice moves the mean or the variance, and moves dbias
+# (a whole number below 2**24, exact in float32) by at least 1. The cases: no
+# whole group, a few groups, streams of 4 KB (128 rows of 64 floats: 16 rows
+# each), 256-byte rows in teams of two and three (from 160 and 240 KB: 640 and
+# 960 rows), rows of 12 bytes, and rows of 4 KB (no spacing helps).
+ROW_STREAM_CASES = [(7, 64), (9, 64), (129, 64), (1000, 64), (1030, 64), (2048, 64),
+                    (2051, 64), (3001, 64), (4099, 3), (263, 1024)]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("R,C", ROW_STREAM_CASES)
+def test_row_streams_count_every_row_once(R, C, dtype, n_threads, isa):
+    rows = np.arange(1, R + 1, dtype=np.float64)[:, None]
+    x = np.broadcast_to(rows, (R, C)).astype(dtype)
+    dy = x.copy()
+    bnfast.set_num_threads(n_threads)
+    try:
+        _, mean, invstd = bnfast.batch_norm_train(x, eps=0.0)
+        _, _, dbias = bnfast.batch_norm_backward(dy, x, None, mean, invstd)
+    finally:
+        bnfast.set_num_threads(None)
+    exact_mean = (R + 1) / 2
+    exact_var = (R * R - 1) / 12   # of 1 .. R
+    np.testing.assert_allclose(mean, exact_mean, rtol=1e-6)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(exact_var), rtol=1e-6)
+    assert np.all(dbias == R * (R + 1) // 2)
