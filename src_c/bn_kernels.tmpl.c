@@ -1401,10 +1401,17 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
     thread_row_streams(R, 8, C * (int64_t)sizeof(real), &first, &per_stream, &end);
     if (!grouped) per_stream = 0;
     const real *dy_t = dy + first * C, *x_t = x + first * C;
+    const int64_t line = LINE_BYTES / sizeof(real);
     for (int64_t j = 0; j < per_stream; j++) {
         const real *dy_g = dy_t + j * C, *x_g = x_t + j * C;
+        /* the channels before x's rows reach a line, then a line at a time
+         * (LINE_BYTES says why), then the rest */
         FN(add_row_group_products)(a, b, dy_g, x_g, per_stream * C, pivot, 0, head);
-        FN(add_row_group_products)(a, b, dy_g, x_g, per_stream * C, pivot, head, C);
+        int64_t c = head;
+        for (; c + line <= C; c += line) {
+            FN(add_row_group_products)(a, b, dy_g, x_g, per_stream * C, pivot, c, c + line);
+        }
+        FN(add_row_group_products)(a, b, dy_g, x_g, per_stream * C, pivot, c, C);
         if (blocked) block_update_done(&updates, total, lost, a, 2 * C);
     }
     /* the rows left over (all of them with in_double), in double */
