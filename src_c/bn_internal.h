@@ -235,15 +235,9 @@ static inline int64_t sets_of_streams(int64_t stream_bytes, int64_t streams)
     return count;
 }
 
-/* The calling thread's rows of R (rows of row_bytes) in `streams` streams:
- * its rows are [*first, *end) (contiguous, near-equal parts in thread order;
- * all R outside a team); stream k holds the *per_stream rows from *first + k *
- * *per_stream on; the rows from *first + streams * *per_stream to *end are
- * left over. *per_stream is the one of (*end - *first) / streams and the 63
- * below it (down to 1) whose streams start in the most L1 sets
- * (sets_of_streams), the largest such. */
-static inline void thread_row_streams(int64_t R, int64_t streams, int64_t row_bytes,
-                                      int64_t *first, int64_t *per_stream, int64_t *end)
+/* The calling thread's rows [*first, *end) of R: contiguous, near-equal
+ * parts in thread order (all R outside a team). */
+static inline void thread_rows(int64_t R, int64_t *first, int64_t *end)
 {
 #ifdef _OPENMP
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -252,21 +246,30 @@ static inline void thread_row_streams(int64_t R, int64_t streams, int64_t row_by
 #endif
     *first = R * t / nt;
     *end = R * (t + 1) / nt;
-    const int64_t most = (*end - *first) / streams;
+}
+
+/* Rows per stream for `rows` rows of row_bytes in `streams` streams (stream
+ * k holds rows k * per_stream to (k + 1) * per_stream; the rows after the
+ * last stream are left over): the one of rows / streams and the 63 below it
+ * (down to 1) whose streams start in the most L1 sets (sets_of_streams), the
+ * largest such. */
+static inline int64_t rows_per_stream(int64_t rows, int64_t streams, int64_t row_bytes)
+{
+    const int64_t most = rows / streams;
     /* stream starts lie on multiples of gcd(row_bytes, 4 KB): no more sets than that allows */
     int64_t step = 64;
     while (step < L1_SET_PERIOD_BYTES && row_bytes % (2 * step) == 0) step *= 2;
     const int64_t sets_possible = L1_SET_PERIOD_BYTES / step < streams
                                       ? L1_SET_PERIOD_BYTES / step : streams;
-    int64_t best_sets = sets_of_streams(most * row_bytes, streams);
-    *per_stream = most;
+    int64_t best = most, best_sets = sets_of_streams(most * row_bytes, streams);
     for (int64_t p = most - 1; p > 0 && p > most - 64 && best_sets < sets_possible; p--) {
         const int64_t sets = sets_of_streams(p * row_bytes, streams);
         if (sets > best_sets) {
             best_sets = sets;
-            *per_stream = p;
+            best = p;
         }
     }
+    return best;
 }
 
 /* `bytes` of scratch for per-channel arrays of value_bytes per value, placed

@@ -20,7 +20,7 @@
  *              parallel over rows, vectorised over C, per-thread partial sums
  *              of size 2C; rows_per_sum rows (statistics) or eight
  *              (backward) at a time, one from each of the thread's row
- *              streams (thread_row_streams); in step with x's 64-byte lines
+ *              streams (rows_per_stream); in step with x's 64-byte lines
  *              (row_head)
  *     planes   walk_planes(): short slices (S <= SHORT_SLICE) in a block that
  *              fits PLANES_CACHE_BYTES, or too few
@@ -309,7 +309,7 @@ static inline void FN(add_row_group_sums)(double *restrict b1, double *restrict 
  * partials s1, s2 (2C values at partial + stride * thread; in double, then 2C
  * of rounding errors and 2C of block sums b1, b2: BLOCK_UPDATES), shifted by
  * shift[c] (rows_shift). With `grouped`, rows_per_sum rows at a time, one from
- * each of its row streams (thread_row_streams), then the rows left over; else
+ * each of its row streams (rows_per_stream), then the rows left over; else
  * (`exact`) every row in double. In step with x's rows of row_head `head` (the
  * partials are placed for it). */
 static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
@@ -331,9 +331,10 @@ static void FN(collect_stats_cl_share)(double *partial, int64_t stride,
      * on the Xeon with AVX-512: float32 3-16 % faster again on tensors in
      * memory, float64 5-9 % slower; rows_per_sum says where eight stays.) */
     const int64_t rows = FN(rows_per_sum)();
-    int64_t first, per_stream, end;
-    thread_row_streams(R, rows, C * (int64_t)sizeof(real), &first, &per_stream, &end);
-    if (!grouped) per_stream = 0;
+    int64_t first, end;
+    thread_rows(R, &first, &end);
+    const int64_t per_stream =
+        grouped ? rows_per_stream(end - first, rows, C * (int64_t)sizeof(real)) : 0;
     const real *x_t = x + first * C;
     for (int64_t j = 0; j < per_stream; j++) {
         /* the channels before x's rows reach a line, then the rest */
@@ -1381,7 +1382,7 @@ static inline void FN(add_row_group_products)(double *restrict a, double *restri
  * partials a = sum(dy), b = sum(dy * (x - pivot)) (2C values at partial +
  * stride * thread; in double, then 2C of rounding errors and 2C of block
  * sums: BLOCK_UPDATES). With `grouped`, eight rows at a time, one from each
- * of its eight row streams (thread_row_streams), each group combined in the
+ * of its eight row streams (rows_per_stream), each group combined in the
  * tensor's own type (as in collect_stats_cl_share) and its sums added in
  * double, then the rows left over; else every row in double. (Eight rather
  * than four: float32 backward 4-8 % faster on rows in cache, float64 the
@@ -1397,9 +1398,10 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
     double *restrict a = blocked ? total + 4 * C : total;   /* in float: the totals */
     double *restrict b = a + C;
     int64_t updates = 0;
-    int64_t first, per_stream, end;
-    thread_row_streams(R, 8, C * (int64_t)sizeof(real), &first, &per_stream, &end);
-    if (!grouped) per_stream = 0;
+    int64_t first, end;
+    thread_rows(R, &first, &end);
+    const int64_t per_stream =
+        grouped ? rows_per_stream(end - first, 8, C * (int64_t)sizeof(real)) : 0;
     const real *dy_t = dy + first * C, *x_t = x + first * C;
     const int64_t line = LINE_BYTES / sizeof(real);
     for (int64_t j = 0; j < per_stream; j++) {
