@@ -188,18 +188,24 @@ static void FN(collect_stats_cf)(double *mean, double *mean_lo, double *m2, cons
     ON_THREADS(nt, FN(collect_stats_cf_share)(mean, mean_lo, m2, x, N, C, S, g, exact));
 }
 
-/* For channel c of the eight rows at x_g (`apart` values apart), d = x -
- * shift: the sum of the eight d, and of the eight d^2, pairwise in the
- * tensor's own type. */
-static inline real FN(eight_rows_sum)(const real *x_g, int64_t apart, int64_t c, real shift)
+/* For channel c of the four rows at x_g (`apart` values apart), d = x -
+ * shift: the sum of the four d, pairwise in the tensor's own type; and of
+ * eight rows, the sum of two fours (the same pairwise tree). */
+static inline real FN(four_rows_sum)(const real *x_g, int64_t apart, int64_t c, real shift)
 {
     real d0 = x_g[c] - shift, d1 = x_g[apart + c] - shift;
     real d2 = x_g[2 * apart + c] - shift, d3 = x_g[3 * apart + c] - shift;
-    real d4 = x_g[4 * apart + c] - shift, d5 = x_g[5 * apart + c] - shift;
-    real d6 = x_g[6 * apart + c] - shift, d7 = x_g[7 * apart + c] - shift;
-    return ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7));
+    return (d0 + d1) + (d2 + d3);
 }
 
+static inline real FN(eight_rows_sum)(const real *x_g, int64_t apart, int64_t c, real shift)
+{
+    return FN(four_rows_sum)(x_g, apart, c, shift)
+           + FN(four_rows_sum)(x_g + 4 * apart, apart, c, shift);
+}
+
+/* For channel c of the eight rows at x_g (`apart` values apart), d = x -
+ * shift: the sum of the eight d^2, pairwise in the tensor's own type. */
 static inline real FN(eight_rows_sum_sq)(const real *x_g, int64_t apart, int64_t c, real shift)
 {
     real d0 = x_g[c] - shift, d1 = x_g[apart + c] - shift;
@@ -1352,42 +1358,81 @@ static void FN(backward_apply_wide_share)(real *dx, const real *dy, const real *
     }
 }
 
-/* For channel c of the eight rows at dy_g and x_g (`apart` values apart): the
- * sum of the eight dy * (x - pivot), pairwise in the tensor's own type (the
- * sum of the eight dy is eight_rows_sum's, with no shift). */
-static inline real FN(eight_rows_products)(const real *dy_g, const real *x_g, int64_t apart,
-                                           int64_t c, real pivot)
+/* For channel c of the four rows at dy_g and x_g (`apart` values apart): the
+ * sum of the four dy * (x - pivot), pairwise in the tensor's own type (the
+ * sum of the four dy is four_rows_sum's, with no shift). */
+static inline real FN(four_rows_products)(const real *dy_g, const real *x_g, int64_t apart,
+                                          int64_t c, real pivot)
 {
-    real p[8];
-    for (int k = 0; k < 8; k++) p[k] = dy_g[k * apart + c] * (x_g[k * apart + c] - pivot);
-    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    real p[4];
+    for (int k = 0; k < 4; k++) p[k] = dy_g[k * apart + c] * (x_g[k * apart + c] - pivot);
+    return (p[0] + p[1]) + (p[2] + p[3]);
 }
 
-/* Channels c0 to c1 of eight rows at dy_g and x_g (`apart` values apart): the
- * sums of dy and of dy * (x - pivot) over them, in `real`, added to a and b in
+/* Rows combined in the tensor's own type per double update of the backward
+ * sums: four where a row is a multiple of 4 KB, else eight. Such rows lie in
+ * one L1 set (L1_SET_PERIOD_BYTES) whatever rows a group takes, and eight of
+ * dy and eight of x are sixteen lines for its eight ways (Zen 3; twelve on
+ * recent Intel cores). In a C probe of the float32 sums over rows of 1024
+ * and 2048 values, 1 MB in cache, four rows took 0.55-0.6x the time of
+ * eight; 16 MB, 0.9x; in memory, the same. On other rows eight stay faster
+ * (rows of 256 and 512 values: four rows 1.1-1.4x the time). */
+static inline int64_t FN(rows_per_product)(int64_t C)
+{
+    return C * (int64_t)sizeof(real) % L1_SET_PERIOD_BYTES == 0 ? 4 : 8;
+}
+
+/* Channels c0 to c1 of `rows` (four or eight, rows_per_product) rows at dy_g
+ * and x_g (`apart` values apart): the sums of dy and of dy * (x - pivot) over
+ * them, in `real` (eight: two fours, then their sum), added to a and b in
  * double. */
 static inline void FN(add_row_group_products)(double *restrict a, double *restrict b,
                                               const real *dy_g, const real *x_g, int64_t apart,
                                               const real *restrict pivot, int64_t c0,
-                                              int64_t c1)
+                                              int64_t c1, int64_t rows)
 {
+    const real *dy4 = dy_g + 4 * apart, *x4 = x_g + 4 * apart;
     #pragma omp simd
     for (int64_t c = c0; c < c1; c++) {
-        a[c] += (double)FN(eight_rows_sum)(dy_g, apart, c, 0);
-        b[c] += (double)FN(eight_rows_products)(dy_g, x_g, apart, c, pivot[c]);
+        real sum = FN(four_rows_sum)(dy_g, apart, c, 0);
+        real product = FN(four_rows_products)(dy_g, x_g, apart, c, pivot[c]);
+        if (rows == 8) {   /* a constant where it is called */
+            sum += FN(four_rows_sum)(dy4, apart, c, 0);
+            product += FN(four_rows_products)(dy4, x4, apart, c, pivot[c]);
+        }
+        a[c] += (double)sum;
+        b[c] += (double)product;
     }
+}
+
+/* All C channels of a group (add_row_group_products): those before x's rows
+ * reach a line (row_head `head`), then a line at a time (LINE_BYTES says
+ * why), then the rest. */
+static inline void FN(add_row_group_products_by_line)(double *restrict a, double *restrict b,
+                                                      const real *dy_g, const real *x_g,
+                                                      int64_t apart,
+                                                      const real *restrict pivot, int64_t C,
+                                                      int64_t head, int64_t rows)
+{
+    const int64_t line = LINE_BYTES / sizeof(real);
+    FN(add_row_group_products)(a, b, dy_g, x_g, apart, pivot, 0, head, rows);
+    int64_t c = head;
+    for (; c + line <= C; c += line) {
+        FN(add_row_group_products)(a, b, dy_g, x_g, apart, pivot, c, c + line, rows);
+    }
+    FN(add_row_group_products)(a, b, dy_g, x_g, apart, pivot, c, C, rows);
 }
 
 /* One thread's share of backward_reduce_cl: its rows, summed into its own
  * partials a = sum(dy), b = sum(dy * (x - pivot)) (2C values at partial +
  * stride * thread; in double, then 2C of rounding errors and 2C of block
- * sums: BLOCK_UPDATES). With `grouped`, eight rows at a time, one from each
- * of its eight row streams (rows_per_stream), each group combined in the
- * tensor's own type (as in collect_stats_cl_share) and its sums added in
+ * sums: BLOCK_UPDATES). With `grouped`, rows_per_product rows at a time, one
+ * from each of as many row streams (rows_per_stream), each group combined in
+ * the tensor's own type (as in collect_stats_cl_share) and its sums added in
  * double, then the rows left over; else every row in double. (Eight rather
  * than four: float32 backward 4-8 % faster on rows in cache, float64 the
- * same; docs/performance-notes.md.) In step with x's rows of row_head
- * `head`, as collect_stats_cl_share. */
+ * same, on the Xeon; docs/performance-notes.md.) In step with x's rows of
+ * row_head `head`, as collect_stats_cl_share. */
 static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
                                          const real *dy, const real *x,
                                          const real *restrict pivot, int64_t R, int64_t C,
@@ -1398,26 +1443,23 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
     double *restrict a = blocked ? total + 4 * C : total;   /* in float: the totals */
     double *restrict b = a + C;
     int64_t updates = 0;
+    const int64_t rows = FN(rows_per_product)(C);
     int64_t first, end;
     thread_rows(R, &first, &end);
     const int64_t per_stream =
-        grouped ? rows_per_stream(end - first, 8, C * (int64_t)sizeof(real)) : 0;
+        grouped ? rows_per_stream(end - first, rows, C * (int64_t)sizeof(real)) : 0;
     const real *dy_t = dy + first * C, *x_t = x + first * C;
-    const int64_t line = LINE_BYTES / sizeof(real);
     for (int64_t j = 0; j < per_stream; j++) {
         const real *dy_g = dy_t + j * C, *x_g = x_t + j * C;
-        /* the channels before x's rows reach a line, then a line at a time
-         * (LINE_BYTES says why), then the rest */
-        FN(add_row_group_products)(a, b, dy_g, x_g, per_stream * C, pivot, 0, head);
-        int64_t c = head;
-        for (; c + line <= C; c += line) {
-            FN(add_row_group_products)(a, b, dy_g, x_g, per_stream * C, pivot, c, c + line);
+        if (rows == 4) {
+            FN(add_row_group_products_by_line)(a, b, dy_g, x_g, per_stream * C, pivot, C, head, 4);
+        } else {
+            FN(add_row_group_products_by_line)(a, b, dy_g, x_g, per_stream * C, pivot, C, head, 8);
         }
-        FN(add_row_group_products)(a, b, dy_g, x_g, per_stream * C, pivot, c, C);
         if (blocked) block_update_done(&updates, total, lost, a, 2 * C);
     }
     /* the rows left over (all of them with in_double), in double */
-    for (int64_t r = first + 8 * per_stream; r < end; r++) {
+    for (int64_t r = first + rows * per_stream; r < end; r++) {
         const real *restrict dy_r = dy + r * C;
         const real *restrict x_r = x + r * C;
         #pragma omp simd

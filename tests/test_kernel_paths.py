@@ -30,6 +30,7 @@ STATS_WALKS = [
 BACKWARD_WALKS = [
     ("channels-last-short-rows-C64", (8, 64, 4, 4), "channels_last"),
     ("channels-last-rows-C819", (8, 819, 4, 4), "channels_last"),
+    ("channels-last-four-row-groups-C1024", (8, 1024, 2, 2), "channels_last"),   # 4 KB rows
     ("channels-last-four-rows-C820", (8, 820, 4, 4), "channels_last"),
     ("bn1d-rows-C819", (128, 819), "channels_first"),
     ("bn1d-four-rows-C820", (128, 820), "channels_first"),
@@ -191,7 +192,8 @@ def test_rows_off_a_line_give_the_bits_of_rows_on_one(N, C, dtype, isa):
 # (a whole number below 2**24, exact in float32) by at least 1. The cases: no
 # whole group, a few groups, streams of 4 KB (128 rows of 64 floats: 16 rows
 # each), 256-byte rows in teams of two and three (from 160 and 240 KB: 640 and
-# 960 rows), rows of 12 bytes, and rows of 4 KB (no spacing helps).
+# 960 rows), rows of 12 bytes, and rows of 4 KB (no spacing helps; the
+# backward sums them four rows at a time, rows_per_product).
 ROW_STREAM_CASES = [(7, 64), (9, 64), (129, 64), (1000, 64), (1030, 64), (2048, 64),
                     (2051, 64), (3001, 64), (4099, 3), (263, 1024)]
 
