@@ -18,10 +18,10 @@
  *   statistics, backward reductions (bn_collect_stats, bn_backward_reduce)
  *     rows     S == 1 (channels-last, BatchNorm1d): N rows of C values,
  *              parallel over rows, vectorised over C, per-thread partial sums
- *              of size 2C; rows_per_sum rows (statistics) or eight
- *              (backward) at a time, one from each of the thread's row
- *              streams (rows_per_stream); in step with x's 64-byte lines
- *              (row_head)
+ *              of size 2C; rows_per_sum rows (statistics) or
+ *              rows_per_product (backward) at a time, one from each of the
+ *              thread's row streams (rows_per_stream); in step with x's
+ *              64-byte lines (row_head)
  *     planes   walk_planes(): short slices (S <= SHORT_SLICE) in a block that
  *              fits PLANES_CACHE_BYTES, or too few
  *              channels to share among the threads: (C, S) planes in memory
@@ -1451,6 +1451,7 @@ static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
     const real *dy_t = dy + first * C, *x_t = x + first * C;
     for (int64_t j = 0; j < per_stream; j++) {
         const real *dy_g = dy_t + j * C, *x_g = x_t + j * C;
+        /* `rows` as a literal, so that each call is compiled for its count */
         if (rows == 4) {
             FN(add_row_group_products_by_line)(a, b, dy_g, x_g, per_stream * C, pivot, C, head, 4);
         } else {
@@ -1510,12 +1511,12 @@ static int FN(backward_reduce_cl)(double *sum_dy, double *sum_dy_xhat,
     }
     #pragma omp simd
     for (int64_t c = 0; c < C; c++) pivot[c] = (real)mean[c];
-    /* eight rows per pass, whatever C (rows_by_four says why) */
+    /* rows_per_product rows per pass (rows_by_four says why not one) */
     ON_THREADS(nt, FN(backward_reduce_cl_share)(partial, stride, dy, x, pivot, R, C,
                                                 !in_double, head));
     sum_partials(sum_dy, sum_dy_xhat, partial, stride, nt, C);
 
-    /* as in collect_stats_cl: a float combination of eight rows can overflow
+    /* as in collect_stats_cl: a float combination of rows can overflow
      * where double would not; if so, sum again with every row in double */
     if (!in_double && sizeof(real) < sizeof(double) && !all_finite(sum_dy, sum_dy_xhat, C)) {
         memset(partial, 0, (size_t)(stride * nt) * sizeof(double));

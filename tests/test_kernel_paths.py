@@ -3,9 +3,9 @@
 The C kernels walk an (N, C, S) block in different ways (src_c/bn_kernels.tmpl.c
 lists them): channels-last rows, whose reductions take each group of rows one
 from each of a thread's row streams (rows_per_stream), planes for short
-slices, channel groups for long ones. Each walk must give the float64 answer for float32 data
-whose squares (or products dy * x) overflow float32 but not double: such a
-batch has finite statistics whatever C is.
+slices, channel groups for long ones. Each walk must give the float64 answer
+for float32 data whose squares (or products dy * x) overflow float32 but not
+double: such a batch has finite statistics whatever C is.
 """
 import numpy as np
 import pytest
@@ -183,11 +183,11 @@ def test_rows_off_a_line_give_the_bits_of_rows_on_one(N, C, dtype, isa):
             assert differ == 0, f"{name}, offsets {offsets}: {differ} bytes differ"
 
 
-# The channels-last reductions cut each thread's rows into eight (or sixteen)
-# streams and take a group one row from each; each thread's last rows % 8 are
-# left over and summed in double, and streams a multiple of 4 KB apart are cut
-# a few rows shorter, leaving more over (src_c/bn_internal.h,
-# rows_per_stream). Row r holds r + 1 in every channel, and dy = r + 1: a
+# The channels-last reductions cut each thread's rows into as many streams as
+# a group has rows (four, eight or sixteen) and take a group one row from
+# each; each thread's last rows that fill no group are left over and summed
+# in double, and streams a multiple of 4 KB apart are cut a few rows
+# shorter, leaving more over (src_c/bn_internal.h, rows_per_stream). Row r holds r + 1 in every channel, and dy = r + 1: a
 # row dropped or counted twice moves the mean or the variance, and moves dbias
 # (a whole number below 2**24, exact in float32) by at least 1. The cases: no
 # whole group, a few groups, streams of 4 KB (128 rows of 64 floats: 16 rows
