@@ -117,6 +117,69 @@ static inline void FN(add_slice_sums)(double *s1, double *s2, const real *x_nc, 
     *s2 += sum_sq;
 }
 
+/* add_slice_sums of two slices at once, the same bits as two calls: slice a
+ * at xa with shift ka, slice b at xb with kb, their sums in sums[0] (a) and
+ * sums[1] (b), sums of squares in sums_sq. A slice's sums are chains of
+ * dependent additions, one vector per adder latency (3-4 cycles), below what
+ * L1 and L2 deliver; two slices keep twice as many additions in flight. */
+static inline void FN(two_slices_sums)(double sums[2], double sums_sq[2], const real *xa,
+                                       real ka, const real *xb, real kb, int64_t S)
+{
+    sums[0] = sums[1] = sums_sq[0] = sums_sq[1] = 0.0;
+    for (int64_t s0 = 0; s0 < S; s0 += SUM_CHUNK) {
+        const int64_t end = s0 + SUM_CHUNK < S ? s0 + SUM_CHUNK : S;
+        real part_a = 0, part_sq_a = 0, part_b = 0, part_sq_b = 0;
+        #pragma omp simd reduction(+:part_a, part_sq_a, part_b, part_sq_b)
+        for (int64_t s = s0; s < end; s++) {
+            real da = xa[s] - ka, db = xb[s] - kb;
+            part_a += da;
+            part_sq_a += da * da;
+            part_b += db;
+            part_sq_b += db * db;
+        }
+        sums[0] += (double)part_a;
+        sums_sq[0] += (double)part_sq_a;
+        sums[1] += (double)part_b;
+        sums_sq[1] += (double)part_sq_b;
+    }
+}
+
+/* add_slice_sums of the `count` adjacent slices of a run of channels of one
+ * plane (slice j at x_run + j * S, shift k[j], sums into s1[j], s2[j]), two
+ * channels at a time. */
+static inline void FN(add_run_sums)(double *s1, double *s2, const real *x_run, const real *k,
+                                    int64_t S, int64_t count)
+{
+    int64_t j = 0;
+    for (; j + 2 <= count; j += 2) {
+        double sums[2], sums_sq[2];
+        FN(two_slices_sums)(sums, sums_sq, x_run + j * S, k[j], x_run + (j + 1) * S, k[j + 1], S);
+        s1[j] += sums[0];
+        s2[j] += sums_sq[0];
+        s1[j + 1] += sums[1];
+        s2[j + 1] += sums_sq[1];
+    }
+    if (j < count) FN(add_slice_sums)(&s1[j], &s2[j], x_run + j * S, k[j], S);
+}
+
+/* add_slice_sums of the same run of channels in two planes, `apart` values
+ * apart (slice j at x_run + j * S and at x_run + apart + j * S, shift k[j],
+ * both added into s1[j], s2[j], the first plane's first), each channel's two
+ * slices at a time. */
+static inline void FN(add_two_runs_sums)(double *s1, double *s2, const real *x_run,
+                                         int64_t apart, const real *k, int64_t S,
+                                         int64_t count)
+{
+    for (int64_t j = 0; j < count; j++) {
+        double sums[2], sums_sq[2];
+        FN(two_slices_sums)(sums, sums_sq, x_run + j * S, k[j], x_run + apart + j * S, k[j], S);
+        s1[j] += sums[0];
+        s2[j] += sums_sq[0];
+        s1[j] += sums[1];
+        s2[j] += sums_sq[1];
+    }
+}
+
 /* A channel's shift for its sums: the mean of one of its slices (in double),
  * rounded to `real`. Close to the channel's mean, so the shifted values are
  * centred: their sums in `real` grow like sqrt(count), not like count, and
@@ -150,11 +213,10 @@ static void FN(group_moments_cf)(double *mean, double *mean_lo, double *m2, cons
         shift[j] = FN(slice_mean)(x + (c0 + j) * S, S);
         s1[j] = s2[j] = 0.0;
     }
-    for (int64_t n = 0; n < N && !exact; n++) {
-        for (int64_t j = 0; j < g; j++) {
-            FN(add_slice_sums)(&s1[j], &s2[j], x + (n * C + c0 + j) * S, shift[j], S);
-        }
+    for (int64_t n = 0; n + 2 <= N && !exact; n += 2) {   /* two planes in flight */
+        FN(add_two_runs_sums)(s1, s2, x + (n * C + c0) * S, C * S, shift, S, g);
     }
+    if (N % 2 && !exact) FN(add_run_sums)(s1, s2, x + ((N - 1) * C + c0) * S, shift, S, g);
     for (int64_t j = 0; j < g; j++) {
         if (exact || (sizeof(real) < sizeof(double) && !(isfinite(s1[j]) && isfinite(s2[j])))) {
             s1[j] = s2[j] = 0.0;
@@ -408,13 +470,12 @@ static void FN(collect_stats_planes_share)(double *partial, int64_t stride,
     double *restrict s2 = s1 + C;
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
+        if (!in_double) {
+            FN(add_run_sums)(s1, s2, x + n * C * S, shift, S, C);
+            continue;
+        }
         for (int64_t c = 0; c < C; c++) {
-            const real *x_nc = x + (n * C + c) * S;
-            if (in_double) {
-                FN(add_slice_sums_double)(&s1[c], &s2[c], x_nc, (double)shift[c], S);
-            } else {
-                FN(add_slice_sums)(&s1[c], &s2[c], x_nc, shift[c], S);
-            }
+            FN(add_slice_sums_double)(&s1[c], &s2[c], x + (n * C + c) * S, (double)shift[c], S);
         }
     }
 }
@@ -1193,6 +1254,77 @@ static inline void FN(add_slice_backward_sums)(double *a, double *b, const real 
     *b += sum_dy_xc;
 }
 
+/* add_slice_backward_sums of two slices at once, the same bits as two calls
+ * (two slices keep twice as many dependent additions in flight, as
+ * two_slices_sums): slice a at dy_a, x_a with pivot_a, slice b at dy_b, x_b
+ * with pivot_b; their sum(dy) in sums_dy[0] (a) and [1] (b), their
+ * sum(dy * (x - pivot)) in sums_dy_xc. */
+static inline void FN(two_slices_backward_sums)(double sums_dy[2], double sums_dy_xc[2],
+                                                const real *dy_a, const real *x_a,
+                                                real pivot_a, const real *dy_b,
+                                                const real *x_b, real pivot_b, int64_t S)
+{
+    sums_dy[0] = sums_dy[1] = sums_dy_xc[0] = sums_dy_xc[1] = 0.0;
+    for (int64_t s0 = 0; s0 < S; s0 += SUM_CHUNK) {
+        const int64_t end = s0 + SUM_CHUNK < S ? s0 + SUM_CHUNK : S;
+        real part_a = 0, part_xc_a = 0, part_b = 0, part_xc_b = 0;
+        #pragma omp simd reduction(+:part_a, part_xc_a, part_b, part_xc_b)
+        for (int64_t s = s0; s < end; s++) {
+            part_a += dy_a[s];
+            part_xc_a += dy_a[s] * (x_a[s] - pivot_a);
+            part_b += dy_b[s];
+            part_xc_b += dy_b[s] * (x_b[s] - pivot_b);
+        }
+        sums_dy[0] += (double)part_a;
+        sums_dy_xc[0] += (double)part_xc_a;
+        sums_dy[1] += (double)part_b;
+        sums_dy_xc[1] += (double)part_xc_b;
+    }
+}
+
+/* add_slice_backward_sums of the `count` adjacent slices of a run of channels
+ * of one plane (slice j at dy_run and x_run + j * S, pivot[j], sums into a[j],
+ * b[j]), two channels at a time. */
+static inline void FN(add_run_backward_sums)(double *a, double *b, const real *dy_run,
+                                             const real *x_run, const real *pivot,
+                                             int64_t S, int64_t count)
+{
+    int64_t j = 0;
+    for (; j + 2 <= count; j += 2) {
+        const int64_t at = j * S, next = at + S;
+        double sums_dy[2], sums_dy_xc[2];
+        FN(two_slices_backward_sums)(sums_dy, sums_dy_xc, dy_run + at, x_run + at, pivot[j],
+                                     dy_run + next, x_run + next, pivot[j + 1], S);
+        a[j] += sums_dy[0];
+        b[j] += sums_dy_xc[0];
+        a[j + 1] += sums_dy[1];
+        b[j + 1] += sums_dy_xc[1];
+    }
+    if (j < count) {
+        FN(add_slice_backward_sums)(&a[j], &b[j], dy_run + j * S, x_run + j * S, pivot[j], S);
+    }
+}
+
+/* add_slice_backward_sums of the same run of channels in two planes, `apart`
+ * values apart (slice j at dy_run and x_run + j * S and `apart` on, pivot[j],
+ * both added into a[j], b[j], the first plane's first), each channel's two
+ * slices at a time. */
+static inline void FN(add_two_runs_backward_sums)(double *a, double *b, const real *dy_run,
+                                                  const real *x_run, int64_t apart,
+                                                  const real *pivot, int64_t S, int64_t count)
+{
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t at = j * S, next = at + apart;
+        double sums_dy[2], sums_dy_xc[2];
+        FN(two_slices_backward_sums)(sums_dy, sums_dy_xc, dy_run + at, x_run + at, pivot[j],
+                                     dy_run + next, x_run + next, pivot[j], S);
+        a[j] += sums_dy[0];
+        b[j] += sums_dy_xc[0];
+        a[j] += sums_dy[1];
+        b[j] += sums_dy_xc[1];
+    }
+}
+
 /* The two reductions of channels c0 .. c0 + g - 1 (g <= MAX_GROUP) of an
  * (N, C, S) block, read in memory order:
  *   sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean) * invstd)
@@ -1208,16 +1340,20 @@ static void FN(group_backward_sums_cf)(double *sum_dy, double *sum_dy_xhat,
         sum_dy[c] = sum_dy_xhat[c] = 0.0;
         pivot[c - c0] = (real)mean[c];
     }
-    for (int64_t n = 0; n < N; n++) {
+    for (int64_t n = 0; n + 2 <= N && !in_double; n += 2) {   /* two planes in flight */
+        const int64_t run = (n * C + c0) * S;
+        FN(add_two_runs_backward_sums)(&sum_dy[c0], &sum_dy_xhat[c0], dy + run, x + run, C * S,
+                                       pivot, S, g);
+    }
+    if (N % 2 && !in_double) {
+        const int64_t run = ((N - 1) * C + c0) * S;
+        FN(add_run_backward_sums)(&sum_dy[c0], &sum_dy_xhat[c0], dy + run, x + run, pivot, S, g);
+    }
+    for (int64_t n = 0; n < N && in_double; n++) {
         for (int64_t c = c0; c < c0 + g; c++) {
             int64_t offset = (n * C + c) * S;
-            if (in_double) {
-                FN(add_slice_backward_sums_double)(&sum_dy[c], &sum_dy_xhat[c], dy + offset,
-                                                   x + offset, (double)pivot[c - c0], S);
-            } else {
-                FN(add_slice_backward_sums)(&sum_dy[c], &sum_dy_xhat[c], dy + offset,
-                                            x + offset, pivot[c - c0], S);
-            }
+            FN(add_slice_backward_sums_double)(&sum_dy[c], &sum_dy_xhat[c], dy + offset,
+                                               x + offset, (double)pivot[c - c0], S);
         }
     }
     for (int64_t c = c0; c < c0 + g; c++) {
@@ -1543,14 +1679,14 @@ static void FN(backward_reduce_planes_share)(double *partial, int64_t stride,
     double *restrict b = a + C;
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
+        if (!in_double) {
+            FN(add_run_backward_sums)(a, b, dy + n * C * S, x + n * C * S, pivot, S, C);
+            continue;
+        }
         for (int64_t c = 0; c < C; c++) {
             int64_t offset = (n * C + c) * S;
-            if (in_double) {
-                FN(add_slice_backward_sums_double)(&a[c], &b[c], dy + offset, x + offset,
-                                                   (double)pivot[c], S);
-            } else {
-                FN(add_slice_backward_sums)(&a[c], &b[c], dy + offset, x + offset, pivot[c], S);
-            }
+            FN(add_slice_backward_sums_double)(&a[c], &b[c], dy + offset, x + offset,
+                                               (double)pivot[c], S);
         }
     }
 }
