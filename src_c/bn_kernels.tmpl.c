@@ -89,6 +89,57 @@ static inline void FN(add_slice_sums_double)(double *s1, double *s2, const real 
     *s2 += sum_sq + sum_sq_lost;
 }
 
+/* chunk_sums_double of two runs of n values at once, the same bits as two
+ * calls (two chains of additions in flight, as two_slices_sums below): run a
+ * at xa shifted by ka into sum[0], sum_sq[0], run b at xb shifted by kb into
+ * sum[1], sum_sq[1]. */
+static inline void FN(two_chunks_sums_double)(double sum[2], double sum_sq[2], const real *xa,
+                                              double ka, const real *xb, double kb,
+                                              int64_t n)
+{
+    double part_a = 0.0, part_sq_a = 0.0, part_b = 0.0, part_sq_b = 0.0;
+    #pragma omp simd reduction(+:part_a, part_sq_a, part_b, part_sq_b)
+    for (int64_t s = 0; s < n; s++) {
+        double da = (double)xa[s] - ka, db = (double)xb[s] - kb;
+        part_a += da;
+        part_sq_a += da * da;
+        part_b += db;
+        part_sq_b += db * db;
+    }
+    sum[0] = part_a;
+    sum_sq[0] = part_sq_a;
+    sum[1] = part_b;
+    sum_sq[1] = part_sq_b;
+}
+
+/* The sums add_slice_sums_double adds, of two slices at once and with the
+ * same bits: slice a at xa shifted by ka into sums[0], sums_sq[0], slice b
+ * at xb shifted by kb into sums[1], sums_sq[1]. */
+static inline void FN(two_slices_sums_double)(double sums[2], double sums_sq[2],
+                                              const real *xa, double ka, const real *xb,
+                                              double kb, int64_t S)
+{
+    if (S <= SUM_CHUNK) {
+        FN(two_chunks_sums_double)(sums, sums_sq, xa, ka, xb, kb, S);
+        return;
+    }
+    double lost[2] = {0.0, 0.0}, lost_sq[2] = {0.0, 0.0};
+    sums[0] = sums[1] = sums_sq[0] = sums_sq[1] = 0.0;
+    for (int64_t s0 = 0; s0 < S; s0 += SUM_CHUNK) {
+        double part[2], part_sq[2];
+        FN(two_chunks_sums_double)(part, part_sq, xa + s0, ka, xb + s0, kb,
+                                   S - s0 < SUM_CHUNK ? S - s0 : SUM_CHUNK);
+        for (int i = 0; i < 2; i++) {
+            add_keeping_error(&sums[i], &lost[i], part[i]);
+            add_keeping_error(&sums_sq[i], &lost_sq[i], part_sq[i]);
+        }
+    }
+    for (int i = 0; i < 2; i++) {
+        sums[i] += lost[i];
+        sums_sq[i] += lost_sq[i];
+    }
+}
+
 /* The same sums with the arithmetic in the tensor's own type, for the full SIMD
  * width: s1 += sum(x - k), s2 += sum((x - k)^2), k a value of the channel.
  * x - k is exact for data far from zero (both within a factor 2), and the
@@ -144,35 +195,54 @@ static inline void FN(two_slices_sums)(double sums[2], double sums_sq[2], const 
     }
 }
 
-/* add_slice_sums of the `count` adjacent slices of a run of channels of one
- * plane (slice j at x_run + j * S, shift k[j], sums into s1[j], s2[j]), two
- * channels at a time. */
+/* The sums of two slices, in `real` chunks (two_slices_sums) or, with
+ * `in_double`, in double (two_slices_sums_double). */
+static inline void FN(two_slices_sums_either)(double sums[2], double sums_sq[2],
+                                              const real *xa, real ka, const real *xb,
+                                              real kb, int64_t S, int in_double)
+{
+    if (in_double) {
+        FN(two_slices_sums_double)(sums, sums_sq, xa, (double)ka, xb, (double)kb, S);
+    } else {
+        FN(two_slices_sums)(sums, sums_sq, xa, ka, xb, kb, S);
+    }
+}
+
+/* add_slice_sums (add_slice_sums_double with `in_double`) of the `count`
+ * adjacent slices of a run of channels of one plane (slice j at x_run + j *
+ * S, shift k[j], sums into s1[j], s2[j]), two channels at a time. */
 static inline void FN(add_run_sums)(double *s1, double *s2, const real *x_run, const real *k,
-                                    int64_t S, int64_t count)
+                                    int64_t S, int64_t count, int in_double)
 {
     int64_t j = 0;
     for (; j + 2 <= count; j += 2) {
         double sums[2], sums_sq[2];
-        FN(two_slices_sums)(sums, sums_sq, x_run + j * S, k[j], x_run + (j + 1) * S, k[j + 1], S);
+        FN(two_slices_sums_either)(sums, sums_sq, x_run + j * S, k[j], x_run + (j + 1) * S,
+                                   k[j + 1], S, in_double);
         s1[j] += sums[0];
         s2[j] += sums_sq[0];
         s1[j + 1] += sums[1];
         s2[j + 1] += sums_sq[1];
     }
-    if (j < count) FN(add_slice_sums)(&s1[j], &s2[j], x_run + j * S, k[j], S);
+    if (j < count && in_double) {
+        FN(add_slice_sums_double)(&s1[j], &s2[j], x_run + j * S, (double)k[j], S);
+    } else if (j < count) {
+        FN(add_slice_sums)(&s1[j], &s2[j], x_run + j * S, k[j], S);
+    }
 }
 
-/* add_slice_sums of the same run of channels in two planes, `apart` values
+/* add_run_sums of the same run of channels in two planes, `apart` values
  * apart (slice j at x_run + j * S and at x_run + apart + j * S, shift k[j],
  * both added into s1[j], s2[j], the first plane's first), each channel's two
  * slices at a time. */
 static inline void FN(add_two_runs_sums)(double *s1, double *s2, const real *x_run,
                                          int64_t apart, const real *k, int64_t S,
-                                         int64_t count)
+                                         int64_t count, int in_double)
 {
     for (int64_t j = 0; j < count; j++) {
         double sums[2], sums_sq[2];
-        FN(two_slices_sums)(sums, sums_sq, x_run + j * S, k[j], x_run + apart + j * S, k[j], S);
+        FN(two_slices_sums_either)(sums, sums_sq, x_run + j * S, k[j], x_run + apart + j * S,
+                                   k[j], S, in_double);
         s1[j] += sums[0];
         s2[j] += sums_sq[0];
         s1[j] += sums[1];
@@ -213,12 +283,12 @@ static void FN(group_moments_cf)(double *mean, double *mean_lo, double *m2, cons
         shift[j] = FN(slice_mean)(x + (c0 + j) * S, S);
         s1[j] = s2[j] = 0.0;
     }
-    for (int64_t n = 0; n + 2 <= N && !exact; n += 2) {   /* two planes in flight */
-        FN(add_two_runs_sums)(s1, s2, x + (n * C + c0) * S, C * S, shift, S, g);
+    for (int64_t n = 0; n + 2 <= N; n += 2) {   /* two planes in flight */
+        FN(add_two_runs_sums)(s1, s2, x + (n * C + c0) * S, C * S, shift, S, g, exact);
     }
-    if (N % 2 && !exact) FN(add_run_sums)(s1, s2, x + ((N - 1) * C + c0) * S, shift, S, g);
+    if (N % 2) FN(add_run_sums)(s1, s2, x + ((N - 1) * C + c0) * S, shift, S, g, exact);
     for (int64_t j = 0; j < g; j++) {
-        if (exact || (sizeof(real) < sizeof(double) && !(isfinite(s1[j]) && isfinite(s2[j])))) {
+        if (!exact && sizeof(real) < sizeof(double) && !(isfinite(s1[j]) && isfinite(s2[j]))) {
             s1[j] = s2[j] = 0.0;
             for (int64_t n = 0; n < N; n++) {
                 FN(add_slice_sums_double)(&s1[j], &s2[j], x + (n * C + c0 + j) * S,
@@ -470,13 +540,7 @@ static void FN(collect_stats_planes_share)(double *partial, int64_t stride,
     double *restrict s2 = s1 + C;
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        if (!in_double) {
-            FN(add_run_sums)(s1, s2, x + n * C * S, shift, S, C);
-            continue;
-        }
-        for (int64_t c = 0; c < C; c++) {
-            FN(add_slice_sums_double)(&s1[c], &s2[c], x + (n * C + c) * S, (double)shift[c], S);
-        }
+        FN(add_run_sums)(s1, s2, x + n * C * S, shift, S, C, in_double);
     }
 }
 
@@ -1230,6 +1294,30 @@ static inline void FN(add_slice_backward_sums_double)(double *a, double *b, cons
     *b += sum_dy_xc;
 }
 
+/* The sums add_slice_backward_sums_double adds, of two slices at once and
+ * with the same bits (two chains of additions in flight): slice a at dy_a,
+ * x_a with pivot_a into sums_dy[0], sums_dy_xc[0], slice b at dy_b, x_b with
+ * pivot_b into sums_dy[1], sums_dy_xc[1]. */
+static inline void FN(two_slices_backward_sums_double)(double sums_dy[2], double sums_dy_xc[2],
+                                                       const real *dy_a, const real *x_a,
+                                                       double pivot_a, const real *dy_b,
+                                                       const real *x_b, double pivot_b,
+                                                       int64_t S)
+{
+    double sum_dy_a = 0.0, sum_dy_xc_a = 0.0, sum_dy_b = 0.0, sum_dy_xc_b = 0.0;
+    #pragma omp simd reduction(+:sum_dy_a, sum_dy_xc_a, sum_dy_b, sum_dy_xc_b)
+    for (int64_t s = 0; s < S; s++) {
+        sum_dy_a += (double)dy_a[s];
+        sum_dy_xc_a += (double)dy_a[s] * ((double)x_a[s] - pivot_a);
+        sum_dy_b += (double)dy_b[s];
+        sum_dy_xc_b += (double)dy_b[s] * ((double)x_b[s] - pivot_b);
+    }
+    sums_dy[0] = sum_dy_a;
+    sums_dy_xc[0] = sum_dy_xc_a;
+    sums_dy[1] = sum_dy_b;
+    sums_dy_xc[1] = sum_dy_xc_b;
+}
+
 /* The same reductions with the arithmetic in the tensor's own type, carried
  * over SUM_CHUNK values and then added in double (as add_slice_sums):
  * a += sum(dy), b += sum(dy * (x - pivot)), pivot = the mean rounded to `real`,
@@ -1282,42 +1370,68 @@ static inline void FN(two_slices_backward_sums)(double sums_dy[2], double sums_d
     }
 }
 
-/* add_slice_backward_sums of the `count` adjacent slices of a run of channels
- * of one plane (slice j at dy_run and x_run + j * S, pivot[j], sums into a[j],
- * b[j]), two channels at a time. */
+/* The backward sums of two slices, in `real` chunks
+ * (two_slices_backward_sums) or, with `in_double`, in double
+ * (two_slices_backward_sums_double). */
+static inline void FN(two_slices_backward_sums_either)(double sums_dy[2], double sums_dy_xc[2],
+                                                       const real *dy_a, const real *x_a,
+                                                       real pivot_a, const real *dy_b,
+                                                       const real *x_b, real pivot_b,
+                                                       int64_t S, int in_double)
+{
+    if (in_double) {
+        FN(two_slices_backward_sums_double)(sums_dy, sums_dy_xc, dy_a, x_a, (double)pivot_a,
+                                            dy_b, x_b, (double)pivot_b, S);
+    } else {
+        FN(two_slices_backward_sums)(sums_dy, sums_dy_xc, dy_a, x_a, pivot_a, dy_b, x_b,
+                                     pivot_b, S);
+    }
+}
+
+/* add_slice_backward_sums (add_slice_backward_sums_double with `in_double`)
+ * of the `count` adjacent slices of a run of channels of one plane (slice j
+ * at dy_run and x_run + j * S, pivot[j], sums into a[j], b[j]), two channels
+ * at a time. */
 static inline void FN(add_run_backward_sums)(double *a, double *b, const real *dy_run,
                                              const real *x_run, const real *pivot,
-                                             int64_t S, int64_t count)
+                                             int64_t S, int64_t count, int in_double)
 {
     int64_t j = 0;
     for (; j + 2 <= count; j += 2) {
         const int64_t at = j * S, next = at + S;
         double sums_dy[2], sums_dy_xc[2];
-        FN(two_slices_backward_sums)(sums_dy, sums_dy_xc, dy_run + at, x_run + at, pivot[j],
-                                     dy_run + next, x_run + next, pivot[j + 1], S);
+        FN(two_slices_backward_sums_either)(sums_dy, sums_dy_xc, dy_run + at, x_run + at,
+                                            pivot[j], dy_run + next, x_run + next,
+                                            pivot[j + 1], S, in_double);
         a[j] += sums_dy[0];
         b[j] += sums_dy_xc[0];
         a[j + 1] += sums_dy[1];
         b[j + 1] += sums_dy_xc[1];
     }
-    if (j < count) {
-        FN(add_slice_backward_sums)(&a[j], &b[j], dy_run + j * S, x_run + j * S, pivot[j], S);
+    const int64_t at = j * S;
+    if (j < count && in_double) {
+        FN(add_slice_backward_sums_double)(&a[j], &b[j], dy_run + at, x_run + at,
+                                           (double)pivot[j], S);
+    } else if (j < count) {
+        FN(add_slice_backward_sums)(&a[j], &b[j], dy_run + at, x_run + at, pivot[j], S);
     }
 }
 
-/* add_slice_backward_sums of the same run of channels in two planes, `apart`
+/* add_run_backward_sums of the same run of channels in two planes, `apart`
  * values apart (slice j at dy_run and x_run + j * S and `apart` on, pivot[j],
  * both added into a[j], b[j], the first plane's first), each channel's two
  * slices at a time. */
 static inline void FN(add_two_runs_backward_sums)(double *a, double *b, const real *dy_run,
                                                   const real *x_run, int64_t apart,
-                                                  const real *pivot, int64_t S, int64_t count)
+                                                  const real *pivot, int64_t S, int64_t count,
+                                                  int in_double)
 {
     for (int64_t j = 0; j < count; j++) {
         const int64_t at = j * S, next = at + apart;
         double sums_dy[2], sums_dy_xc[2];
-        FN(two_slices_backward_sums)(sums_dy, sums_dy_xc, dy_run + at, x_run + at, pivot[j],
-                                     dy_run + next, x_run + next, pivot[j], S);
+        FN(two_slices_backward_sums_either)(sums_dy, sums_dy_xc, dy_run + at, x_run + at,
+                                            pivot[j], dy_run + next, x_run + next, pivot[j],
+                                            S, in_double);
         a[j] += sums_dy[0];
         b[j] += sums_dy_xc[0];
         a[j] += sums_dy[1];
@@ -1340,21 +1454,15 @@ static void FN(group_backward_sums_cf)(double *sum_dy, double *sum_dy_xhat,
         sum_dy[c] = sum_dy_xhat[c] = 0.0;
         pivot[c - c0] = (real)mean[c];
     }
-    for (int64_t n = 0; n + 2 <= N && !in_double; n += 2) {   /* two planes in flight */
+    for (int64_t n = 0; n + 2 <= N; n += 2) {   /* two planes in flight */
         const int64_t run = (n * C + c0) * S;
         FN(add_two_runs_backward_sums)(&sum_dy[c0], &sum_dy_xhat[c0], dy + run, x + run, C * S,
-                                       pivot, S, g);
+                                       pivot, S, g, in_double);
     }
-    if (N % 2 && !in_double) {
+    if (N % 2) {
         const int64_t run = ((N - 1) * C + c0) * S;
-        FN(add_run_backward_sums)(&sum_dy[c0], &sum_dy_xhat[c0], dy + run, x + run, pivot, S, g);
-    }
-    for (int64_t n = 0; n < N && in_double; n++) {
-        for (int64_t c = c0; c < c0 + g; c++) {
-            int64_t offset = (n * C + c) * S;
-            FN(add_slice_backward_sums_double)(&sum_dy[c], &sum_dy_xhat[c], dy + offset,
-                                               x + offset, (double)pivot[c - c0], S);
-        }
+        FN(add_run_backward_sums)(&sum_dy[c0], &sum_dy_xhat[c0], dy + run, x + run, pivot, S, g,
+                                  in_double);
     }
     for (int64_t c = c0; c < c0 + g; c++) {
         /* products that overflowed `real`: this channel again, in double */
@@ -1679,15 +1787,7 @@ static void FN(backward_reduce_planes_share)(double *partial, int64_t stride,
     double *restrict b = a + C;
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        if (!in_double) {
-            FN(add_run_backward_sums)(a, b, dy + n * C * S, x + n * C * S, pivot, S, C);
-            continue;
-        }
-        for (int64_t c = 0; c < C; c++) {
-            int64_t offset = (n * C + c) * S;
-            FN(add_slice_backward_sums_double)(&a[c], &b[c], dy + offset, x + offset,
-                                               (double)pivot[c], S);
-        }
+        FN(add_run_backward_sums)(a, b, dy + n * C * S, x + n * C * S, pivot, S, C, in_double);
     }
 }
 
