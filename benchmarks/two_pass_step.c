@@ -39,8 +39,10 @@ static void thread_blocks(long blocks, long *first, long *end)
     *end = blocks * (t + 1) / nt;
 }
 
-/* sum(x) + sum(x^2) over alternate vectors: one read of x (the statistics). */
-static float read_one(const float *x, long n)
+/* One read of x (dy NULL: sum(x) + sum(x^2), the statistics) or of dy and x
+ * (sum(dy) + sum(dy * x), the backward's sums), in four vectors of sums so
+ * that the additions do not wait on each other. */
+static float read_sums(const float *dy, const float *x, long n)
 {
     float total = 0;
     #pragma omp parallel reduction(+:total)
@@ -48,41 +50,14 @@ static float read_one(const float *x, long n)
         long first, end;
         thread_blocks(n / BLOCK, &first, &end);
         __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-        for (long b = first; b < end; b++) {
-            const float *p = x + b * BLOCK;
-            for (int i = 0; i < BLOCK; i += 32) {
-                __m256 v1 = _mm256_loadu_ps(p + i + 8), v3 = _mm256_loadu_ps(p + i + 24);
-                s0 = _mm256_add_ps(s0, _mm256_loadu_ps(p + i));
-                s1 = _mm256_fmadd_ps(v1, v1, s1);
-                s2 = _mm256_add_ps(s2, _mm256_loadu_ps(p + i + 16));
-                s3 = _mm256_fmadd_ps(v3, v3, s3);
-            }
-        }
-        float lanes[8];
-        _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-        for (int i = 0; i < 8; i++) total += lanes[i];
-    }
-    return total;
-}
-
-/* sum(dy) + sum(dy * x): one read of dy and x (the backward's sums). */
-static float read_two(const float *dy, const float *x, long n)
-{
-    float total = 0;
-    #pragma omp parallel reduction(+:total)
-    {
-        long first, end;
-        thread_blocks(n / BLOCK, &first, &end);
-        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-        for (long b = first; b < end; b++) {
-            const float *p = x + b * BLOCK, *d = dy + b * BLOCK;
-            for (int i = 0; i < BLOCK; i += 16) {
-                __m256 d0 = _mm256_loadu_ps(d + i), d1 = _mm256_loadu_ps(d + i + 8);
-                s0 = _mm256_add_ps(s0, d0);
-                s1 = _mm256_fmadd_ps(d0, _mm256_loadu_ps(p + i), s1);
-                s2 = _mm256_add_ps(s2, d1);
-                s3 = _mm256_fmadd_ps(d1, _mm256_loadu_ps(p + i + 8), s3);
-            }
+        for (long i = first * BLOCK; i < end * BLOCK; i += 16) {
+            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+            __m256 d0 = dy ? _mm256_loadu_ps(dy + i) : x0;
+            __m256 d1 = dy ? _mm256_loadu_ps(dy + i + 8) : x1;
+            s0 = _mm256_add_ps(s0, d0);
+            s1 = _mm256_fmadd_ps(d0, x0, s1);
+            s2 = _mm256_add_ps(s2, d1);
+            s3 = _mm256_fmadd_ps(d1, x1, s3);
         }
         float lanes[8];
         _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
@@ -143,13 +118,13 @@ static volatile float sink;   /* keeps the sums from being optimised away */
 
 static void forward(float *y, const float *x, long n)
 {
-    sink = read_one(x, n);
+    sink = read_sums(NULL, x, n);
     write_from_one(y, x, n);
 }
 
 static void backward(float *dx, const float *dy, const float *x, long n)
 {
-    sink = read_two(dy, x, n);
+    sink = read_sums(dy, x, n);
     write_from_two(dx, dy, x, n);
 }
 
