@@ -23,7 +23,7 @@ import statistics
 import numpy as np
 
 import bnfast
-from bnfast.bench import cases, floor, timing
+from bnfast.bench import cases, contestants, floor, timing
 
 SHAPES = [((64, 128, 25), cases.CF), ((64, 128, 50), cases.CF), ((64, 128, 100), cases.CF),
           ((64, 128, 100), cases.CL), ((8, 64, 56, 56), cases.CL), ((4096, 512), cases.NC),
@@ -31,20 +31,15 @@ SHAPES = [((64, 128, 25), cases.CF), ((64, 128, 50), cases.CF), ((64, 128, 100),
 
 
 def step_calls(t):
-    """{name: callable}: the forward, the backward, and the step with four and three tensors."""
-    y, dx = floor.empty_on_line(t.x), floor.empty_on_line(t.x)
-    stats = dict(running_mean=t.running_mean, running_var=t.running_var)
-
-    def step(y, dx):
-        _, mean, invstd = bnfast.batch_norm_train(t.x, t.weight, t.bias, **stats, out=y)
-        bnfast.batch_norm_backward(t.dy, t.x, t.weight, mean, invstd, out=dx)
-
+    """{name: callable}: the main benchmark's forward, backward and step (with
+    out=), and the step with dx written over y."""
+    calls = contestants.bnfast_calls(t)
+    y = floor.empty_on_line(t.x)
     return {
-        "forward": lambda: bnfast.batch_norm_train(t.x, t.weight, t.bias, **stats, out=y),
-        "backward": lambda: bnfast.batch_norm_backward(t.dy, t.x, t.weight, t.save_mean,
-                                                       t.save_invstd, out=dx),
-        "step": lambda: step(y, dx),
-        "step, dx over y": lambda: step(y, y),
+        "forward": calls[("forward", cases.PRE)],
+        "backward": calls[("backward", cases.PRE)],
+        "step": calls[("forward+backward", cases.PRE)],
+        "step, dx over y": lambda: contestants.bnfast_train_step(t, y, y),
     }
 
 
@@ -65,11 +60,9 @@ def measure(case, rounds, torch):
 def import_torch():
     """torch for the floor's fastest copy, or None (the floor is then numpy's)."""
     try:
-        import torch
+        return contestants.import_peer("torch")["torch"]
     except ImportError:
         return None
-    torch.set_num_threads(bnfast.get_num_threads())
-    return torch
 
 
 def main():
@@ -85,14 +78,15 @@ def main():
     print("| shape | layout | four tensors | copy | forward | backward | sum | step "
           "| step, dx over y |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for shape, layout in SHAPES:
-        case = cases.Case(shape, layout, args.dtype)
-        floor_s, ratios, sum_of_calls = measure(case, args.rounds, torch)
-        megabytes = 4 * np.prod(shape) * np.dtype(args.dtype).itemsize / 2**20
-        cells = [f"{m:.2f}x ({lo:.2f}-{hi:.2f})" for m, lo, hi in ratios.values()]
-        print(f"| {shape} | {layout} | {megabytes:.0f} MB | {floor_s * 1e6:.0f} us | "
-              f"{cells[0]} | {cells[1]} | {sum_of_calls:.2f}x | {cells[2]} | {cells[3]} |",
-              flush=True)
+    with contestants.same_threads(bnfast.get_num_threads(), torch):
+        for shape, layout in SHAPES:
+            case = cases.Case(shape, layout, args.dtype)
+            floor_s, ratios, sum_of_calls = measure(case, args.rounds, torch)
+            megabytes = 4 * np.prod(shape) * np.dtype(args.dtype).itemsize / 2**20
+            cells = [f"{m:.2f}x ({lo:.2f}-{hi:.2f})" for m, lo, hi in ratios.values()]
+            print(f"| {shape} | {layout} | {megabytes:.0f} MB | {floor_s * 1e6:.0f} us | "
+                  f"{cells[0]} | {cells[1]} | {sum_of_calls:.2f}x | {cells[2]} | {cells[3]} |",
+                  flush=True)
     cores = load.cores()
     print(f"foreign load: {cores:.2f} cores" if isinstance(cores, float) else "foreign load: unknown")
 

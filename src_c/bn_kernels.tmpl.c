@@ -1674,9 +1674,10 @@ static inline void FN(add_row_group_products_by_line)(double *restrict a, double
  * from each of as many row streams (rows_per_stream), each group combined in
  * the tensor's own type (as in collect_stats_cl_share) and its sums added in
  * double, then the rows left over; else every row in double. (Eight rather
- * than four: float32 backward 4-8 % faster on rows in cache, float64 the
- * same, on the Xeon; docs/performance-notes.md.) In step with x's rows of
- * row_head `head`, as collect_stats_cl_share. */
+ * than four on rows that are not a multiple of 4 KB: float32 backward 4-8 %
+ * faster on rows in cache, float64 the same, on the Xeon;
+ * docs/performance-notes.md.) In step with x's rows of row_head `head`, as
+ * collect_stats_cl_share. */
 static void FN(backward_reduce_cl_share)(double *partial, int64_t stride,
                                          const real *dy, const real *x,
                                          const real *restrict pivot, int64_t R, int64_t C,

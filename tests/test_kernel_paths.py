@@ -187,9 +187,10 @@ def test_rows_off_a_line_give_the_bits_of_rows_on_one(N, C, dtype, isa):
 # a group has rows (four, eight or sixteen) and take a group one row from
 # each; each thread's last rows that fill no group are left over and summed
 # in double, and streams a multiple of 4 KB apart are cut a few rows
-# shorter, leaving more over (src_c/bn_internal.h, rows_per_stream). Row r holds r + 1 in every channel, and dy = r + 1: a
-# row dropped or counted twice moves the mean or the variance, and moves dbias
-# (a whole number below 2**24, exact in float32) by at least 1. The cases: no
+# shorter, leaving more over (src_c/bn_internal.h, rows_per_stream). Row r
+# holds r + 1 in every channel, and dy = r + 1: a row dropped or counted
+# twice moves the mean or the variance, and moves dbias (a whole number
+# below 2**24, exact in float32) by at least 1. The cases: no
 # whole group, a few groups, streams of 4 KB (128 rows of 64 floats: 16 rows
 # each), 256-byte rows in teams of two and three (from 160 and 240 KB: 640 and
 # 960 rows), rows of 12 bytes, and rows of 4 KB (no spacing helps; the

@@ -29,14 +29,17 @@ from bnfast.bench.cases import EPS, FRESH, MOMENTUM, PRE, channel_broadcast
 PEER_MODULES = {"torch": ("torch",), "onnxruntime": ("onnxruntime", "onnx")}
 
 
+def bnfast_train_step(t, y=None, dx=None):
+    """One training step on case tensors t: the forward into y, then the
+    backward into dx (fresh outputs where None; dx may be y). Returns dx."""
+    _, mean, invstd = bnfast.batch_norm_train(t.x, t.weight, t.bias, running_mean=t.running_mean,
+                                              running_var=t.running_var, out=y)
+    return bnfast.batch_norm_backward(t.dy, t.x, t.weight, mean, invstd, out=dx)
+
+
 def bnfast_calls(t):
     y, dx = floor.empty_on_line(t.x), floor.empty_on_line(t.x)   # where torch's would start
     stats = dict(running_mean=t.running_mean, running_var=t.running_var)
-
-    def train_step(y=None, dx=None):
-        _, mean, invstd = bnfast.batch_norm_train(t.x, t.weight, t.bias, **stats, out=y)
-        return bnfast.batch_norm_backward(t.dy, t.x, t.weight, mean, invstd, out=dx)
-
     return {
         ("forward", PRE): lambda: bnfast.batch_norm_train(t.x, t.weight, t.bias, **stats, out=y),
         ("forward", FRESH): lambda: bnfast.batch_norm_train(t.x, t.weight, t.bias, **stats),
@@ -44,8 +47,8 @@ def bnfast_calls(t):
             t.dy, t.x, t.weight, t.save_mean, t.save_invstd, out=dx),
         ("backward", FRESH): lambda: bnfast.batch_norm_backward(
             t.dy, t.x, t.weight, t.save_mean, t.save_invstd),
-        ("forward+backward", PRE): lambda: train_step(y, dx),
-        ("forward+backward", FRESH): train_step,
+        ("forward+backward", PRE): lambda: bnfast_train_step(t, y, dx),
+        ("forward+backward", FRESH): lambda: bnfast_train_step(t),
         ("inference", PRE): lambda: bnfast.batch_norm_infer(
             t.x, t.weight, t.bias, t.running_mean, t.running_var, out=y),
         ("inference", FRESH): lambda: bnfast.batch_norm_infer(
