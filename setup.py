@@ -59,6 +59,18 @@ def _compiler():
     return os.environ.get("CC") or sysconfig.get_config_var("CC").split()[0] or "cc"
 
 
+HELLO_PROBE = '#include <stdio.h>\nint main(void){printf("1");return 0;}'
+
+# Every function and loop starts on a 64-byte line, so that where a hot loop
+# falls among the CPU's 64-byte fetch and op-cache windows does not depend on
+# the code before it. Without them, a change to one streaming walk moved the
+# unchanged channels-first inference loop and made it 1.18-1.27x slower on a
+# Zen 3 EPYC (float32 (64, 128, 100) and (8, 64, 56, 56), in cache); with them
+# the two builds ran within 0.96-1.04 of each other (docs/performance-notes.md,
+# thirteenth pass).
+ALIGN_FLAGS = ["-falign-functions=64", "-falign-loops=64"]
+
+
 def _compiles_and_runs(source, flags):
     """True if `source` builds with `flags` and prints 1."""
     tmp = tempfile.mkdtemp(prefix="bnfast-probe-")
@@ -100,6 +112,8 @@ def extensions():
     # per-channel loops that take 1 / sqrt(var + eps) vectorise; every result
     # is IEEE's as before (unlike -Ofast's -ffast-math, which would drop NaN checks)
     compile_args = (["-O0", "-g"] if debug else ["-O3"]) + ["-fno-math-errno"]
+    if not debug and _compiles_and_runs(HELLO_PROBE, ALIGN_FLAGS):
+        compile_args += ALIGN_FLAGS
     link_args = []
     if _env_flag("BNFAST_SANITIZE"):
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
@@ -111,8 +125,7 @@ def extensions():
     if omp:
         compile_args += omp
         link_args += omp
-    elif _compiles_and_runs('#include <stdio.h>\nint main(void){printf("1");return 0;}',
-                            ["-fopenmp-simd"]):
+    elif _compiles_and_runs(HELLO_PROBE, ["-fopenmp-simd"]):
         compile_args.append("-fopenmp-simd")   # keep `omp simd` vectorisation when serial
     ext = Extension(
         "bnfast._kernels",
