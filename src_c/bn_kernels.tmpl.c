@@ -1195,7 +1195,15 @@ static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
                                  int64_t N, int64_t C, int64_t S, double eps, int nt)
 {
     int64_t g = channels_per_group(N, C, S, sizeof(real), 2, nt);
-    const int streaming = streams_output(N, C, S, sizeof(real));
+    /* Slices shorter than a block are written plainly: this walk reads each
+     * group of x from memory once and normalises it from L2, where the run
+     * walk's pieces of slices cost more than streaming saves (float32 7x7
+     * slices, 196 bytes: (32, 2048, 7, 7) and (128, 2048, 7, 7) took
+     * 0.59x and 0.73x the time written plainly; float64 7x7 slices, 392
+     * bytes: 1.13x, so they stay streamed. docs/performance-notes.md,
+     * thirteenth pass.) */
+    const int streaming = streams_output(N, C, S, sizeof(real))
+                          && S * (int64_t)sizeof(real) >= STREAM_BLOCK_BYTES;
     ON_THREADS(nt, FN(forward_train_cf_share)(y, save_mean, save_invstd, batch_mean, batch_var,
                                               x, weight, bias, N, C, S, g, eps, streaming));
 }
