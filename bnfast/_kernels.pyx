@@ -35,6 +35,7 @@ cdef extern from "bn.h" nogil:
     int bn_set_isa(int isa)
     int64_t bn_get_stream_bytes()
     void bn_set_stream_bytes(int64_t bytes)
+    int64_t bn_last_level_cache_bytes()
     int bn_openmp_enabled()
     int bn_max_threads()
     int bn_num_procs()
@@ -149,13 +150,19 @@ def set_isa(int isa):
 
 
 def get_stream_bytes():
-    """Outputs of at least this many bytes are written with streaming stores."""
+    """A call writes its output with streaming stores when the tensors it reads
+    and writes total at least this many bytes (half the last-level cache)."""
     return bn_get_stream_bytes()
 
 
 def set_stream_bytes(int64_t nbytes):
     """Set that threshold (tests and measurements: 0 streams every output)."""
     bn_set_stream_bytes(nbytes)
+
+
+def last_level_cache_bytes():
+    """The last-level cache's size as cpuid describes it; 0 where unknown."""
+    return bn_last_level_cache_bytes()
 
 
 def openmp_enabled():

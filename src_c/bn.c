@@ -26,6 +26,10 @@
 #include "bn.h"
 #include "bn_internal.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 /* ------------------------------------------------------------------ */
 /* build facts                                                         */
 /* ------------------------------------------------------------------ */
@@ -151,10 +155,46 @@ static const struct kernel_table avx512_rows_kernels = {
 /* streaming stores                                                    */
 /* ------------------------------------------------------------------ */
 
-/* Outputs of at least this many bytes are written with streaming stores
- * (streams_output, bn_internal.h); never where there are none. */
+/* The size of the CPU's last-level cache in bytes, from cpuid's description of
+ * each cache (leaf 4 on Intel, 0x8000001D on AMD: ways x partitions x line
+ * size x sets); the largest level's data or unified cache, 0 where cpuid
+ * describes none. On x86 only, 0 elsewhere. */
+int64_t bn_last_level_cache_bytes(void)
+{
+    int64_t bytes = 0;
+#if defined(__x86_64__) || defined(__i386__)
+    const unsigned leaves[2] = {4, 0x8000001Du};
+    const unsigned max_leaf[2] = {__get_cpuid_max(0, NULL), __get_cpuid_max(0x80000000u, NULL)};
+    for (int l = 0; l < 2 && bytes == 0; l++) {
+        if (max_leaf[l] < leaves[l]) continue;
+        unsigned best_level = 0;
+        for (unsigned i = 0; i < 16; i++) {
+            unsigned a, b, c, d;
+            __cpuid_count(leaves[l], i, a, b, c, d);
+            const unsigned type = a & 31, level = (a >> 5) & 7;
+            if (type == 0) break;        /* no more caches */
+            if (type == 2 || level < best_level) continue;   /* instructions, or lower */
+            best_level = level;
+            bytes = (int64_t)((b >> 22) + 1) * (((b >> 12) & 1023) + 1) * ((b & 4095) + 1)
+                    * ((int64_t)c + 1);
+        }
+    }
+#endif
+    return bytes;
+}
+
+/* A call streams its output when its tensors total at least this many bytes
+ * (streams_output, bn_internal.h): half the last-level cache, set when the
+ * library loads, STREAM_BYTES where cpuid does not say; never where there are
+ * no streaming stores. */
 #if defined(__SSE2__)
 int64_t bn_stream_bytes = STREAM_BYTES;
+
+__attribute__((constructor)) static void stream_bytes_from_the_cache(void)
+{
+    const int64_t cache = bn_last_level_cache_bytes();
+    if (cache > 0) bn_stream_bytes = cache / 2;
+}
 #else
 int64_t bn_stream_bytes = INT64_MAX;
 #endif

@@ -56,12 +56,15 @@ int bn_best_isa(void);
 int bn_get_isa(void);
 int bn_set_isa(int isa);
 
-/* Outputs of at least this many bytes are written with streaming stores,
- * which skip the cache (32 MiB by default on x86-64; never elsewhere).
+/* A call writes its output with streaming stores, which skip the cache, when
+ * the tensors it reads and writes (x and y; dy, x and dx for the backward)
+ * total at least this many bytes: by default half the last-level cache on
+ * x86-64 (64 MiB where cpuid does not describe it), never elsewhere.
  * Setting it (tests, measurements; not while a kernel runs) changes how
  * outputs are written, not their values. */
 int64_t bn_get_stream_bytes(void);
 void bn_set_stream_bytes(int64_t bytes);
+int64_t bn_last_level_cache_bytes(void);   /* from cpuid; 0 where unknown */
 
 int bn_openmp_enabled(void);
 int bn_max_threads(void);   /* omp_get_max_threads() of the calling thread; 1 serial */

@@ -76,26 +76,37 @@
  * inference 1.07-1.14x written plainly, 0.68-0.78x streamed; training forward
  * 1.57-1.85x and 1.16-1.32x; backward 2.14-2.40x and 1.62-1.98x.
  * A tensor that fits in cache is better written plainly, so the layer that
- * reads it next finds it there: outputs of at least bn_stream_bytes (bn.c,
- * STREAM_BYTES by default: above the L3 share of a core on common parts, where
- * y would be evicted before it is read anyway) are streamed, by every walk
- * (streams_output), except channels computed in double (the rare *_wide paths).
+ * reads it next finds it there, and so is a call whose tensors together fit:
+ * its inputs stay in cache for its second pass and for the next call. A call
+ * streams its output when the tensors it reads and writes (x and y for the
+ * forward and inference; dy, x and dx for the backward) total at least
+ * bn_stream_bytes (bn.c: half the last-level cache by default, as cpuid
+ * describes it; STREAM_BYTES where it does not), by every walk
+ * (streams_output), except channels computed in double (the rare *_wide
+ * paths). Half, because on the 2-core Zen 3 EPYC of the thirteenth pass (32 MB
+ * of L3, shared with its neighbours) a copy of 6 MB into a touched buffer ran
+ * from cache and one of 12 MB did not, and streaming dx from tensors of 6 to
+ * 8 MB (18 to 24 MB of dy, x and dx) took the backward 0.63-0.88x the time
+ * (docs/performance-notes.md, thirteenth pass). The rule before, outputs of
+ * 32 MiB and more, was set on a Xeon whose cache held 25 MB tensors.
  * GCC ignores OpenMP's `nontemporal` clause, so store_block_streaming is the one
  * place the kernels use intrinsics: SSE2 (every x86-64 CPU), 32-byte AVX
  * stores in the AVX2 build (BN_STREAM_256). Elsewhere nothing is streamed
  * (bn_stream_bytes starts at INT64_MAX). */
-#define STREAM_BYTES ((int64_t)32 * 1024 * 1024)
+#define STREAM_BYTES ((int64_t)64 * 1024 * 1024)
 #define STREAM_BLOCK_BYTES 256
 extern int64_t bn_stream_bytes;
 
-/* 1 if an (N, C, S) output of value_bytes per value is written with streaming
- * stores: bn_stream_bytes or more. Every walk streams it: long channel slices
- * one by one, channels-last rows and short slices in runs of whole rows or
- * slices, in memory order, so that only the few values at the two ends of a
- * slice or run are written plainly (values_before_line). */
-static inline int streams_output(int64_t N, int64_t C, int64_t S, int64_t value_bytes)
+/* 1 if a call that reads and writes `tensors` tensors of N * C * S values of
+ * value_bytes writes its output with streaming stores: they total
+ * bn_stream_bytes or more. Every walk streams it: long channel slices one by
+ * one, channels-last rows and short slices in runs of whole rows or slices, in
+ * memory order, so that only the few values at the two ends of a slice or run
+ * are written plainly (values_before_line). */
+static inline int streams_output(int tensors, int64_t N, int64_t C, int64_t S,
+                                 int64_t value_bytes)
 {
-    return N * C * S * value_bytes >= bn_stream_bytes;
+    return tensors * N * C * S * value_bytes >= bn_stream_bytes;
 }
 
 /* How many of the n values at p (value_bytes each) come before p's first

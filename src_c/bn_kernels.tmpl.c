@@ -957,7 +957,7 @@ static void FN(apply_share)(real *y, const real *x, const real *pivot, const rea
                             const real *offset, int64_t N, int64_t C, int64_t S,
                             int64_t head)
 {
-    const int streaming = streams_output(N, C, S, sizeof(real));
+    const int streaming = streams_output(2, N, C, S, sizeof(real));
     if (S == 1 && streaming) {
         FN(apply_cl_streaming_share)(y, x, pivot, scale, offset, N, C);
     } else if (S == 1 && head) {
@@ -1202,7 +1202,7 @@ static void FN(forward_train_cf)(real *y, real *save_mean, real *save_invstd,
      * 0.59x and 0.73x the time written plainly; float64 7x7 slices, 392
      * bytes: 1.13x, so they stay streamed. docs/performance-notes.md,
      * thirteenth pass.) */
-    const int streaming = streams_output(N, C, S, sizeof(real))
+    const int streaming = streams_output(2, N, C, S, sizeof(real))
                           && S * (int64_t)sizeof(real) >= STREAM_BLOCK_BYTES;
     ON_THREADS(nt, FN(forward_train_cf_share)(y, save_mean, save_invstd, batch_mean, batch_var,
                                               x, weight, bias, N, C, S, g, eps, streaming));
@@ -2065,7 +2065,7 @@ static int FN(backward_apply_on)(real *dx, const real *dy, const real *x,
                                        &block);
     if (!coefficients) return -1;
     real *k = coefficients, *pivot = k + span, *q = k + 2 * span, *offset = k + 3 * span;
-    const int streaming = streams_output(N, C, S, sizeof(real));
+    const int streaming = streams_output(3, N, C, S, sizeof(real));
     FN(param_or)(k, weight, 1, C);   /* k holds the weight until it is computed */
     int any_wide = 0;
     for (int64_t c = 0; c < C; c++) {   /* (vectorised without `omp simd`, as finish_channel's) */
@@ -2202,7 +2202,7 @@ int FN(bn_backward)(real *dx, real *dweight, real *dbias,
         /* channels-first, long slices: each channel group reduced and written
          * while in cache */
         int64_t g = channels_per_group(N, C, S, sizeof(real), 3, nt);
-        const int streaming = streams_output(N, C, S, sizeof(real));
+        const int streaming = streams_output(3, N, C, S, sizeof(real));
         ON_THREADS(nt, FN(backward_cf_share)(dx, sum_dy, sum_dy_xhat, dy, x, weight, mean,
                                              invstd, N, C, S, g, streaming));
     }

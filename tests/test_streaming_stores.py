@@ -1,7 +1,8 @@
 """Outputs written with streaming stores hold the same bits as outputs written plainly.
 
-The kernels write an output of at least `_kernels.get_stream_bytes()` bytes
-(32 MiB on x86-64) with streaming stores, in runs of whole rows or channel
+A call writes its output with streaming stores when the tensors it reads and
+writes total at least `_kernels.get_stream_bytes()` bytes (on x86-64, half the
+last-level cache that cpuid describes), in runs of whole rows or channel
 slices, block by block, with the values before a run's first 64-byte line and
 after its last whole block written plainly (src_c/bn_internal.h, the
 *_streaming functions of bn_kernels.tmpl.c). Setting the threshold to 0 streams
@@ -11,6 +12,8 @@ one value off it, in place) is compared here bit for bit with the plain
 writes, on both instruction sets, and the memory around an `out=` array must
 be left as it was.
 """
+import glob
+import os
 import platform
 
 import numpy as np
@@ -133,23 +136,55 @@ def test_streamed_outputs_equal_plain_outputs_on_every_walk(job, shape, layout, 
         assert np.array_equal(p, s), f"largest difference {np.max(np.abs(p - s))}"
 
 
-def test_outputs_above_the_default_threshold_are_streamed_with_the_same_bits():
+def test_calls_over_the_default_threshold_are_streamed_with_the_same_bits():
     threshold = _kernels.get_stream_bytes()
     if threshold >= NEVER:
         pytest.skip(f"no streaming stores on {platform.machine()}")
-    shape = (2, 3, threshold // 4 // 6 + 100)          # float32, just above the threshold
-    for job in (_train, _infer, _backward):
-        assert np.prod(shape) * 4 >= threshold
+    # a call streams when the tensors it reads and writes reach the threshold:
+    # x and y for the forward and inference, dy, x and dx for the backward
+    for job, tensors in ((_train, 2), (_infer, 2), (_backward, 3)):
+        shape = (2, 3, threshold // (tensors * 4 * 6) + 100)   # float32, just over
+        assert tensors * np.prod(shape) * 4 >= threshold
         streamed = [np.array(a) for a in job(shape, "channels_first", np.float32, "fresh")]
         plain = _run(job, shape, "channels_first", np.float32, "fresh", NEVER)
         for p, s in zip(plain, streamed):
             assert np.array_equal(p, s)
 
 
-def test_default_threshold_is_32_mib_on_x86_64():
+def _sysfs_last_level_cache_bytes():
+    """cpu0's largest-level data or unified cache as Linux's sysfs lists it, or None."""
+    caches = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(index, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(index, "size")) as f:
+                size = f.read().strip()
+        except (OSError, ValueError):
+            return None
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if kind != "Instruction" and size[-1:] in units and size[:-1].isdigit():
+            caches.append((level, int(size[:-1]) * units[size[-1]]))
+    return max(caches)[1] if caches else None
+
+
+def test_default_threshold_is_half_the_last_level_cache_on_x86_64():
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip(f"streaming stores are x86-64 only; this is {platform.machine()}")
-    assert _kernels.get_stream_bytes() == 32 * 1024 * 1024
+    cache = _kernels.last_level_cache_bytes()
+    expected = cache // 2 if cache > 0 else 64 * 1024 * 1024
+    assert _kernels.get_stream_bytes() == expected
+
+
+def test_last_level_cache_from_cpuid_matches_the_operating_system():
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"cpuid is x86 only; this is {platform.machine()}")
+    listed = _sysfs_last_level_cache_bytes()
+    if listed is None:
+        pytest.skip("this system lists no caches in /sys/devices/system/cpu/cpu0/cache")
+    assert _kernels.last_level_cache_bytes() == listed
 
 
 def test_negative_threshold_means_every_output():
