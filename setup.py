@@ -64,7 +64,7 @@ HELLO_PROBE = '#include <stdio.h>\nint main(void){printf("1");return 0;}'
 # Every function and loop starts on a 64-byte line, so that where a hot loop
 # falls among the CPU's 64-byte fetch and op-cache windows does not depend on
 # the code before it. Without them, a change to one streaming walk moved the
-# unchanged channels-first inference loop and made it 1.18-1.27x slower on a
+# unchanged channels-first inference loop and made it 1.12-1.31x slower on a
 # Zen 3 EPYC (float32 (64, 128, 100) and (8, 64, 56, 56), in cache); with them
 # the two builds ran within 0.96-1.04 of each other (docs/performance-notes.md,
 # thirteenth pass).
