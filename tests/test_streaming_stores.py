@@ -184,7 +184,11 @@ def test_last_level_cache_from_cpuid_matches_the_operating_system():
     listed = _sysfs_last_level_cache_bytes()
     if listed is None:
         pytest.skip("this system lists no caches in /sys/devices/system/cpu/cpu0/cache")
-    assert _kernels.last_level_cache_bytes() == listed
+    found = _kernels.last_level_cache_bytes()
+    if found == 0:
+        pytest.skip("cpuid describes no cache here (the default is then 64 MiB, "
+                    "which test_default_threshold_is_half_the_last_level_cache_on_x86_64 pins)")
+    assert found == listed
 
 
 def test_negative_threshold_means_every_output():
